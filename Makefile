@@ -1,0 +1,47 @@
+# `make serve` and `make test` bootstrap .venv themselves on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# torch is pinned to the wheels this project is developed against (CPU or CUDA hosts alike).
+TORCH := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: serve test lint system-deps train-trashnet clean
+
+$(VENV)/.serve: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e '.[serve]'
+	touch $@
+
+$(VENV)/.dev: pyproject.toml $(VENV)/.serve
+	$(PIP) install -q $(TORCH)
+	$(PIP) install -q -e '.[serve,train,dev]'
+	touch $@
+
+# Debian packages the tests use: Chromium for the upload page, Prometheus for the scrape test.
+system-deps:
+	@if ! command -v chromium >/dev/null || ! command -v prometheus >/dev/null; then \
+		$(SUDO) apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends \
+			chromium chromium-driver prometheus fonts-dejavu-core; \
+	fi
+
+serve: $(VENV)/.serve
+	$(PY) -m service
+
+test: $(VENV)/.dev system-deps
+	$(PY) -m ruff check service training tests bench
+	$(PY) -m pytest -q -ra
+
+lint: $(VENV)/.dev
+	$(PY) -m ruff check service training tests bench
+	$(PY) -m ruff format --check service training tests bench
+
+# The shipped model: TrashNet, 5 recyclables normal, trash anomalous (see README for its numbers).
+train-trashnet: $(VENV)/.dev
+	$(PY) -m training.fit --dataset trashnet --out models/trashnet
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache
