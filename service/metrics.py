@@ -1,0 +1,118 @@
+"""Prometheus metrics, one CollectorRegistry per app (tests build many apps in one process)."""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from service.model import LoadedModel
+
+PREFIX = "deepmad"
+# Seconds: decode of a 32x32 target from a 512x384 JPEG is ~1-3 ms; inference ~0.5 ms per encoder.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+# Score / threshold: 1.0 is the decision boundary, whatever the model's distance scale.
+RATIO_BUCKETS = (0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0)
+SCORE_BUCKETS = tuple(round(0.001 * 2**i, 6) for i in range(21))  # 0.001 .. ~1049, log spaced
+
+__all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            f"{PREFIX}_requests",
+            "HTTP requests by endpoint (route template), status and verdict",
+            ["endpoint", "status", "verdict"],
+            registry=r,
+        )
+        self.classifications = Counter(
+            f"{PREFIX}_classifications",
+            "Images scored (single and batch), by verdict and nearest class",
+            ["verdict", "nearest_class"],
+            registry=r,
+        )
+        self.request_seconds = Histogram(
+            f"{PREFIX}_request_duration_seconds",
+            "Total time handling a request",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.decode_seconds = Histogram(
+            f"{PREFIX}_decode_duration_seconds",
+            "Time to decode one image into the model's input",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inference_seconds = Histogram(
+            f"{PREFIX}_inference_duration_seconds",
+            "Time of one ONNX Runtime call (all encoders, whole batch)",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.score = Histogram(
+            f"{PREFIX}_score",
+            "Anomaly score of each classified image (model units)",
+            buckets=SCORE_BUCKETS,
+            registry=r,
+        )
+        self.score_ratio = Histogram(
+            f"{PREFIX}_score_threshold_ratio",
+            "Score divided by the threshold in use (>= 1: anomalous)",
+            buckets=RATIO_BUCKETS,
+            registry=r,
+        )
+        self.model_info = Info(f"{PREFIX}_model", "The model being served", registry=r)
+        self.threshold = Gauge(f"{PREFIX}_threshold", "Threshold (gamma) in use", registry=r)
+        self.ready = Gauge(f"{PREFIX}_ready", "1 when a model is loaded and warmed up", registry=r)
+        self.model_loaded_at = Gauge(
+            f"{PREFIX}_model_loaded_timestamp_seconds",
+            "Unix time the current model was loaded",
+            registry=r,
+        )
+        self.reloads = Counter(
+            f"{PREFIX}_reloads",
+            "Successful model reloads, by trigger (http, sighup)",
+            ["trigger"],
+            registry=r,
+        )
+        self.reload_failures = Counter(
+            f"{PREFIX}_reload_failures",
+            "Failed model reloads (the old model kept serving), by trigger",
+            ["trigger"],
+            registry=r,
+        )
+        for trigger in ("http", "sighup"):
+            self.reloads.labels(trigger)
+            self.reload_failures.labels(trigger)
+
+    def set_model(self, model: LoadedModel | None) -> None:
+        if model is None:
+            self.ready.set(0)
+            return
+        manifest = model.manifest
+        self.model_info.info(
+            {
+                "name": manifest.name,
+                "version": manifest.version,
+                "method": manifest.method,
+                "sha256": manifest.model_sha256,
+                "providers": ",".join(model.providers),
+            }
+        )
+        self.threshold.set(model.threshold)
+        self.ready.set(1)
+        self.model_loaded_at.set(time.time())
+
+    def observe_result(self, verdict: str, nearest_class: str, score: float, threshold: float) -> None:
+        self.classifications.labels(verdict, nearest_class).inc()
+        self.score.observe(score)
+        if threshold > 0:
+            self.score_ratio.observe(score / threshold)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,208 @@
+"""The exported model behind one class: load (sha256-checked, validated, warmed up), score, reload.
+
+``LoadedModel`` is one immutable artifact with its ONNX Runtime session; ``Classifier`` holds the
+current one and swaps it atomically on reload, so a request that started on the old model finishes on
+it, and a failed reload leaves the old model serving. All encoders live in one graph: scoring a batch
+is exactly one ``session.run``. (Micro-batching across requests, if added, belongs in ``Classifier``.)
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from pydantic import ValidationError
+
+from service.manifest import MANIFEST_FILE, MODEL_FILE, Manifest
+from service.settings import Settings
+
+log = logging.getLogger("service.model")
+
+INPUT_NAME = "image"
+OUTPUT_NAMES = ("distances", "score", "nearest")
+
+
+class ModelLoadError(RuntimeError):
+    """The model folder cannot be served: missing, corrupt, or not following the artifact contract."""
+
+
+@dataclass(frozen=True)
+class Scores:
+    """The graph's outputs for a batch of N images."""
+
+    distances: np.ndarray  # float32 [N, k]
+    score: np.ndarray  # float32 [N]
+    nearest: np.ndarray  # int64 [N]
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model_dir: Path
+    manifest: Manifest
+    session: ort.InferenceSession
+    threshold: float
+    threshold_overridden: bool
+    providers: tuple[str, ...]
+    loaded_at: str
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        spec = self.manifest.input
+        return spec.height, spec.width, spec.channels
+
+    def run(self, batch: np.ndarray) -> Scores:
+        """Score a uint8 [N, H, W, C] batch with one ONNX Runtime call."""
+        distances, score, nearest = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: batch})
+        return Scores(np.asarray(distances), np.asarray(score), np.asarray(nearest))
+
+
+def choose_providers(requested: list[str]) -> list[str]:
+    available = ort.get_available_providers()
+    if requested:
+        missing = [name for name in requested if name not in available]
+        if missing:
+            raise ModelLoadError(
+                f"execution providers {missing} are not available; this build has {available}"
+            )
+        return list(requested)
+    if "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def load_model(model_dir: str | Path, settings: Settings) -> LoadedModel:
+    """Read, verify, open and warm up ``model_dir``; raise ModelLoadError with a one-line reason."""
+    model_dir = Path(model_dir)
+    manifest_path, model_path = model_dir / MANIFEST_FILE, model_dir / MODEL_FILE
+    if not model_dir.is_dir():
+        raise ModelLoadError(
+            f"model folder {model_dir} does not exist (set DEEPMAD_MODEL_DIR or --model-dir)"
+        )
+    for path in (manifest_path, model_path):
+        if not path.is_file():
+            raise ModelLoadError(f"{path} is missing; a model folder holds {MODEL_FILE} and {MANIFEST_FILE}")
+    try:
+        manifest = Manifest.model_validate_json(manifest_path.read_bytes())
+    except ValidationError as exc:
+        raise ModelLoadError(f"{manifest_path} is not a valid manifest: {exc}") from None
+
+    # Hash the very bytes we hand to ONNX Runtime: no window between check and load.
+    model_bytes = model_path.read_bytes()
+    digest = hashlib.sha256(model_bytes).hexdigest()
+    if digest != manifest.model_sha256:
+        raise ModelLoadError(
+            f"{model_path} has sha256 {digest}, but the manifest says {manifest.model_sha256}: "
+            "the model file is corrupt or belongs to another manifest"
+        )
+
+    providers = choose_providers(settings.providers)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = settings.intra_op_threads
+    options.inter_op_num_threads = settings.inter_op_threads
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(model_bytes, sess_options=options, providers=providers)
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
+        raise ModelLoadError(f"ONNX Runtime cannot load {model_path}: {exc}") from None
+
+    _check_signature(session, manifest, model_path)
+    threshold = manifest.threshold.value if settings.threshold is None else settings.threshold
+    model = LoadedModel(
+        model_dir=model_dir,
+        manifest=manifest,
+        session=session,
+        threshold=float(threshold),
+        threshold_overridden=settings.threshold is not None,
+        providers=tuple(session.get_providers()),
+        loaded_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    )
+    _warm_up(model)
+    log.info(
+        "loaded model %s %s (%s) from %s on %s, threshold %.6g",
+        manifest.name,
+        manifest.version,
+        manifest.method,
+        model_dir,
+        ",".join(model.providers),
+        model.threshold,
+    )
+    return model
+
+
+def _check_signature(session: ort.InferenceSession, manifest: Manifest, model_path: Path) -> None:
+    inputs = {item.name: item for item in session.get_inputs()}
+    outputs = {item.name for item in session.get_outputs()}
+    if INPUT_NAME not in inputs or inputs[INPUT_NAME].type != "tensor(uint8)":
+        raise ModelLoadError(
+            f"{model_path} must take a uint8 input named {INPUT_NAME!r}; it has {list(inputs)}"
+        )
+    shape = inputs[INPUT_NAME].shape
+    spec = manifest.input
+    expected = [spec.height, spec.width, spec.channels]
+    fixed = zip(shape[1:], expected, strict=False)
+    if len(shape) != 4 or any(isinstance(got, int) and got != want for got, want in fixed):
+        raise ModelLoadError(
+            f"{model_path} input shape {shape} does not match the manifest's [N, {expected}]"
+        )
+    missing = [name for name in OUTPUT_NAMES if name not in outputs]
+    if missing:
+        raise ModelLoadError(f"{model_path} lacks outputs {missing}; the contract is {list(OUTPUT_NAMES)}")
+
+
+def _warm_up(model: LoadedModel) -> None:
+    """One run at batch 1 and one at batch 2 (allocations, CUDA kernels), checking the output shapes."""
+    height, width, channels = model.input_shape
+    k = len(model.manifest.class_names)
+    for n in (1, 2):
+        try:
+            scores = model.run(np.zeros((n, height, width, channels), dtype=np.uint8))
+        except Exception as exc:
+            raise ModelLoadError(f"warm-up run of {model.model_dir} failed: {exc}") from None
+        if scores.distances.shape != (n, k) or scores.score.shape != (n,) or scores.nearest.shape != (n,):
+            raise ModelLoadError(
+                f"warm-up of {model.model_dir}: outputs have shapes {scores.distances.shape}, "
+                f"{scores.score.shape}, {scores.nearest.shape}; expected ({n}, {k}), ({n},), ({n},) "
+                f"for the manifest's {k} classes"
+            )
+        if not np.all(np.isfinite(scores.score)):
+            raise ModelLoadError(f"warm-up of {model.model_dir} produced non-finite scores")
+
+
+class Classifier:
+    """Holds the model being served; ``model`` is read without a lock (a reference swap is atomic)."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self._model: LoadedModel | None = None
+        self._reload_lock = threading.Lock()
+        self.last_error: str | None = None
+
+    @property
+    def model(self) -> LoadedModel | None:
+        return self._model
+
+    @property
+    def ready(self) -> bool:
+        return self._model is not None
+
+    def load(self, model_dir: str | Path | None = None) -> LoadedModel:
+        """Load ``model_dir`` (default: the configured one) and serve it; on failure keep the old one."""
+        with self._reload_lock:
+            try:
+                model = load_model(model_dir or self.settings.model_dir, self.settings)
+            except ModelLoadError as exc:
+                self.last_error = str(exc)
+                raise
+            self._model = model
+            self.last_error = None
+            return model
+
+    def score(self, model: LoadedModel, batch: np.ndarray) -> Scores:
+        """Score a prepared uint8 [N, H, W, C] batch on ``model`` (the one the request started with)."""
+        return model.run(batch)

@@ -1,0 +1,93 @@
+"""Request/response bodies of the HTTP API (pydantic v2); the OpenAPI schema is generated from these."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="stable machine-readable reason, e.g. not_an_image, too_large")
+    message: str = Field(description="human-readable explanation")
+
+
+class ErrorBody(BaseModel):
+    """Every error response: ``{"error": {"code": ..., "message": ...}}``."""
+
+    error: ErrorDetail
+
+
+class ModelRef(BaseModel):
+    name: str
+    version: str
+
+
+class Classification(BaseModel):
+    verdict: Literal["normal", "anomalous"] = Field(description="anomalous iff score >= threshold")
+    score: float = Field(
+        description="min over classes of the distance to the class centre; higher = more anomalous"
+    )
+    threshold: float = Field(description="gamma in use (the manifest's, or the configured override)")
+    probability: float | None = Field(
+        None, description="probability-like anomaly value from the manifest's calibration; null if none"
+    )
+    nearest_class: str = Field(description="class whose centre is nearest: where a normal item goes")
+    distances: dict[str, float] = Field(description="distance to each normal class's centre")
+    model: ModelRef
+
+
+class BatchItem(BaseModel):
+    index: int = Field(description="position of the file in the request")
+    filename: str | None = None
+    status: int = Field(description="HTTP status this item would have had on its own (200 or 4xx)")
+    result: Classification | None = None
+    error: ErrorDetail | None = None
+
+
+class BatchResponse(BaseModel):
+    results: list[BatchItem]
+    model: ModelRef
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "not_ready"]
+    model: ModelRef | None = None
+    detail: str | None = Field(None, description="why not ready (the last load error)")
+
+
+class InputInfo(BaseModel):
+    height: int
+    width: int
+    channels: int
+
+
+class ModelInfo(BaseModel):
+    name: str
+    version: str
+    method: str
+    class_names: list[str]
+    input: InputInfo
+    threshold: float = Field(description="gamma in use")
+    threshold_source: Literal["manifest", "override"]
+    manifest_threshold: float
+    threshold_rule: str
+    calibrated: bool = Field(description="whether responses carry a probability")
+    hyperparameters: dict[str, Any]
+    test_metrics: dict[str, Any]
+    training_data: dict[str, Any] = Field(description="source, classes, counts and hash (no paths)")
+    model_sha256: str
+    created_at: str
+    loaded_at: str
+    providers: list[str]
+
+
+class ReloadResponse(BaseModel):
+    status: Literal["reloaded"] = "reloaded"
+    model: ModelRef
+    previous: ModelRef | None = None
+    model_sha256: str

@@ -1,0 +1,66 @@
+"""All service settings in one place: env vars ``DEEPMAD_*`` (and flags of ``python -m service``).
+
+The defaults serve the shipped model on a laptop: ``models/trashnet`` beside this package, on
+127.0.0.1:8000, CPU (or CUDA when onnxruntime-gpu sees a GPU), no admin token (admin actions off).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "trashnet"
+ENV_PREFIX = "DEEPMAD_"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, protected_namespaces=(), extra="ignore")
+
+    model_dir: Path = Field(DEFAULT_MODEL_DIR, description="folder holding model.onnx + manifest.json")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    log_level: str = "info"
+
+    threshold: float | None = Field(
+        None, description="override the manifest's gamma (score >= threshold -> anomalous)"
+    )
+    max_upload_bytes: int = Field(10 * 1024 * 1024, gt=0, description="largest accepted image, in bytes")
+    max_pixels: int = Field(50_000_000, gt=0, description="largest accepted image, width x height")
+    max_batch_items: int = Field(32, gt=0, description="most images in one POST /classify/batch")
+    max_batch_bytes: int = Field(64 * 1024 * 1024, gt=0, description="largest POST /classify/batch body")
+    decode_concurrency: int = Field(
+        4, gt=0, description="images decoded and scored at once (threads); bounds memory under load"
+    )
+
+    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0: its default)")
+    inter_op_threads: int = Field(0, ge=0, description="ONNX Runtime inter-op threads (0: its default)")
+    providers: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="ONNX Runtime execution providers in order; empty: CUDA if available, then CPU",
+    )
+
+    admin_token: str | None = Field(None, description="token for POST /admin/reload; unset disables it")
+    require_model: bool = Field(
+        True, description="fail at startup without a loadable model (false: start, 503 until a reload)"
+    )
+
+    @field_validator("providers", mode="before")
+    @classmethod
+    def _split_providers(cls, value: object) -> object:
+        # "CUDAExecutionProvider,CPUExecutionProvider" as well as a JSON list.
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    @field_validator("admin_token", mode="before")
+    @classmethod
+    def _empty_token_is_none(cls, value: object) -> object:
+        return None if value == "" else value
