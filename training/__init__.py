@@ -1,0 +1,1 @@
+"""Offline training of DeepMAD models (torch): data sources, networks, methods, export to ONNX."""

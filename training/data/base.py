@@ -1,0 +1,191 @@
+"""In-memory labelled images and the normal/anomaly task built from them."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from training.errors import UserError
+
+
+@dataclass
+class LabeledImages:
+    """uint8 images N x H x W x C with integer labels into the data set's class list."""
+
+    images: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index: np.ndarray) -> LabeledImages:
+        return LabeledImages(self.images[index], self.labels[index])
+
+
+@dataclass
+class DataSet:
+    """A data source's three splits; ``test`` may hold classes never seen in ``train`` (e.g. trash)."""
+
+    name: str
+    root: str
+    class_names: list[str]
+    train: LabeledImages
+    val: LabeledImages
+    test: LabeledImages
+    notes: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.train.images.shape[1:])  # type: ignore[return-value]
+
+
+@dataclass
+class Task:
+    """A multi-class anomaly detection task: labels 0..m-1 are the normal classes in column order.
+
+    ``test_anomalous`` marks test items from any other class; the training and validation splits hold
+    normal classes only, so no anomaly steers training or the threshold.
+    """
+
+    dataset: DataSet
+    normal_classes: list[str]
+    anomaly_classes: list[str]
+    train: LabeledImages
+    val: LabeledImages
+    test: LabeledImages
+    test_anomalous: np.ndarray
+    pooled: bool = False
+
+    @property
+    def column_names(self) -> list[str]:
+        """One name per model output column: the normal classes, or ["normal"] for a pooled model."""
+        return ["normal"] if self.pooled else list(self.normal_classes)
+
+    @property
+    def n_normal(self) -> int:
+        return len(self.column_names)
+
+    def content_sha256(self) -> str:
+        digest = hashlib.sha256()
+        for array in (self.train.images, self.train.labels):
+            digest.update(np.ascontiguousarray(array).tobytes())
+        return digest.hexdigest()
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        names = self.column_names
+        counts = {
+            "train": {n: int((self.train.labels == i).sum()) for i, n in enumerate(names)},
+            "val": {n: int((self.val.labels == i).sum()) for i, n in enumerate(names)},
+            "test": {n: int(((self.test.labels == i) & ~self.test_anomalous).sum()) for i, n in enumerate(names)},
+        }
+        counts["test"]["anomalous"] = int(self.test_anomalous.sum())
+        return counts
+
+
+def pool_task(task: Task) -> Task:
+    """Algorithm 2: all normal classes as one class (one centre), for single-detector baselines."""
+
+    def pooled(split: LabeledImages) -> LabeledImages:
+        return LabeledImages(split.images, np.where(split.labels >= 0, 0, split.labels))
+
+    return Task(
+        dataset=task.dataset,
+        normal_classes=task.normal_classes,
+        anomaly_classes=task.anomaly_classes,
+        train=pooled(task.train),
+        val=pooled(task.val),
+        test=pooled(task.test),
+        test_anomalous=task.test_anomalous,
+        pooled=True,
+    )
+
+
+def parse_class_selection(spec: str | None, class_names: list[str], default: list[str]) -> list[str]:
+    """``"glass,metal"`` or ``"1,2"`` (names or indices) -> class names; None -> ``default``."""
+    if spec is None or spec.strip() == "":
+        return list(default)
+    chosen: list[str] = []
+    for token in (t.strip() for t in spec.split(",")):
+        if not token:
+            continue
+        if token.isdigit():
+            index = int(token)
+            if index >= len(class_names):
+                raise UserError(f"class index {index} is out of range; classes are {_listing(class_names)}")
+            name = class_names[index]
+        elif token in class_names:
+            name = token
+        else:
+            raise UserError(f"unknown class {token!r}; classes are {_listing(class_names)}")
+        if name in chosen:
+            raise UserError(f"class {name!r} is selected twice")
+        chosen.append(name)
+    if not chosen:
+        raise UserError("no normal class selected")
+    return chosen
+
+
+def make_task(
+    dataset: DataSet,
+    normal: list[str],
+    max_train_per_class: int | None = None,
+    seed: int = 0,
+) -> Task:
+    """Select the normal classes; every other test class becomes an anomaly."""
+    if len(normal) == len(dataset.class_names):
+        raise UserError("every class is normal; leave at least one class out as the anomaly")
+    index_of = {name: i for i, name in enumerate(dataset.class_names)}
+    remap = np.full(len(dataset.class_names), -1, dtype=np.int64)
+    for column, name in enumerate(normal):
+        remap[index_of[name]] = column
+    rng = np.random.default_rng(seed)
+
+    def normal_only(split: LabeledImages, cap: int | None) -> LabeledImages:
+        keep = []
+        for name in normal:
+            where = np.flatnonzero(split.labels == index_of[name])
+            if cap is not None and len(where) > cap:
+                where = np.sort(rng.choice(where, cap, replace=False))
+            keep.append(where)
+        chosen = np.sort(np.concatenate(keep))
+        return LabeledImages(split.images[chosen], remap[split.labels[chosen]])
+
+    train = normal_only(dataset.train, max_train_per_class)
+    val = normal_only(dataset.val, None)
+    for column, name in enumerate(normal):
+        if not (train.labels == column).any():
+            raise UserError(f"class {name!r} has no training images in {dataset.root}")
+    test_labels = remap[dataset.test.labels]
+    anomalous = test_labels < 0
+    anomaly_classes = [n for n in dataset.class_names if n not in normal and (dataset.test.labels == index_of[n]).any()]
+    if not anomalous.any():
+        raise UserError("the test split holds no anomalies for this choice of normal classes")
+    return Task(
+        dataset=dataset,
+        normal_classes=list(normal),
+        anomaly_classes=anomaly_classes,
+        train=train,
+        val=val,
+        test=LabeledImages(dataset.test.images, test_labels),
+        test_anomalous=anomalous,
+    )
+
+
+def split_per_class(labels: np.ndarray, fractions: tuple[float, ...], seed: int) -> list[np.ndarray]:
+    """Seeded per-class split of indices into len(fractions) parts (the last takes the remainder)."""
+    rng = np.random.default_rng(seed)
+    parts: list[list[np.ndarray]] = [[] for _ in fractions]
+    for label in np.unique(labels):
+        where = rng.permutation(np.flatnonzero(labels == label))
+        start = 0
+        for k, fraction in enumerate(fractions):
+            stop = len(where) if k == len(fractions) - 1 else start + int(round(fraction * len(where)))
+            parts[k].append(where[start:stop])
+            start = stop
+    return [np.sort(np.concatenate(p)) if p else np.zeros(0, dtype=np.int64) for p in parts]
+
+
+def _listing(names: list[str]) -> str:
+    return ", ".join(f"{i}:{n}" for i, n in enumerate(names))

@@ -1,0 +1,143 @@
+"""Export a Scorer to the artifact contract (model.onnx + manifest.json) and check ORT against torch."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from service.manifest import (
+    MODEL_FILE,
+    Manifest,
+    TestMetrics,
+    TrainingData,
+    sha256_file,
+    write_atomic,
+    write_manifest,
+)
+from training.data import Task
+from training.metrics import calibrate, choose_threshold, rates_at, roc_auc
+from training.scorer import Scorer
+
+OPSET = 17
+INPUT_NAME = "image"
+OUTPUT_NAMES = ["distances", "score", "nearest"]
+
+
+def export_onnx(scorer: Scorer, path: Path) -> None:
+    """One graph: uint8 NHWC in; cast, standardisation, all encoders, distances, min and argmin inside."""
+    height, width, channels = scorer.input_shape
+    example = torch.zeros(2, height, width, channels, dtype=torch.uint8)
+    buffer = io.BytesIO()
+    scorer = scorer.cpu().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            scorer,
+            (example,),
+            buffer,
+            input_names=[INPUT_NAME],
+            output_names=OUTPUT_NAMES,
+            dynamic_axes={name: {0: "batch"} for name in [INPUT_NAME, *OUTPUT_NAMES]},
+            opset_version=OPSET,
+            dynamo=False,
+        )
+    write_atomic(path, buffer.getvalue())
+
+
+@dataclass
+class Parity:
+    max_abs_distance: float
+    max_abs_score: float
+    nearest_agreement: float
+    n_images: int
+
+
+def check_parity(scorer: Scorer, onnx_path: Path, images: np.ndarray) -> Parity:
+    """ONNX Runtime vs torch (CPU, eval mode) on the same uint8 images."""
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    distances, score, nearest = session.run(OUTPUT_NAMES, {INPUT_NAME: images})
+    with torch.no_grad():
+        t_distances, t_score, t_nearest = scorer.cpu().eval()(torch.from_numpy(images))
+    return Parity(
+        max_abs_distance=float(np.abs(distances - t_distances.numpy()).max()),
+        max_abs_score=float(np.abs(score - t_score.numpy()).max()),
+        nearest_agreement=float((nearest == t_nearest.numpy()).mean()),
+        n_images=len(images),
+    )
+
+
+@dataclass
+class Evaluation:
+    threshold: object
+    calibration: object
+    metrics: TestMetrics
+
+
+def evaluate(scorer: Scorer, task: Task, reject_rate: float) -> Evaluation:
+    """gamma and calibration from validation normals only; AUC and rates on the test split."""
+    _, val_scores = scorer.score_arrays(task.val.images)
+    threshold = choose_threshold(val_scores, reject_rate)
+    _, test_scores = scorer.score_arrays(task.test.images)
+    auc = roc_auc(test_scores, task.test_anomalous)
+    tpr, fpr = rates_at(test_scores, task.test_anomalous, threshold.value)
+    metrics = TestMetrics(
+        auc=auc,
+        tpr_at_threshold=tpr,
+        fpr_at_threshold=fpr,
+        n_normal=int((~task.test_anomalous).sum()),
+        n_anomalous=int(task.test_anomalous.sum()),
+        extra={"test_score_std": float(np.std(test_scores))},
+    )
+    return Evaluation(threshold, calibrate(val_scores, threshold.value), metrics)
+
+
+def write_artifact(
+    out: Path,
+    scorer: Scorer,
+    task: Task,
+    evaluation: Evaluation,
+    *,
+    name: str,
+    version: str,
+    method: str,
+    hyperparameters: dict,
+    command: str,
+    extra: dict | None = None,
+) -> Manifest:
+    """model.onnx first, then the manifest naming its sha256: a reader never pairs a manifest with another graph."""
+    out.mkdir(parents=True, exist_ok=True)
+    model_path = out / MODEL_FILE
+    export_onnx(scorer, model_path)
+    height, width, channels = scorer.input_shape
+    manifest = Manifest(
+        name=name,
+        version=version,
+        method=method,
+        hyperparameters=hyperparameters,
+        class_names=task.column_names,
+        input={"height": height, "width": width, "channels": channels},
+        threshold=evaluation.threshold,
+        calibration=evaluation.calibration,
+        training_data=TrainingData(
+            source=task.dataset.name,
+            root=task.dataset.root,
+            normal_classes=task.normal_classes,
+            anomaly_classes=task.anomaly_classes,
+            counts=task.counts(),
+            sha256=task.content_sha256(),
+        ),
+        test_metrics=evaluation.metrics,
+        model_sha256=sha256_file(model_path),
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        command=command,
+        **(extra or {}),
+    )
+    write_manifest(out, manifest)
+    return manifest

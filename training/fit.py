@@ -1,0 +1,187 @@
+"""``python -m training.fit``: train a model on a data source and write the servable artifact.
+
+Example:
+    python -m training.fit --dataset trashnet --out models/trashnet
+    python -m training.fit --dataset cifar10 --normal airplane,ship --epochs 10 --out runs/c10-0-8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from training.data import SOURCES, default_normal, load_dataset, make_task, parse_class_selection, pool_task
+from training.deepmad import DeepMADConfig
+from training.errors import UserError
+from training.export import check_parity, evaluate, write_artifact
+from training.trainer import fit_deepmad, resolve_device
+
+PARITY_IMAGES = 64
+# deepsvdd is the same trainer on the pooled task: one class, so the contrastive term never fires and the
+# loss is DeepSVDD's one-class objective.
+METHODS = {"deepmad": lambda task: task, "deepsvdd": pool_task}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = DeepMADConfig()
+    parser = argparse.ArgumentParser(
+        prog="python -m training.fit",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", required=True, help=f"one of {', '.join(SOURCES)}")
+    data.add_argument(
+        "--data",
+        type=Path,
+        help="data root (folder, or RECYCLE .npz/.tar.gz); default: DEEPMAD_DATA_ROOT or ../shared/data",
+    )
+    data.add_argument("--trash-dir", type=Path, help="RECYCLE only: a folder of trash photos for the 5/1 case")
+    data.add_argument(
+        "--normal",
+        help="normal classes by name or index, comma separated (default: "
+        "TrashNet's five recyclables, else the first two classes)",
+    )
+    data.add_argument("--image-size", type=int, help="square input size (default: the source's, 32 or 28)")
+    data.add_argument("--max-train-per-class", type=int, help="subsample each normal class (seeded)")
+    method = parser.add_argument_group("method (paper table 20 defaults)")
+    method.add_argument(
+        "--method",
+        default="deepmad",
+        choices=list(METHODS),
+        help="deepmad: one encoder per normal class; deepsvdd: one pooled centre (Algorithm 2)",
+    )
+    method.add_argument("--rep-dim", type=int, default=defaults.rep_dim)
+    method.add_argument("--eta", type=float, default=defaults.eta)
+    method.add_argument("--delta", type=float, default=defaults.delta)
+    method.add_argument("--lr", type=float, default=defaults.lr)
+    method.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="lambda")
+    method.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    method.add_argument("--ae-epochs", type=int, default=defaults.ae_epochs, help="autoencoder pretraining epochs")
+    method.add_argument("--ae-lr", type=float, default=defaults.ae_lr)
+    method.add_argument("--epochs", type=int, default=defaults.epochs, help="contrastive encoder epochs")
+    method.add_argument(
+        "--augment",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.augment,
+        help="flips, +-4 px shifts, brightness jitter in both phases (not in the paper)",
+    )
+    method.add_argument("--seed", type=int, default=defaults.seed)
+    run = parser.add_argument_group("run")
+    run.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    run.add_argument("--threads", type=int, help="CPU threads for torch")
+    run.add_argument(
+        "--reject-rate", type=float, default=0.05, help="share of held-out normal items the threshold rejects"
+    )
+    run.add_argument("--out", type=Path, required=True, help="artifact folder (model.onnx + manifest.json)")
+    run.add_argument("--name", help="model name (default: the output folder's name)")
+    run.add_argument("--version", help="model version (default: UTC timestamp)")
+    run.add_argument("--checkpoint", type=Path, help="checkpoint file (default: runs/<name>/checkpoint.pt)")
+    run.add_argument("--resume", action="store_true", help="continue from the checkpoint")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def config_from(args: argparse.Namespace) -> DeepMADConfig:
+    for flag in ("rep_dim", "batch_size", "ae_epochs", "epochs"):
+        value = getattr(args, flag)
+        if value < (0 if flag.endswith("epochs") else 1):
+            raise UserError(f"--{flag.replace('_', '-')} must be positive, got {value}")
+    if args.delta <= 0 or args.eta < 0:
+        raise UserError("--delta must be > 0 and --eta >= 0")
+    return DeepMADConfig(
+        rep_dim=args.rep_dim,
+        eta=args.eta,
+        delta=args.delta,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        batch_size=args.batch_size,
+        ae_epochs=args.ae_epochs,
+        ae_lr=args.ae_lr,
+        epochs=args.epochs,
+        augment=args.augment,
+        seed=args.seed,
+    )
+
+
+def run(args: argparse.Namespace, command: str) -> dict:
+    if not 0.0 < args.reject_rate < 1.0:
+        raise UserError("--reject-rate must lie strictly between 0 and 1")
+    config = config_from(args)
+    device = resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dataset = load_dataset(args.dataset, args.data, args.image_size, args.trash_dir)
+    normal = parse_class_selection(args.normal, dataset.class_names, default_normal(dataset))
+    task = METHODS[args.method](make_task(dataset, normal, args.max_train_per_class, seed=args.seed))
+    name = args.name or args.out.resolve().name
+    checkpoint = args.checkpoint or Path("runs") / name / "checkpoint.pt"
+    print(
+        f"{dataset.name}: normal {normal}, anomalies {task.anomaly_classes}; "
+        f"{len(task.train)} train / {len(task.val)} val / {len(task.test)} test images; device {device}",
+        file=sys.stderr,
+    )
+    scorer, log = fit_deepmad(task, config, device, checkpoint, args.resume, progress=not args.quiet)
+    evaluation = evaluate(scorer, task, args.reject_rate)
+    hyperparameters = {
+        **config.as_dict(),
+        "reject_rate": args.reject_rate,
+        "device": str(device),
+        "max_train_per_class": args.max_train_per_class,
+    }
+    version = args.version or datetime.now(timezone.utc).strftime("%Y%m%d.%H%M%S")
+    manifest = write_artifact(
+        args.out,
+        scorer,
+        task,
+        evaluation,
+        name=name,
+        version=version,
+        method=args.method,
+        hyperparameters=hyperparameters,
+        command=command,
+        extra={
+            "training_log": {
+                "autoencoder_mse": log.autoencoder_mse,
+                "encoder_loss": log.encoder_loss,
+                "images_per_second": log.images_per_second,
+            }
+        },
+    )
+    parity = check_parity(scorer, args.out / "model.onnx", task.test.images[:PARITY_IMAGES])
+    metrics = manifest.test_metrics
+    return {
+        "out": str(args.out),
+        "test_auc": metrics.auc,
+        "tpr_at_threshold": metrics.tpr_at_threshold,
+        "fpr_at_threshold": metrics.fpr_at_threshold,
+        "threshold": manifest.threshold.value,
+        "parity_max_abs_score": parity.max_abs_score,
+        "images_per_second": log.images_per_second,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    command = "python -m training.fit " + shlex.join(argv)
+    try:
+        summary = run(args, command)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; the last finished epoch is checkpointed: rerun with --resume", file=sys.stderr)
+        return 130
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

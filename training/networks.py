@@ -1,0 +1,99 @@
+"""LeNet-type encoders (paper appendix C) for m classes at once, as one grouped network.
+
+Encoder i is conv5x5(32) -> BN -> leaky ReLU -> maxpool2, then 64 and 128 filters alike, then a
+dense layer of ``rep_dim`` units. DeepSVDD's convention: no biases and BatchNorm without affine
+parameters, so the network cannot map every input onto the centre by a constant shift.
+
+The m encoders are stacked as grouped convolutions (``groups=m``): group i's weights only ever see
+group i's channels, so this is exactly m independent networks, trained in one forward/backward pass.
+BatchNorm statistics are per channel and therefore per encoder. The dense layer is a grouped
+convolution whose kernel covers the whole final feature map.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+
+WIDTHS = (32, 64, 128)
+KERNEL = 5
+LEAK = 0.01
+BN_EPS = 1e-4
+
+
+def feature_sizes(size: int) -> list[int]:
+    """Spatial size after each 2x2 pool, starting with the input: 32 -> [32, 16, 8, 4]."""
+    sizes = [size]
+    for _ in WIDTHS:
+        sizes.append(sizes[-1] // 2)
+    return sizes
+
+
+class GroupedEncoder(nn.Module):
+    """m LeNet encoders. ``forward`` takes [B, m, C, H, W] (one image per encoder) -> [B, m, rep_dim]."""
+
+    def __init__(self, groups: int, channels: int, size: int, rep_dim: int = 128):
+        super().__init__()
+        self.groups, self.channels, self.size, self.rep_dim = groups, channels, size, rep_dim
+        layers: list[nn.Module] = []
+        width_in = channels
+        for width in WIDTHS:
+            layers += [
+                nn.Conv2d(groups * width_in, groups * width, KERNEL, padding=KERNEL // 2, bias=False, groups=groups),
+                nn.BatchNorm2d(groups * width, eps=BN_EPS, affine=False),
+                nn.LeakyReLU(LEAK),
+                nn.MaxPool2d(2),
+            ]
+            width_in = width
+        self.features = nn.Sequential(*layers)
+        final = feature_sizes(size)[-1]
+        self.dense = nn.Conv2d(groups * WIDTHS[-1], groups * rep_dim, final, bias=False, groups=groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch = x.shape[0]
+        x = x.reshape(batch, self.groups * self.channels, self.size, self.size)
+        z = self.dense(self.features(x))
+        return z.reshape(batch, self.groups, self.rep_dim)
+
+    def embed_shared(self, x: torch.Tensor) -> torch.Tensor:
+        """The same images [B, C, H, W] through every encoder -> [B, m, rep_dim]."""
+        return self(x.unsqueeze(1).expand(-1, self.groups, -1, -1, -1))
+
+
+class GroupedDecoder(nn.Module):
+    """Mirror of the encoder for autoencoder pretraining: [B, m, rep_dim] -> [B, m, C, H, W]."""
+
+    def __init__(self, groups: int, channels: int, size: int, rep_dim: int = 128):
+        super().__init__()
+        self.groups, self.channels, self.size = groups, channels, size
+        self.sizes = feature_sizes(size)
+        widths = list(reversed(WIDTHS))  # 128, 64, 32
+        self.dense = nn.ConvTranspose2d(groups * rep_dim, groups * widths[0], self.sizes[-1], bias=False, groups=groups)
+        self.dense_bn = nn.BatchNorm2d(groups * widths[0], eps=BN_EPS, affine=False)
+        outs = [*widths[1:], channels]
+        self.convs = nn.ModuleList(
+            nn.Conv2d(groups * w_in, groups * w_out, KERNEL, padding=KERNEL // 2, bias=False, groups=groups)
+            for w_in, w_out in zip(widths, outs, strict=True)
+        )
+        self.bns = nn.ModuleList(nn.BatchNorm2d(groups * w, eps=BN_EPS, affine=False) for w in outs[:-1])
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        batch = z.shape[0]
+        x = F.leaky_relu(self.dense_bn(self.dense(z.reshape(batch, -1, 1, 1))), LEAK)
+        targets = list(reversed(self.sizes[:-1]))  # 8, 16, 32
+        for k, (conv, target) in enumerate(zip(self.convs, targets, strict=True)):
+            x = conv(F.interpolate(x, size=(target, target), mode="nearest"))
+            if k < len(self.bns):
+                x = F.leaky_relu(self.bns[k](x), LEAK)
+        return x.reshape(batch, self.groups, self.channels, self.size, self.size)
+
+
+class GroupedAutoencoder(nn.Module):
+    def __init__(self, groups: int, channels: int, size: int, rep_dim: int = 128):
+        super().__init__()
+        self.encoder = GroupedEncoder(groups, channels, size, rep_dim)
+        self.decoder = GroupedDecoder(groups, channels, size, rep_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.encoder(x))
