@@ -65,7 +65,7 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
 
 
 def to_model_input(image: Image.Image, height: int, width: int, channels: int) -> np.ndarray:
-    """Orient, convert and resize a decoded (or lazily opened) image to uint8 ``height x width x channels``."""
+    """Orient, convert and resize a decoded (or lazily opened) image to uint8 ``height x width x C``."""
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, not {channels}")
     if image.format == "JPEG":

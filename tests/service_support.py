@@ -1,0 +1,161 @@
+"""Helpers for the service tests: the model under test, real photo subsets, bad inputs, a uvicorn process."""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import REPO_ROOT, SHIPPED_MODEL
+from PIL import Image
+
+RECYCLABLES = ("cardboard", "glass", "metal", "paper", "plastic")
+
+
+def model_dir() -> Path:
+    """The shipped model; DEEPMAD_TEST_MODEL_DIR points the tests at another exported model."""
+    path = Path(os.environ.get("DEEPMAD_TEST_MODEL_DIR", SHIPPED_MODEL))
+    if not (path / "model.onnx").is_file() or not (path / "manifest.json").is_file():
+        pytest.fail(f"no exported model at {path} (expected model.onnx + manifest.json; `make train-trashnet`)")
+    return path
+
+
+def photo_subset(trashnet_dir: Path, per_class: int, trash: int) -> tuple[list[Path], list[Path]]:
+    """A deterministic spread of real photos: ``per_class`` of each recyclable class and ``trash`` trash."""
+
+    def spread(folder: Path, n: int) -> list[Path]:
+        files = sorted(folder.glob("*.jpg"))
+        step = max(1, len(files) // n)
+        return files[::step][:n]
+
+    recyclable = [p for name in RECYCLABLES for p in spread(trashnet_dir / name, per_class)]
+    return recyclable, spread(trashnet_dir / "trash", trash)
+
+
+def binomial_cdf(k: int, n: int, p: float) -> float:
+    """P(X <= k) for X ~ Binomial(n, p)."""
+    p = min(max(p, 0.0), 1.0)
+    return sum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(0, k + 1))
+
+
+def binomial_sf(k: int, n: int, p: float) -> float:
+    """P(X >= k)."""
+    return 1.0 - binomial_cdf(k - 1, n, p) if k > 0 else 1.0
+
+
+# ---- bad inputs, each small in memory ----
+
+
+def huge_png(width: int = 20_000, height: int = 20_000) -> bytes:
+    """A valid 1-bit PNG of width x height, all black, built row by row (~50 KB, no big buffer)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = b"\x00" * (1 + (width + 7) // 8)
+    compressor = zlib.compressobj(9)
+    parts = [compressor.compress(row * 1000) for _ in range(height // 1000)]
+    parts.append(compressor.compress(row * (height % 1000)))
+    parts.append(compressor.flush())
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"".join(parts)) + chunk(b"IEND", b"")
+
+
+def animated_gif() -> bytes:
+    frames = [Image.new("RGB", (32, 32), color) for color in ("red", "green", "blue")]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    return buffer.getvalue()
+
+
+# ---- a real uvicorn process ----
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    def __init__(self, process: subprocess.Popen[str], url: str, log_path: Path):
+        self.process, self.url, self.log_path = process, url, log_path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=30)
+
+    def sighup(self) -> None:
+        self.process.send_signal(signal.SIGHUP)
+
+
+def service_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DEEPMAD_") or k == "DEEPMAD_DATA_ROOT"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    env.update(extra)
+    return env
+
+
+@contextmanager
+def run_server(model: Path, tmp_path: Path, *args: str, **env: str) -> Iterator[Server]:
+    """``python -m service`` on 127.0.0.1 and a free port; waits for /readyz; stops it afterwards."""
+    port = free_port()
+    log_path = tmp_path / f"server-{port}.log"
+    command = [sys.executable, "-m", "service", "--model-dir", str(model), "--port", str(port), *args]
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            command, cwd=REPO_ROOT, env=service_env(**env), stdout=log, stderr=subprocess.STDOUT, text=True
+        )
+    server = Server(process, f"http://127.0.0.1:{port}", log_path)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"server exited with {process.returncode}:\n{server.log()}")
+            try:
+                if httpx.get(f"{server.url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"server not ready after 60 s:\n{server.log()}")
+            time.sleep(0.2)
+        yield server
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def copy_model(source: Path, target: Path) -> Path:
+    target.mkdir(parents=True, exist_ok=True)
+    for name in ("model.onnx", "manifest.json"):
+        shutil.copyfile(source / name, target / name)
+    return target
+
+
+def corrupt_model(model: Path) -> None:
+    """Flip bytes in the middle of model.onnx (the sha256 no longer matches the manifest)."""
+    data = bytearray((model / "model.onnx").read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 64] = bytes(255 - b for b in data[middle : middle + 64])
+    (model / "model.onnx").write_bytes(bytes(data))
