@@ -19,8 +19,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import REPO_ROOT, SHIPPED_MODEL
 from PIL import Image
+
+from tests.conftest import REPO_ROOT, SHIPPED_MODEL
 
 RECYCLABLES = ("cardboard", "glass", "metal", "paper", "plastic")
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from service_support import animated_gif, huge_png
 
 from service.imaging import ImageError, array_to_model_input, load_image, load_image_file, open_image
+from tests.service_support import animated_gif, huge_png
 
 SIZE = (32, 32, 3)
 

@@ -13,7 +13,12 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
-from service_support import (
+
+from service.app import create_app
+from service.manifest import Manifest, write_manifest
+from service.model import ModelLoadError
+from service.settings import Settings
+from tests.service_support import (
     animated_gif,
     binomial_cdf,
     binomial_sf,
@@ -24,11 +29,6 @@ from service_support import (
     photo_subset,
     service_env,
 )
-
-from service.app import create_app
-from service.manifest import Manifest, write_manifest
-from service.model import ModelLoadError
-from service.settings import Settings
 
 TOKEN = "test-admin-token"
 
