@@ -17,9 +17,7 @@ from service.settings import Settings
 
 def parse_args(argv: list[str] | None = None) -> dict[str, object]:
     parser = argparse.ArgumentParser(prog="python -m service", description=__doc__)
-    parser.add_argument(
-        "--model-dir", help="folder with model.onnx + manifest.json (default: models/trashnet)"
-    )
+    parser.add_argument("--model-dir", help="folder with model.onnx + manifest.json (default: models/trashnet)")
     parser.add_argument("--host", help="bind address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port (default 8000; 0 picks a free one)")
     parser.add_argument("--threshold", type=float, help="override the manifest's threshold gamma")
@@ -28,9 +26,7 @@ def parse_args(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--max-batch-items", type=int, help="most files in one batch request")
     parser.add_argument("--intra-op-threads", type=int, help="ONNX Runtime intra-op threads (0: default)")
     parser.add_argument("--inter-op-threads", type=int, help="ONNX Runtime inter-op threads (0: default)")
-    parser.add_argument(
-        "--providers", help="comma-separated ONNX Runtime providers (default: CUDA if any, CPU)"
-    )
+    parser.add_argument("--providers", help="comma-separated ONNX Runtime providers (default: CUDA if any, CPU)")
     parser.add_argument("--admin-token", help="token for POST /admin/reload (better: DEEPMAD_ADMIN_TOKEN)")
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     args = parser.parse_args(argv)
@@ -42,10 +38,7 @@ def check_model_dir(settings: Settings) -> str | None:
     model_dir = settings.model_dir
     manifest_path, model_path = model_dir / MANIFEST_FILE, model_dir / MODEL_FILE
     if not manifest_path.is_file() or not model_path.is_file():
-        return (
-            f"no model at {model_dir} (need {MODEL_FILE} and {MANIFEST_FILE}); "
-            "set --model-dir or DEEPMAD_MODEL_DIR"
-        )
+        return f"no model at {model_dir} (need {MODEL_FILE} and {MANIFEST_FILE}); set --model-dir or DEEPMAD_MODEL_DIR"
     try:
         manifest = Manifest.load(model_dir)
     except ValueError as exc:
@@ -57,18 +50,14 @@ def check_model_dir(settings: Settings) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     settings = Settings(**parse_args(argv))
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if settings.require_model and (problem := check_model_dir(settings)):
         print(f"error: {problem}", file=sys.stderr)
         return 2
     from service.app import create_app
 
     app = create_app(settings, handle_sighup=True)
-    config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False
-    )
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False)
     server = uvicorn.Server(config)
     server.run()
     return 0 if server.started else 1

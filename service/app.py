@@ -56,9 +56,7 @@ class ApiError(Exception):
         self.status, self.code, self.message, self.headers = status, code, message, headers
 
 
-def error_response(
-    status: int, code: str, message: str, headers: dict[str, str] | None = None
-) -> JSONResponse:
+def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 
@@ -102,7 +100,7 @@ BATCH_BODY = {
                 "schema": {
                     "type": "object",
                     "required": ["files"],
-                    "properties": {"files": {"type": "array", "items": BINARY}},
+                    "properties": {"files": {"type": "array", "items": BINARY, "minItems": 1}},
                 },
             },
         },
@@ -325,9 +323,7 @@ def create_app(settings: Settings | None = None, *, handle_sighup: bool = False)
     def classify_one(model: LoadedModel, data: bytes) -> dict[str, Any]:
         return score(model, decode(model, data)[None])[0]
 
-    def classify_many(
-        model: LoadedModel, items: list[tuple[str | None, bytes | ApiError]]
-    ) -> list[dict[str, Any]]:
+    def classify_many(model: LoadedModel, items: list[tuple[str | None, bytes | ApiError]]) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
         arrays, positions = [], []
         for index, (filename, data) in enumerate(items):
@@ -410,13 +406,11 @@ def create_app(settings: Settings | None = None, *, handle_sighup: bool = False)
             raise ApiError(422, "missing_field", "the multipart body has no `files` (or `file`) fields")
         if len(uploads) > settings.max_batch_items:
             raise ApiError(413, "too_many_files", f"at most {settings.max_batch_items} files per batch")
+        files = [upload for upload in uploads if isinstance(upload, UploadFile)]
+        if len(files) != len(uploads):
+            raise ApiError(422, "invalid_form", "every `files` field must be a file upload, not text")
         items: list[tuple[str | None, bytes | ApiError]] = []
-        for upload in uploads:
-            if not isinstance(upload, UploadFile):
-                items.append(
-                    (None, ApiError(422, "invalid_form", "a `files` field must be a file, not text"))
-                )
-                continue
+        for upload in files:
             try:
                 items.append(await upload_bytes(upload))
             except ApiError as exc:
@@ -424,9 +418,7 @@ def create_app(settings: Settings | None = None, *, handle_sighup: bool = False)
         results = await anyio.to_thread.run_sync(classify_many, model, items, limiter=limiter())
         request.scope[VERDICT_KEY] = "batch"
         manifest = model.manifest
-        return JSONResponse(
-            {"results": results, "model": {"name": manifest.name, "version": manifest.version}}
-        )
+        return JSONResponse({"results": results, "model": {"name": manifest.name, "version": manifest.version}})
 
     @app.get("/healthz", response_model=schemas.Health, summary="The process is alive", tags=["ops"])
     async def healthz() -> Response:
@@ -515,9 +507,7 @@ def create_app(settings: Settings | None = None, *, handle_sighup: bool = False)
         if auth[:7].lower() == "bearer ":
             given = auth[7:].strip()
         if not secrets.compare_digest(given.encode(), settings.admin_token.encode()):
-            raise ApiError(
-                401, "unauthorized", "missing or wrong admin token", headers={"WWW-Authenticate": "Bearer"}
-            )
+            raise ApiError(401, "unauthorized", "missing or wrong admin token", headers={"WWW-Authenticate": "Bearer"})
         try:
             previous, model = await reload("http")
         except ModelLoadError as exc:

@@ -67,9 +67,7 @@ def choose_providers(requested: list[str]) -> list[str]:
     if requested:
         missing = [name for name in requested if name not in available]
         if missing:
-            raise ModelLoadError(
-                f"execution providers {missing} are not available; this build has {available}"
-            )
+            raise ModelLoadError(f"execution providers {missing} are not available; this build has {available}")
         return list(requested)
     if "CUDAExecutionProvider" in available:
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
@@ -81,9 +79,7 @@ def load_model(model_dir: str | Path, settings: Settings) -> LoadedModel:
     model_dir = Path(model_dir)
     manifest_path, model_path = model_dir / MANIFEST_FILE, model_dir / MODEL_FILE
     if not model_dir.is_dir():
-        raise ModelLoadError(
-            f"model folder {model_dir} does not exist (set DEEPMAD_MODEL_DIR or --model-dir)"
-        )
+        raise ModelLoadError(f"model folder {model_dir} does not exist (set DEEPMAD_MODEL_DIR or --model-dir)")
     for path in (manifest_path, model_path):
         if not path.is_file():
             raise ModelLoadError(f"{path} is missing; a model folder holds {MODEL_FILE} and {MANIFEST_FILE}")
@@ -139,17 +135,13 @@ def _check_signature(session: ort.InferenceSession, manifest: Manifest, model_pa
     inputs = {item.name: item for item in session.get_inputs()}
     outputs = {item.name for item in session.get_outputs()}
     if INPUT_NAME not in inputs or inputs[INPUT_NAME].type != "tensor(uint8)":
-        raise ModelLoadError(
-            f"{model_path} must take a uint8 input named {INPUT_NAME!r}; it has {list(inputs)}"
-        )
+        raise ModelLoadError(f"{model_path} must take a uint8 input named {INPUT_NAME!r}; it has {list(inputs)}")
     shape = inputs[INPUT_NAME].shape
     spec = manifest.input
     expected = [spec.height, spec.width, spec.channels]
     fixed = zip(shape[1:], expected, strict=False)
     if len(shape) != 4 or any(isinstance(got, int) and got != want for got, want in fixed):
-        raise ModelLoadError(
-            f"{model_path} input shape {shape} does not match the manifest's [N, {expected}]"
-        )
+        raise ModelLoadError(f"{model_path} input shape {shape} does not match the manifest's [N, {expected}]")
     missing = [name for name in OUTPUT_NAMES if name not in outputs]
     if missing:
         raise ModelLoadError(f"{model_path} lacks outputs {missing}; the contract is {list(OUTPUT_NAMES)}")

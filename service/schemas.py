@@ -25,9 +25,7 @@ class ModelRef(BaseModel):
 
 class Classification(BaseModel):
     verdict: Literal["normal", "anomalous"] = Field(description="anomalous iff score >= threshold")
-    score: float = Field(
-        description="min over classes of the distance to the class centre; higher = more anomalous"
-    )
+    score: float = Field(description="min over classes of the distance to the class centre; higher = more anomalous")
     threshold: float = Field(description="gamma in use (the manifest's, or the configured override)")
     probability: float | None = Field(
         None, description="probability-like anomaly value from the manifest's calibration; null if none"

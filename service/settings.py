@@ -26,9 +26,7 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     log_level: str = "info"
 
-    threshold: float | None = Field(
-        None, description="override the manifest's gamma (score >= threshold -> anomalous)"
-    )
+    threshold: float | None = Field(None, description="override the manifest's gamma (score >= threshold -> anomalous)")
     max_upload_bytes: int = Field(10 * 1024 * 1024, gt=0, description="largest accepted image, in bytes")
     max_pixels: int = Field(50_000_000, gt=0, description="largest accepted image, width x height")
     max_batch_items: int = Field(32, gt=0, description="most images in one POST /classify/batch")

@@ -1,0 +1,38 @@
+"""Schemathesis (PyPI) fuzzes the running service from its own OpenAPI schema: no server errors.
+
+Every check runs except ``positive_data_acceptance``: the schema can only say "binary" for an image, and
+random bytes that are not a decodable image are rightly refused with 400. ``not_a_server_error`` (no
+5xx), status-code, content-type and response-schema conformance, negative-data rejection and auth
+checks all must pass. Bounded: 50 examples per operation, fixed seed, one worker (a few seconds).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.service_support import model_dir, run_server
+
+pytestmark = pytest.mark.slow
+
+TOKEN = "schemathesis-admin-token"
+
+
+def test_schemathesis_finds_no_server_error(tmp_path: Path) -> None:
+    with run_server(model_dir(), tmp_path, DEEPMAD_ADMIN_TOKEN=TOKEN) as server:
+        command = [
+            sys.executable, "-m", "schemathesis.cli", "run", f"{server.url}/openapi.json",
+            "--checks", "all", "--exclude-checks", "positive_data_acceptance",
+            "--max-examples", "50", "--seed", "20240601", "--workers", "1",
+            "-H", f"Authorization: Bearer {TOKEN}",
+        ]  # fmt: skip
+        result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        log = server.log()
+    summary = result.stdout[-3000:]
+    print(summary)
+    assert "Traceback" not in log, log[-3000:]
+    assert result.returncode == 0, summary + result.stderr[-2000:]
+    assert "No issues found" in result.stdout
