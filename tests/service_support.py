@@ -39,6 +39,8 @@ def photo_subset(trashnet_dir: Path, per_class: int, trash: int) -> tuple[list[P
 
     def spread(folder: Path, n: int) -> list[Path]:
         files = sorted(folder.glob("*.jpg"))
+        if n <= 0:
+            return []
         step = max(1, len(files) // n)
         return files[::step][:n]
 
