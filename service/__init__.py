@@ -1,1 +1,16 @@
-"""Recycling-bin classifier service: image bytes in, DeepMAD verdict out (no torch here)."""
+"""Recycling-bin classifier service: image bytes in, DeepMAD verdict out (no torch here).
+
+Usage::
+
+    make serve                                   # or: python -m service [--model-dir models/trashnet]
+    curl -F file=@can.jpg http://127.0.0.1:8000/classify
+    curl --data-binary @can.jpg -H 'Content-Type: image/jpeg' http://127.0.0.1:8000/classify
+    curl -F files=@a.jpg -F files=@b.jpg http://127.0.0.1:8000/classify/batch
+
+Open http://127.0.0.1:8000/ for the upload page, /docs for the OpenAPI UI, /metrics for Prometheus.
+Settings are env vars ``DEEPMAD_*`` or flags (``python -m service --help``): MODEL_DIR, HOST, PORT,
+THRESHOLD, MAX_UPLOAD_BYTES, MAX_PIXELS, MAX_BATCH_ITEMS, INTRA_OP_THREADS, INTER_OP_THREADS,
+PROVIDERS, ADMIN_TOKEN, REQUIRE_MODEL. Reload the model folder with ``kill -HUP <pid>`` or
+``curl -X POST -H "Authorization: Bearer $DEEPMAD_ADMIN_TOKEN" http://127.0.0.1:8000/admin/reload``;
+a failed reload keeps the old model serving.
+"""
