@@ -61,6 +61,13 @@ def test_process_serves_same_answers_as_testclient(tmp_path: Path, trashnet_dir:
         ).json()["results"]
         bad = client.post("/classify", files={"file": ("a.jpg", b"nope", "image/jpeg")})
         assert bad.status_code == 400 and bad.json()["error"]["code"] == "not_an_image"
+        big = client.post("/classify", content=b"\xff" * (11 << 20), headers={"content-type": "image/jpeg"})
+        assert big.status_code == 413 and big.json()["error"]["code"] == "too_large"
+        chunked = client.post(
+            "/classify", content=iter([b"\xff" * (1 << 20)] * 12), headers={"content-type": "image/jpeg"}
+        )
+        assert chunked.status_code == 413  # no Content-Length: counted while streaming
+        assert client.get("/readyz").status_code == 200  # the connection pool recovers after an early 413
         assert client.get("/").status_code == 200
     for want, single, item in zip(expected, got, batch, strict=True):
         assert single == want
