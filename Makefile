@@ -7,7 +7,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # torch is pinned to the wheels this project is developed against (CPU or CUDA hosts alike).
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: serve test lint system-deps train-trashnet clean
+.PHONY: serve test lint system-deps train-trashnet smoke clean
 
 $(VENV)/.serve: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,10 @@ lint: $(VENV)/.dev
 # The shipped model: TrashNet, 5 recyclables normal, trash anomalous (see README for its numbers).
 train-trashnet: $(VENV)/.dev
 	$(PY) -m training.fit --dataset trashnet --out models/trashnet
+
+# Build the CPU image with docker or podman, run it, classify real photos (docs/deployment.md).
+smoke:
+	docker/smoke-test.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
