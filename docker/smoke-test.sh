@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Container smoke test: build the CPU serving image, run it the way docker-compose.yml does (read-only
 # root, tmpfs /tmp, non-root), wait for /readyz, classify real TrashNet photos, check the JSON verdict,
-# run the image's HEALTHCHECK, then stop and remove the container. Exit status 0 only if all passed.
+# reload the model over HTTP and with SIGHUP, run the image's HEALTHCHECK, then stop and remove the
+# container. Exit status 0 only if every check passed.
 #
 #   docker/smoke-test.sh            (or: make smoke)
 #
@@ -90,7 +91,7 @@ else
 fi
 engine() { "${ENGINE_CMD[@]}" "$@"; }
 # Run an engine command, hiding stdout and podman's complaints that there is no systemd to schedule
-# HEALTHCHECK timers (step 8 runs the check itself); any other stderr line is shown.
+# HEALTHCHECK timers (a later step runs the check itself); any other stderr line is shown.
 engine_quiet() {
     local err status=0
     err="$(engine "$@" 2>&1 >/dev/null)" || status=$?
@@ -288,6 +289,22 @@ if problems:
     print(f"    {len(problems)} check(s) failed")
     raise SystemExit(1)
 PY
+
+# ---------------------------------------------------------------------------------------------------
+step "SIGHUP reloads the model in the running container"
+engine kill -s HUP "$CONTAINER" >/dev/null
+reloaded=""
+for _ in $(seq 1 40); do
+    reloaded="$(python3 -c 'import sys, urllib.request
+text = urllib.request.urlopen(sys.argv[1], timeout=2).read().decode()
+print(next((l for l in text.splitlines() if l.startswith("deepmad_reloads_total{trigger=\"sighup\"} ")), ""))' \
+        "http://127.0.0.1:$PORT/metrics" 2>/dev/null || true)"
+    [ "$reloaded" = 'deepmad_reloads_total{trigger="sighup"} 1.0' ] && break
+    sleep 0.25
+done
+[ "$reloaded" = 'deepmad_reloads_total{trigger="sighup"} 1.0' ] || fail "no SIGHUP reload counted (got: '$reloaded')"
+info "$reloaded"
+info "still serving: $(python3 -c 'import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1], timeout=2).read().decode())' "http://127.0.0.1:$PORT/readyz")"
 
 # ---------------------------------------------------------------------------------------------------
 step "The image's HEALTHCHECK"
