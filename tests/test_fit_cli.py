@@ -1,0 +1,177 @@
+"""The fit CLI end to end on real TrashNet photos: train, export, ORT parity, resume, and its errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from service.imaging import load_image_file
+from service.manifest import Manifest, sha256_file
+from tests.conftest import REPO_ROOT
+from training.data import load_dataset, make_task
+from training.data.folders import TRASHNET_NORMAL
+from training.deepmad import DeepMADConfig
+from training.export import check_parity, export_onnx
+from training.trainer import fit_deepmad
+
+SMALL = ["--max-train-per-class", "40", "--batch-size", "64", "--quiet", "--threads", "2"]
+
+
+def fit(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "training.fit", *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("model") / "trashnet-small"
+    result = fit(
+        "--dataset",
+        "trashnet",
+        "--ae-epochs",
+        "3",
+        "--epochs",
+        "6",
+        "--augment",
+        "--out",
+        str(out),
+        "--checkpoint",
+        str(out.parent / "ckpt.pt"),
+        *SMALL,
+    )
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_fit_writes_a_verified_artifact(small_model: Path):
+    manifest = Manifest.load(small_model)
+    assert manifest.model_sha256 == sha256_file(small_model / "model.onnx")
+    assert manifest.class_names == ["cardboard", "glass", "metal", "paper", "plastic"]
+    assert manifest.training_data.anomaly_classes == ["trash"]
+    assert manifest.input.model_dump() == {"height": 32, "width": 32, "channels": 3}
+    assert manifest.hyperparameters["delta"] == 8.2 and manifest.hyperparameters["epochs"] == 6
+    assert "--dataset trashnet" in manifest.command
+    assert 0.0 < manifest.threshold.normal_reject_rate < 0.15
+    assert manifest.calibration.probability(manifest.threshold.value) == pytest.approx(0.5)
+
+
+def _photos(trashnet_dir: Path, klass: str, count: int) -> np.ndarray:
+    files = sorted((trashnet_dir / klass).glob("*.jpg"))[-count:]  # the tail: mostly outside the small train subset
+    return np.stack([load_image_file(f, 32, 32, 3) for f in files])
+
+
+def test_trash_scores_higher_than_recyclables_and_scores_are_not_collapsed(small_model: Path, trashnet_dir: Path):
+    session = ort.InferenceSession(str(small_model / "model.onnx"), providers=["CPUExecutionProvider"])
+    normal = np.concatenate([_photos(trashnet_dir, k, 20) for k in ["cardboard", "glass", "metal", "paper", "plastic"]])
+    trash = _photos(trashnet_dir, "trash", 60)
+    normal_scores = session.run(["score"], {"image": normal})[0]
+    trash_scores = session.run(["score"], {"image": trash})[0]
+    assert trash_scores.mean() > normal_scores.mean()
+    everything = np.concatenate([normal_scores, trash_scores])
+    # Collapse guard: a network mapping every input to (near) one point gives near-constant scores.
+    assert everything.std() > 0.02 * everything.mean()
+    assert len(np.unique(np.round(everything, 5))) > 0.9 * len(everything)
+    manifest = Manifest.load(small_model)
+    assert manifest.test_metrics.auc > 0.5
+    assert manifest.test_metrics.extra["test_score_std"] > 0
+
+
+def test_onnx_matches_torch_on_real_photos(tmp_path: Path, trashnet_dir: Path):
+    """The exported graph against the torch scorer it came from, on photos through the image function."""
+    task = make_task(load_dataset("trashnet", trashnet_dir), TRASHNET_NORMAL, max_train_per_class=30, seed=0)
+    scorer, _ = fit_deepmad(
+        task, DeepMADConfig(ae_epochs=1, epochs=1, batch_size=32), torch.device("cpu"), progress=False
+    )
+    export_onnx(scorer, tmp_path / "model.onnx")
+    images = np.concatenate([_photos(trashnet_dir, k, 16) for k in ["glass", "trash", "paper", "metal"]])
+    parity = check_parity(scorer, tmp_path / "model.onnx", images)
+    assert parity.n_images == 64
+    assert parity.max_abs_distance < 1e-4 and parity.max_abs_score < 1e-4
+    assert parity.nearest_agreement == 1.0
+
+
+def test_resume_after_interrupt_gives_the_same_model(tmp_path: Path):
+    args = ["--dataset", "trashnet", "--ae-epochs", "1", "--epochs", "4", *SMALL]
+    reference = fit(*args, "--out", str(tmp_path / "ref"), "--checkpoint", str(tmp_path / "ref.pt"))
+    assert reference.returncode == 0, reference.stderr
+
+    checkpoint = tmp_path / "run.pt"
+    command = [
+        sys.executable,
+        "-m",
+        "training.fit",
+        *args,
+        "--out",
+        str(tmp_path / "run"),
+        "--checkpoint",
+        str(checkpoint),
+    ]
+    process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:  # interrupt once an encoder epoch is checkpointed
+        if checkpoint.exists():
+            try:
+                if torch.load(checkpoint, weights_only=False)["enc_epochs_done"] >= 1:
+                    break
+            except Exception:  # noqa: BLE001 - the file is being replaced; look again
+                pass
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    if process.returncode == 0:
+        pytest.skip("the run finished before it could be interrupted")
+    assert process.returncode == 130, stderr
+    assert "--resume" in stderr and "Traceback" not in stderr
+    assert not (tmp_path / "run" / "manifest.json").exists()
+
+    resumed = fit(*args, "--out", str(tmp_path / "run"), "--checkpoint", str(checkpoint), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    ref_scores = json.loads(reference.stdout)
+    run_scores = json.loads(resumed.stdout)
+    assert run_scores["test_auc"] == pytest.approx(ref_scores["test_auc"], abs=1e-6)
+    assert run_scores["threshold"] == pytest.approx(ref_scores["threshold"], rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--dataset", "imagenet"], "unknown data set"),
+        (["--dataset", "trashnet", "--data", "/nonexistent/trashnet"], "not found"),
+        (["--dataset", "trashnet", "--normal", "glass,bananas"], "unknown class 'bananas'"),
+        (["--dataset", "trashnet", "--normal", "cardboard,glass,metal,paper,plastic,trash"], "every class is normal"),
+        (["--dataset", "cifar10", "--normal", "12"], "out of range"),
+        (["--dataset", "trashnet", "--device", "tpu"], "--device"),
+        (["--dataset", "trashnet", "--epochs", "-1"], "--epochs"),
+        (["--dataset", "trashnet", "--resume", "--checkpoint", "/nonexistent/ckpt.pt"], "no checkpoint"),
+        (["--dataset", "recycle", "--data", "/nonexistent/recycle.npz"], "not found"),
+    ],
+)
+def test_cli_errors_are_one_line_without_traceback(args: list[str], message: str, tmp_path: Path):
+    result = fit(*args, "--out", str(tmp_path / "out"), "--quiet", timeout=120)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and message in error_lines[0], result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_cuda_request_without_cuda_is_a_clear_error(tmp_path: Path):
+    device = "cuda:99" if torch.cuda.is_available() else "cuda"
+    result = fit("--dataset", "trashnet", "--device", device, "--out", str(tmp_path / "out"), timeout=120)
+    assert result.returncode == 2 and "CUDA" in result.stderr and "Traceback" not in result.stderr
