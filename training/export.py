@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -22,15 +22,16 @@ from service.manifest import (
     write_manifest,
 )
 from training.data import Task
+from training.dempster_shafer import combined_anomaly_probability
 from training.metrics import calibrate, choose_threshold, rates_at, roc_auc
-from training.scorer import Scorer
+from training.scorer import BaseScorer
 
 OPSET = 17
 INPUT_NAME = "image"
 OUTPUT_NAMES = ["distances", "score", "nearest"]
 
 
-def export_onnx(scorer: Scorer, path: Path) -> None:
+def export_onnx(scorer: BaseScorer, path: Path) -> None:
     """One graph: uint8 NHWC in; cast, standardisation, all encoders, distances, min and argmin inside."""
     height, width, channels = scorer.input_shape
     example = torch.zeros(2, height, width, channels, dtype=torch.uint8)
@@ -59,7 +60,7 @@ class Parity:
     n_images: int
 
 
-def check_parity(scorer: Scorer, onnx_path: Path, images: np.ndarray) -> Parity:
+def check_parity(scorer: BaseScorer, onnx_path: Path, images: np.ndarray) -> Parity:
     """ONNX Runtime vs torch (CPU, eval mode) on the same uint8 images."""
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     distances, score, nearest = session.run(OUTPUT_NAMES, {INPUT_NAME: images})
@@ -78,29 +79,46 @@ class Evaluation:
     threshold: object
     calibration: object
     metrics: TestMetrics
+    detector_calibrations: list = field(default_factory=list)
+    test_scores: np.ndarray | None = None
+    test_distances: np.ndarray | None = None
 
 
-def evaluate(scorer: Scorer, task: Task, reject_rate: float) -> Evaluation:
-    """gamma and calibration from validation normals only; AUC and rates on the test split."""
-    _, val_scores = scorer.score_arrays(task.val.images)
+def evaluate(scorer: BaseScorer, task: Task, reject_rate: float) -> Evaluation:
+    """gamma and calibration from validation normals only; AUC and rates on the test split.
+
+    With several detector columns, each column is also calibrated on its own class's validation items
+    (P_i({i}|x)), and Algorithm 1's Dempster-Shafer combination P(Lambda|x) gets its own AUC.
+    """
+    val_distances, val_scores = scorer.score_arrays(task.val.images)
     threshold = choose_threshold(val_scores, reject_rate)
-    _, test_scores = scorer.score_arrays(task.test.images)
+    test_distances, test_scores = scorer.score_arrays(task.test.images)
     auc = roc_auc(test_scores, task.test_anomalous)
     tpr, fpr = rates_at(test_scores, task.test_anomalous, threshold.value)
+    extra = {"test_score_std": float(np.std(test_scores))}
+    detectors = []
+    if test_distances.shape[1] > 1:
+        for column in range(test_distances.shape[1]):
+            own = val_distances[task.val.labels == column, column]
+            detectors.append(calibrate(own, choose_threshold(own, reject_rate).value))
+        combined = combined_anomaly_probability(test_distances, detectors)
+        extra["auc_dempster_shafer"] = roc_auc(combined, task.test_anomalous)
     metrics = TestMetrics(
         auc=auc,
         tpr_at_threshold=tpr,
         fpr_at_threshold=fpr,
         n_normal=int((~task.test_anomalous).sum()),
         n_anomalous=int(task.test_anomalous.sum()),
-        extra={"test_score_std": float(np.std(test_scores))},
+        extra=extra,
     )
-    return Evaluation(threshold, calibrate(val_scores, threshold.value), metrics)
+    return Evaluation(
+        threshold, calibrate(val_scores, threshold.value), metrics, detectors, test_scores, test_distances
+    )
 
 
 def write_artifact(
     out: Path,
-    scorer: Scorer,
+    scorer: BaseScorer,
     task: Task,
     evaluation: Evaluation,
     *,
@@ -137,6 +155,11 @@ def write_artifact(
         model_sha256=sha256_file(model_path),
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         command=command,
+        **(
+            {"detector_calibration": [c.model_dump() for c in evaluation.detector_calibrations]}
+            if evaluation.detector_calibrations
+            else {}
+        ),
         **(extra or {}),
     )
     write_manifest(out, manifest)

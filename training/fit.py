@@ -3,6 +3,7 @@
 Example:
     python -m training.fit --dataset trashnet --out models/trashnet
     python -m training.fit --dataset cifar10 --normal airplane,ship --epochs 10 --out runs/c10-0-8
+    python -m training.fit --dataset cifar10 --normal 0,8 --method drocc-m --epochs 10 --out runs/c10-drocc
 """
 
 from __future__ import annotations
@@ -16,20 +17,20 @@ from pathlib import Path
 
 import torch
 
-from training.data import SOURCES, default_normal, load_dataset, make_task, parse_class_selection, pool_task
+from training.data import SOURCES, default_normal, load_dataset, make_task, parse_class_selection
 from training.deepmad import DeepMADConfig
+from training.drocc import DROCCConfig
 from training.errors import UserError
 from training.export import check_parity, evaluate, write_artifact
-from training.trainer import fit_deepmad, resolve_device
+from training.methods import METHODS, fit_method, get_method, make_config, prepare_task
+from training.trainer import resolve_device
 
 PARITY_IMAGES = 64
-# deepsvdd is the same trainer on the pooled task: one class, so the contrastive term never fires and the
-# loss is DeepSVDD's one-class objective.
-METHODS = {"deepmad": lambda task: task, "deepsvdd": pool_task}
 
 
 def build_parser() -> argparse.ArgumentParser:
     defaults = DeepMADConfig()
+    drocc = DROCCConfig()
     parser = argparse.ArgumentParser(
         prog="python -m training.fit",
         description=__doc__.splitlines()[0],
@@ -50,22 +51,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     data.add_argument("--image-size", type=int, help="square input size (default: the source's, 32 or 28)")
     data.add_argument("--max-train-per-class", type=int, help="subsample each normal class (seeded)")
-    method = parser.add_argument_group("method (paper table 20 defaults)")
+    method = parser.add_argument_group("method (paper tables 18-20 defaults)")
     method.add_argument(
         "--method",
         default="deepmad",
         choices=list(METHODS),
-        help="deepmad: one encoder per normal class; deepsvdd: one pooled centre (Algorithm 2)",
+        help="; ".join(f"{m.name}: {m.description}" for m in METHODS.values()),
     )
     method.add_argument("--rep-dim", type=int, default=defaults.rep_dim)
     method.add_argument("--eta", type=float, default=defaults.eta)
     method.add_argument("--delta", type=float, default=defaults.delta)
-    method.add_argument("--lr", type=float, default=defaults.lr)
-    method.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="lambda")
-    method.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    method.add_argument("--lr", type=float, help=f"default {defaults.lr} (DROCC {drocc.lr})")
+    method.add_argument(
+        "--weight-decay", type=float, help=f"lambda; default {defaults.weight_decay} (DROCC {drocc.weight_decay})"
+    )
+    method.add_argument("--batch-size", type=int, help=f"default {defaults.batch_size} (DROCC {drocc.batch_size})")
     method.add_argument("--ae-epochs", type=int, default=defaults.ae_epochs, help="autoencoder pretraining epochs")
     method.add_argument("--ae-lr", type=float, default=defaults.ae_lr)
-    method.add_argument("--epochs", type=int, default=defaults.epochs, help="contrastive encoder epochs")
+    method.add_argument(
+        "--epochs",
+        type=int,
+        help=f"encoder epochs after pretraining, default {defaults.epochs} (DROCC: all epochs, {drocc.epochs})",
+    )
+    method.add_argument("--radius", type=float, default=drocc.radius, help="DROCC: r of N(r)")
+    method.add_argument("--gamma", type=float, default=drocc.gamma, help="DROCC: negatives at r..gamma*r")
+    method.add_argument("--mu", type=float, default=drocc.mu, help="DROCC: weight of the adversarial loss")
+    method.add_argument("--ascent-step-size", type=float, default=drocc.ascent_step_size, help="DROCC")
+    method.add_argument("--ascent-steps", type=int, default=drocc.ascent_steps, help="DROCC: gradient ascent steps")
+    method.add_argument("--only-ce-epochs", type=int, default=drocc.only_ce_epochs, help="DROCC: BCE-only epochs")
     method.add_argument(
         "--augment",
         action=argparse.BooleanOptionalAction,
@@ -88,26 +101,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def config_from(args: argparse.Namespace) -> DeepMADConfig:
-    for flag in ("rep_dim", "batch_size", "ae_epochs", "epochs"):
+def config_from(args: argparse.Namespace) -> DeepMADConfig | DROCCConfig:
+    for flag in ("rep_dim", "batch_size", "ae_epochs", "epochs", "ascent_steps", "only_ce_epochs"):
         value = getattr(args, flag)
-        if value < (0 if flag.endswith("epochs") else 1):
+        if value is not None and value < (0 if flag.endswith(("epochs", "steps")) else 1):
             raise UserError(f"--{flag.replace('_', '-')} must be positive, got {value}")
     if args.delta <= 0 or args.eta < 0:
         raise UserError("--delta must be > 0 and --eta >= 0")
-    return DeepMADConfig(
-        rep_dim=args.rep_dim,
-        eta=args.eta,
-        delta=args.delta,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        batch_size=args.batch_size,
-        ae_epochs=args.ae_epochs,
-        ae_lr=args.ae_lr,
-        epochs=args.epochs,
-        augment=args.augment,
-        seed=args.seed,
-    )
+    if args.radius <= 0 or args.gamma < 1:
+        raise UserError("--radius must be > 0 and --gamma >= 1")
+    keys = [
+        "rep_dim", "eta", "delta", "lr", "weight_decay", "batch_size", "ae_epochs", "ae_lr", "epochs", "augment",
+        "seed", "radius", "gamma", "mu", "ascent_step_size", "ascent_steps", "only_ce_epochs",
+    ]  # fmt: skip
+    return make_config(args.method, {k: getattr(args, k) for k in keys})
 
 
 def run(args: argparse.Namespace, command: str) -> dict:
@@ -119,7 +126,7 @@ def run(args: argparse.Namespace, command: str) -> dict:
         torch.set_num_threads(args.threads)
     dataset = load_dataset(args.dataset, args.data, args.image_size, args.trash_dir)
     normal = parse_class_selection(args.normal, dataset.class_names, default_normal(dataset))
-    task = METHODS[args.method](make_task(dataset, normal, args.max_train_per_class, seed=args.seed))
+    task = prepare_task(args.method, make_task(dataset, normal, args.max_train_per_class, seed=args.seed))
     name = args.name or args.out.resolve().name
     checkpoint = args.checkpoint or Path("runs") / name / "checkpoint.pt"
     print(
@@ -127,7 +134,7 @@ def run(args: argparse.Namespace, command: str) -> dict:
         f"{len(task.train)} train / {len(task.val)} val / {len(task.test)} test images; device {device}",
         file=sys.stderr,
     )
-    scorer, log = fit_deepmad(task, config, device, checkpoint, args.resume, progress=not args.quiet)
+    scorer, log = fit_method(args.method, task, config, device, checkpoint, args.resume, progress=not args.quiet)
     evaluation = evaluate(scorer, task, args.reject_rate)
     hyperparameters = {
         **config.as_dict(),
@@ -146,13 +153,7 @@ def run(args: argparse.Namespace, command: str) -> dict:
         method=args.method,
         hyperparameters=hyperparameters,
         command=command,
-        extra={
-            "training_log": {
-                "autoencoder_mse": log.autoencoder_mse,
-                "encoder_loss": log.encoder_loss,
-                "images_per_second": log.images_per_second,
-            }
-        },
+        extra={"training_log": log, "method_description": get_method(args.method).description},
     )
     parity = check_parity(scorer, args.out / "model.onnx", task.test.images[:PARITY_IMAGES])
     metrics = manifest.test_metrics
@@ -163,7 +164,7 @@ def run(args: argparse.Namespace, command: str) -> dict:
         "fpr_at_threshold": metrics.fpr_at_threshold,
         "threshold": manifest.threshold.value,
         "parity_max_abs_score": parity.max_abs_score,
-        "images_per_second": log.images_per_second,
+        "images_per_second": log.get("images_per_second", {}),
     }
 
 

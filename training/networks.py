@@ -97,3 +97,39 @@ class GroupedAutoencoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.encoder(x))
+
+
+class GroupedLogitHead(nn.Module):
+    """DROCC's classifier on top of the LeNet encoder: leaky ReLU -> dense(rep_dim/2) -> leaky ReLU -> dense(1).
+
+    As in DROCC's CIFAR-10 network (no biases). Grouped like the encoder: [B, m, rep_dim] -> logits
+    [B, m], plus the rep_dim/2 hidden features [B, m, rep_dim/2] that section 5.1 analyses.
+    """
+
+    def __init__(self, groups: int, rep_dim: int = 128):
+        super().__init__()
+        self.groups, self.hidden = groups, rep_dim // 2
+        self.fc2 = nn.Conv2d(groups * rep_dim, groups * self.hidden, 1, bias=False, groups=groups)
+        self.fc3 = nn.Conv2d(groups * self.hidden, groups, 1, bias=False, groups=groups)
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = z.shape[0]
+        hidden = F.leaky_relu(self.fc2(F.leaky_relu(z, LEAK).reshape(batch, -1, 1, 1)), LEAK)
+        logits = self.fc3(hidden).reshape(batch, self.groups)
+        return logits, hidden.reshape(batch, self.groups, self.hidden)
+
+
+class GroupedClassifier(nn.Module):
+    """m DROCC networks (encoder + logit head): [B, m, C, H, W] -> (logits [B, m], features [B, m, F])."""
+
+    def __init__(self, groups: int, channels: int, size: int, rep_dim: int = 128):
+        super().__init__()
+        self.encoder = GroupedEncoder(groups, channels, size, rep_dim)
+        self.head = GroupedLogitHead(groups, rep_dim)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.head(self.encoder(x))
+
+    def forward_shared(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same images [B, C, H, W] through every network."""
+        return self.head(self.encoder.embed_shared(x))

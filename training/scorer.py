@@ -1,7 +1,11 @@
-"""The exportable scoring module: uint8 NHWC images -> distances to every centre, score, nearest class.
+"""The exportable scoring modules: uint8 NHWC images -> per-detector distances, score, nearest column.
 
-Fitted statistics (centres, normalisation) are registered buffers, so ONNX export carries them and the
-service needs nothing but the graph. This is the torch reference the ONNX graph is checked against.
+Every method exports the same three outputs (the artifact contract), so the service can serve any of
+them: ``distances`` [N, k] (one column per detector, higher = less like that detector's class),
+``score`` [N] = the minimum over columns (higher = more anomalous; "anomalous iff every detector says
+anomalous" at a common threshold) and ``nearest`` [N]. Fitted statistics (centres, normalisation) are
+registered buffers, so ONNX export carries them and the service needs nothing but the graph. These
+are the torch references the ONNX graph is checked against.
 
 Example:
     >>> scorer = Scorer(encoder, centres, normaliser).eval()
@@ -15,14 +19,15 @@ import torch
 from torch import nn
 
 from training.batches import Normaliser
-from training.networks import GroupedEncoder
+from training.networks import GroupedClassifier, GroupedEncoder
 
 
-class Scorer(nn.Module):
-    def __init__(self, encoder: GroupedEncoder, centres: torch.Tensor, normaliser: Normaliser):
+class BaseScorer(nn.Module):
+    """Standardisation, the min/argmin over detector columns and numpy helpers; subclasses give the columns."""
+
+    def __init__(self, encoder: GroupedEncoder, normaliser: Normaliser):
         super().__init__()
         self.encoder = encoder
-        self.register_buffer("centres", centres.detach().clone().float())  # [k, D]
         self.register_buffer("mean", normaliser.mean.detach().clone().float().view(1, -1, 1, 1))
         self.register_buffer("std", normaliser.std.detach().clone().float().view(1, -1, 1, 1))
 
@@ -30,22 +35,66 @@ class Scorer(nn.Module):
     def input_shape(self) -> tuple[int, int, int]:
         return (self.encoder.size, self.encoder.size, self.encoder.channels)
 
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    @property
+    def n_columns(self) -> int:
+        return self.encoder.groups
+
+    def standardise(self, image: torch.Tensor) -> torch.Tensor:
         x = image.permute(0, 3, 1, 2).float() / 255.0
-        x = (x - self.mean) / self.std
-        z = self.encoder.embed_shared(x)  # [N, k, D]
-        distances = torch.sqrt((z - self.centres.unsqueeze(0)).pow(2).sum(-1))
+        return (x - self.mean) / self.std
+
+    def columns(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Standardised [N, C, H, W] -> (per-detector distances [N, k], features [N, k, F])."""
+        raise NotImplementedError
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        distances, _ = self.columns(self.standardise(image))
         score, nearest = distances.min(dim=1)
         return distances, score, nearest
 
     @torch.no_grad()
     def score_arrays(self, images: np.ndarray, batch_size: int = 512) -> tuple[np.ndarray, np.ndarray]:
         """Eval-mode (distances [N, k], score [N]) for uint8 NHWC numpy images."""
+        distances, _ = self.distances_and_features(images, batch_size)
+        return distances, distances.min(axis=1)
+
+    @torch.no_grad()
+    def distances_and_features(self, images: np.ndarray, batch_size: int = 512) -> tuple[np.ndarray, np.ndarray]:
+        """Eval-mode (distances [N, k], last-layer features [N, k, F]) for section 5.1's analysis."""
         self.eval()
-        device = self.centres.device
-        distances, scores = [], []
+        device = self.mean.device
+        distances, features = [], []
         for start in range(0, len(images), batch_size):
-            d, s, _ = self(torch.from_numpy(images[start : start + batch_size]).to(device))
+            x = self.standardise(torch.from_numpy(images[start : start + batch_size]).to(device))
+            d, f = self.columns(x)
             distances.append(d.float().cpu().numpy())
-            scores.append(s.float().cpu().numpy())
-        return np.concatenate(distances), np.concatenate(scores)
+            features.append(f.float().cpu().numpy())
+        return np.concatenate(distances), np.concatenate(features)
+
+
+class Scorer(BaseScorer):
+    """Centre-based detectors (DeepMAD, DeepSVDD, DeepSVDD(m)): column i is ||E_i(x) - c_i||."""
+
+    def __init__(self, encoder: GroupedEncoder, centres: torch.Tensor, normaliser: Normaliser):
+        super().__init__(encoder, normaliser)
+        self.register_buffer("centres", centres.detach().clone().float())  # [k, D]
+
+    def columns(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self.encoder.embed_shared(x)  # [N, k, D]
+        return torch.sqrt((z - self.centres.unsqueeze(0)).pow(2).sum(-1)), z
+
+
+class LogitScorer(BaseScorer):
+    """Classifier detectors (DROCC, DROCC(m)): column i is softplus(-logit_i) = -log P_i(normal | x).
+
+    DROCC's logit is high for normal items; softplus(-logit) is monotone decreasing in it (so the AUC
+    is the negated logit's), non-negative like a distance, and 0 where the detector is certain.
+    """
+
+    def __init__(self, classifier: GroupedClassifier, normaliser: Normaliser):
+        super().__init__(classifier.encoder, normaliser)
+        self.head = classifier.head
+
+    def columns(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, features = self.head(self.encoder.embed_shared(x))
+        return torch.nn.functional.softplus(-logits), features

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,8 +58,13 @@ def fit_deepmad(
     checkpoint: Path | None = None,
     resume: bool = False,
     progress: bool = True,
+    encoder_phase: Callable = train_encoders,
 ) -> tuple[Scorer, TrainingLog]:
-    """Train the m encoders of ``task`` together and return the eval-mode scorer on the CPU."""
+    """Train the m encoders of ``task`` together and return the eval-mode scorer on the CPU.
+
+    ``encoder_phase`` is phase 2: DeepMAD's contrastive ``train_encoders`` by default, or
+    ``deepsvdd.train_one_class_encoders`` for m independent one-class detectors (DeepSVDD(m)).
+    """
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     train_images = torch.from_numpy(task.train.images)
@@ -77,7 +83,9 @@ def fit_deepmad(
 
     if resume and checkpoint is not None:
         state = load_checkpoint(checkpoint)
-        if state["config"] != config.as_dict() or state["classes"] != task.column_names:
+        phase = state.get("encoder_phase", train_encoders.__name__)
+        same = state["config"] == config.as_dict() and state["classes"] == task.column_names
+        if not same or phase != encoder_phase.__name__:
             raise UserError(f"checkpoint {checkpoint} was made with other settings; drop --resume or use them")
         model.load_state_dict(state["model"])
         ae_optimizer.load_state_dict(state["ae_optimizer"])
@@ -96,6 +104,7 @@ def fit_deepmad(
             {
                 "config": config.as_dict(),
                 "classes": task.column_names,
+                "encoder_phase": encoder_phase.__name__,
                 "model": model.state_dict(),
                 "ae_optimizer": ae_optimizer.state_dict(),
                 "enc_optimizer": enc_optimizer.state_dict(),
@@ -133,7 +142,7 @@ def fit_deepmad(
         centres = compute_centres(model.encoder, class_images, device_normaliser).cpu()
         save(config.ae_epochs, 0)
     timer = _Timer(device)
-    train_encoders(
+    encoder_phase(
         model.encoder,
         centres,
         train_images,
