@@ -1,0 +1,161 @@
+"""``python -m training.evaluate``: the paper's protocol, every (method, combination, seed), resumable.
+
+Example:
+    python -m training.evaluate --dataset cifar10 --n-normal 2 --combos "0,8;3,5" --seeds 2 \\
+        --methods deepmad,deepsvdd,deepsvdd-m,drocc,drocc-m --max-train-per-class 200 --out runs/eval/c10-2
+
+Each finished run is one JSON file under ``<out>/runs/``; rerunning the same command skips them. When
+all runs are done (or with ``--summary-only``) the summary is written: ``results.json``, ``results.csv``,
+``summary.md`` (Table 2/3 form with 95% confidence intervals, best/worst-10, the paper's numbers beside
+ours) and PNG plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from training.data import load_dataset
+from training.errors import UserError
+from training.executors import run_local, run_ray
+from training.methods import METHODS, parse_methods
+from training.protocol import RunSpec, parse_combos, result_path, write_result
+
+DEFAULT_METHODS = ",".join(METHODS)
+# Per-method settings the sweep may override; None keeps the method's default (paper tables 18-20).
+OVERRIDES = {
+    "ae_epochs": "autoencoder pretraining epochs (deepmad, deepsvdd, deepsvdd-m)",
+    "epochs": "encoder epochs after pretraining (deepmad, deepsvdd, deepsvdd-m)",
+    "drocc_epochs": "DROCC epochs (drocc, drocc-m)",
+    "ascent_steps": "DROCC gradient ascent steps",
+    "batch_size": "batch size for every method",
+    "rep_dim": "feature dimension for every method",
+    "delta": "DeepMAD's delta",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m training.evaluate",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--dataset", required=True, help="cifar10, fmnist, trashnet, recycle, folder")
+    parser.add_argument("--data", type=Path, help="data root (default: DEEPMAD_DATA_ROOT or ../shared/data)")
+    parser.add_argument("--n-normal", type=int, default=2, help="normal classes per combination")
+    parser.add_argument("--combos", default="all", help='all, N (a fixed sample of N) or "0,1;3,5"')
+    parser.add_argument("--methods", default=DEFAULT_METHODS, help="comma separated")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per (method, combination)")
+    parser.add_argument("--max-train-per-class", type=int, help="fixed training subsample per class")
+    parser.add_argument("--max-val-per-class", type=int, help="fixed validation subsample per class")
+    parser.add_argument("--max-test-per-class", type=int, help="fixed test subsample per class")
+    for name, text in OVERRIDES.items():
+        kind = float if name == "delta" else int
+        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, help=f"{text} (default: the method's)")
+    parser.add_argument("--executor", choices=["local", "ray"], default="local")
+    parser.add_argument("--workers", type=int, default=1, help="runs at once")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads per run")
+    parser.add_argument("--ray-address", help="join this Ray cluster instead of starting a local one")
+    parser.add_argument("--save-models", action="store_true", help="keep each run's scorer (for training.analyze)")
+    parser.add_argument("--out", type=Path, help="results folder (default runs/evaluate/<dataset>-<n>)")
+    parser.add_argument("--summary-only", action="store_true", help="only rebuild the summary from finished runs")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def plan(args: argparse.Namespace) -> list[RunSpec]:
+    """Seed-major order, so an interrupted sweep has whole seeds of every (method, combination)."""
+    if args.seeds < 1 or args.workers < 1 or args.threads < 1:
+        raise UserError("--seeds, --workers and --threads must be at least 1")
+    methods = parse_methods(args.methods)
+    dataset = load_dataset(args.dataset, args.data)
+    n_classes = len(dataset.class_names)
+    if not 0 < args.n_normal < n_classes:
+        raise UserError(f"--n-normal must lie between 1 and {n_classes - 1}")
+    combos = parse_combos(args.combos, n_classes, args.n_normal)
+    specs = []
+    for seed in range(args.seeds):
+        for combo in combos:
+            for method in methods:
+                overrides = {k: getattr(args, k) for k in OVERRIDES if getattr(args, k) is not None}
+                if method.startswith("drocc") and "drocc_epochs" in overrides:
+                    overrides["epochs"] = overrides["drocc_epochs"]
+                elif method.startswith("drocc"):
+                    overrides.pop("epochs", None)
+                overrides.pop("drocc_epochs", None)
+                spec = RunSpec(
+                    dataset=args.dataset,
+                    normal=combo,
+                    method=method,
+                    seed=seed,
+                    overrides=overrides,
+                    data=str(args.data) if args.data else None,
+                    max_train_per_class=args.max_train_per_class,
+                    max_val_per_class=args.max_val_per_class,
+                    max_test_per_class=args.max_test_per_class,
+                    threads=args.threads,
+                )
+                if args.save_models:
+                    model = args.out / "models" / method / f"{spec.combo}-seed{seed}.pt"
+                    spec = RunSpec(**{**spec.__dict__, "save_model": str(model.resolve())})
+                specs.append(spec)
+    return specs
+
+
+def sweep(args: argparse.Namespace, specs: list[RunSpec]) -> list[tuple[str, str]]:
+    """Run the unfinished specs; returns (run key, error) for the runs that failed."""
+    todo = [s for s in specs if not result_path(args.out, s).exists()]
+    print(f"{len(specs)} runs planned, {len(specs) - len(todo)} already done, {len(todo)} to run", file=sys.stderr)
+    if not todo:
+        return []
+    if args.executor == "ray":
+        results = run_ray(todo, args.workers, args.threads, args.ray_address)
+    else:
+        results = run_local(todo, args.workers)
+    failures = []
+    bar = tqdm(total=len(specs), initial=len(specs) - len(todo), disable=args.quiet, file=sys.stderr, desc="runs")
+    started = time.perf_counter()
+    for spec, outcome in results:
+        if isinstance(outcome, BaseException):
+            failures.append((spec.key, f"{type(outcome).__name__}: {outcome}"))
+            print(f"\nrun {spec.key} failed: {failures[-1][1]}", file=sys.stderr)
+        else:
+            write_result(args.out, spec, outcome)
+            bar.set_postfix(last=f"{spec.key} auc={outcome['auc']:.3f}")
+        bar.update(1)
+    bar.close()
+    print(f"sweep wall time {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    return failures
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    args.out = args.out or Path("runs") / "evaluate" / f"{args.dataset}-{args.n_normal}"
+    command = "python -m training.evaluate " + shlex.join(argv)
+    try:
+        specs = plan(args)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "command.txt").write_text(command + "\n")
+        failures = [] if args.summary_only else sweep(args, specs)
+        from training.report import write_summary
+
+        summary = write_summary(args.out, [s.key for s in specs], command)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; finished runs are kept: rerun the same command to resume", file=sys.stderr)
+        return 130
+    print(json.dumps({**summary, "failures": failures}, indent=2))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
