@@ -85,7 +85,9 @@ def test_one_class_detectors_are_independent(task):
         centres = torch.full((2, 16), 0.5)
         optimizer = torch.optim.Adam(encoder.parameters(), lr=1e-3)
         generator = torch.Generator().manual_seed(0)
-        train_one_class_encoders(encoder, centres, x, labels, normaliser, config, optimizer, generator, 0, lambda *_: None)
+        train_one_class_encoders(
+            encoder, centres, x, labels, normaliser, config, optimizer, generator, 0, lambda *_: None
+        )
         return encoder.eval()
 
     a, b = train(False), train(True)

@@ -110,7 +110,7 @@ def plan(args: argparse.Namespace) -> list[RunSpec]:
 
 def sweep(args: argparse.Namespace, specs: list[RunSpec]) -> list[tuple[str, str]]:
     """Run the unfinished specs; returns (run key, error) for the runs that failed."""
-    todo = [s for s in specs if not result_path(args.out, s).exists()]
+    todo = [s for s in specs if not _finished(args.out, s)]
     print(f"{len(specs)} runs planned, {len(specs) - len(todo)} already done, {len(todo)} to run", file=sys.stderr)
     if not todo:
         return []
@@ -132,6 +132,18 @@ def sweep(args: argparse.Namespace, specs: list[RunSpec]) -> list[tuple[str, str
     bar.close()
     print(f"sweep wall time {time.perf_counter() - started:.0f} s", file=sys.stderr)
     return failures
+
+
+def _finished(out: Path, spec: RunSpec) -> bool:
+    """A run is done when its result exists; one made with other settings is an error, never mixed in."""
+    path = result_path(out, spec)
+    if not path.exists():
+        return False
+    stored = json.loads(path.read_text())
+    for field in ("overrides", "max_train_per_class", "max_val_per_class", "max_test_per_class", "data"):
+        if stored.get(field) != spec.as_dict()[field]:
+            raise UserError(f"{path} was made with other settings ({field}); use another --out or delete it")
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
