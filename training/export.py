@@ -95,7 +95,14 @@ def evaluate(scorer: BaseScorer, task: Task, reject_rate: float) -> Evaluation:
     test_distances, test_scores = scorer.score_arrays(task.test.images)
     auc = roc_auc(test_scores, task.test_anomalous)
     tpr, fpr = rates_at(test_scores, task.test_anomalous, threshold.value)
-    extra = {"test_score_std": float(np.std(test_scores))}
+    extra = {"test_score_std": float(np.std(test_scores)), "outlier_exposure": task.outlier_exposure}
+    if task.selection is not None:
+        # Validation normals against the held-out selection anomalies: what settings are chosen on.
+        _, selection_scores = scorer.score_arrays(task.selection.images)
+        extra["selection_auc"] = roc_auc(
+            np.concatenate([val_scores, selection_scores]),
+            np.concatenate([np.zeros(len(val_scores), bool), np.ones(len(selection_scores), bool)]),
+        )
     detectors = []
     if test_distances.shape[1] > 1:
         for column in range(test_distances.shape[1]):

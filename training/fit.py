@@ -9,6 +9,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shlex
 import sys
@@ -20,6 +21,7 @@ import torch
 from training.data import SOURCES, default_normal, load_dataset, make_task, parse_class_selection
 from training.deepmad import DeepMADConfig
 from training.drocc import DROCCConfig
+from training.ensemble import EnsembleScorer
 from training.errors import UserError
 from training.export import check_parity, evaluate, write_artifact
 from training.methods import METHODS, fit_method, get_method, make_config, prepare_task
@@ -51,6 +53,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     data.add_argument("--image-size", type=int, help="square input size (default: the source's, 32 or 28)")
     data.add_argument("--max-train-per-class", type=int, help="subsample each normal class (seeded)")
+    data.add_argument(
+        "--anomaly-holdout",
+        type=float,
+        default=0.0,
+        help="share of each anomaly class taken out of the test split (fixed seed): half for model selection "
+        "(reported as selection_auc), half as the outlier-exposure pool",
+    )
+    data.add_argument(
+        "--outlier-exposure",
+        action="store_true",
+        help="train on the held-out exposure pool as negatives for every encoder (needs --anomaly-holdout)",
+    )
     method = parser.add_argument_group("method (paper tables 18-20 defaults)")
     method.add_argument(
         "--method",
@@ -86,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="flips, +-4 px shifts, brightness jitter in both phases (not in the paper)",
     )
     method.add_argument("--seed", type=int, default=defaults.seed)
+    method.add_argument("--ensemble", type=int, default=1, help="train seeds seed..seed+N-1, export one graph")
+    method.add_argument(
+        "--flip-tta", action="store_true", help="average each image with its mirror image inside the graph"
+    )
     run = parser.add_argument_group("run")
     run.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     run.add_argument("--threads", type=int, help="CPU threads for torch")
@@ -126,7 +144,12 @@ def run(args: argparse.Namespace, command: str) -> dict:
         torch.set_num_threads(args.threads)
     dataset = load_dataset(args.dataset, args.data, args.image_size, args.trash_dir)
     normal = parse_class_selection(args.normal, dataset.class_names, default_normal(dataset))
-    task = prepare_task(args.method, make_task(dataset, normal, args.max_train_per_class, seed=args.seed))
+    if args.ensemble < 1:
+        raise UserError("--ensemble must be at least 1")
+    task = prepare_task(
+        args.method,
+        make_task(dataset, normal, args.max_train_per_class, args.seed, args.anomaly_holdout, args.outlier_exposure),
+    )
     name = args.name or args.out.resolve().name
     checkpoint = args.checkpoint or Path("runs") / name / "checkpoint.pt"
     print(
@@ -134,13 +157,17 @@ def run(args: argparse.Namespace, command: str) -> dict:
         f"{len(task.train)} train / {len(task.val)} val / {len(task.test)} test images; device {device}",
         file=sys.stderr,
     )
-    scorer, log = fit_method(args.method, task, config, device, checkpoint, args.resume, progress=not args.quiet)
+    scorer, log = fit_members(args, task, config, device, checkpoint)
     evaluation = evaluate(scorer, task, args.reject_rate)
     hyperparameters = {
         **config.as_dict(),
         "reject_rate": args.reject_rate,
         "device": str(device),
         "max_train_per_class": args.max_train_per_class,
+        "anomaly_holdout": args.anomaly_holdout,
+        "outlier_exposure": args.outlier_exposure,
+        "ensemble": args.ensemble,
+        "flip_tta": args.flip_tta,
     }
     version = args.version or datetime.now(timezone.utc).strftime("%Y%m%d.%H%M%S")
     manifest = write_artifact(
@@ -166,6 +193,23 @@ def run(args: argparse.Namespace, command: str) -> dict:
         "parity_max_abs_score": parity.max_abs_score,
         "images_per_second": log.get("images_per_second", {}),
     }
+
+
+def fit_members(args: argparse.Namespace, task, config, device, checkpoint: Path):
+    """One model, or an ensemble over consecutive seeds (one checkpoint each), as one scorer."""
+    if args.ensemble == 1 and not args.flip_tta:
+        return fit_method(args.method, task, config, device, checkpoint, args.resume, progress=not args.quiet)
+    members, logs = [], []
+    for offset in range(args.ensemble):
+        member_config = dataclasses.replace(config, seed=config.seed + offset)
+        member_checkpoint = checkpoint.with_name(f"{checkpoint.stem}-seed{member_config.seed}{checkpoint.suffix}")
+        scorer, log = fit_method(
+            args.method, task, member_config, device, member_checkpoint, args.resume, progress=not args.quiet
+        )
+        members.append(scorer)
+        logs.append(log)
+    ensemble = EnsembleScorer.calibrated(members, task.val.images, args.flip_tta)
+    return ensemble, {"members": logs, "images_per_second": logs[0].get("images_per_second", {})}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -73,7 +73,7 @@ def fit_deepmad(
     height, width, channels = train_images.shape[1:]
     if height != width:
         raise UserError(f"square inputs only, got {height}x{width}")
-    normaliser = Normaliser.fit(train_images)
+    normaliser = Normaliser.fit(train_images[train_labels >= 0])  # outlier-exposure photos do not set it
     model = GroupedAutoencoder(task.n_normal, channels, height, config.rep_dim).to(device)
     ae_optimizer = torch.optim.Adam(model.parameters(), lr=config.ae_lr, weight_decay=config.weight_decay)
     enc_optimizer = torch.optim.Adam(model.encoder.parameters(), lr=config.lr, weight_decay=config.weight_decay)

@@ -9,6 +9,8 @@ import numpy as np
 
 from training.errors import UserError
 
+ANOMALY_SPLIT_SEED = 20162  # fixed: held-out anomalies never depend on the training seed
+
 
 @dataclass
 class LabeledImages:
@@ -57,6 +59,9 @@ class Task:
     test: LabeledImages
     test_anomalous: np.ndarray
     pooled: bool = False
+    selection: LabeledImages | None = None  # held-out anomalies for model selection, never for the test AUC
+    exposure: LabeledImages | None = None  # held-out anomalies that outlier exposure may train on
+    outlier_exposure: bool = False  # whether ``train`` holds ``exposure`` as label -1 (negative for every encoder)
 
     @property
     def column_names(self) -> list[str]:
@@ -81,6 +86,10 @@ class Task:
             "test": {n: int(((self.test.labels == i) & ~self.test_anomalous).sum()) for i, n in enumerate(names)},
         }
         counts["test"]["anomalous"] = int(self.test_anomalous.sum())
+        if self.selection is not None:
+            counts["selection"] = {"anomalous": len(self.selection)}
+        if self.outlier_exposure and self.exposure is not None:
+            counts["train"]["outlier_exposure"] = len(self.exposure)
         return counts
 
 
@@ -99,6 +108,9 @@ def pool_task(task: Task) -> Task:
         test=pooled(task.test),
         test_anomalous=task.test_anomalous,
         pooled=True,
+        selection=task.selection,
+        exposure=task.exposure,
+        outlier_exposure=task.outlier_exposure,
     )
 
 
@@ -132,8 +144,21 @@ def make_task(
     normal: list[str],
     max_train_per_class: int | None = None,
     seed: int = 0,
+    anomaly_holdout: float = 0.0,
+    outlier_exposure: bool = False,
 ) -> Task:
-    """Select the normal classes; every other test class becomes an anomaly."""
+    """Select the normal classes; every other test class becomes an anomaly.
+
+    ``anomaly_holdout`` takes that share of each anomaly class out of the test split (a fixed, seeded
+    choice, the same for every training seed and with or without outlier exposure): its first half is
+    the ``selection`` set (validation anomalies for choosing settings), its second half the
+    ``exposure`` pool. With ``outlier_exposure`` the pool joins ``train`` as label -1: a negative for
+    every encoder. The test AUC is always measured on the remaining, untouched anomalies.
+    """
+    if not 0.0 <= anomaly_holdout < 1.0:
+        raise UserError("--anomaly-holdout must lie in [0, 1)")
+    if outlier_exposure and anomaly_holdout == 0.0:
+        raise UserError("--outlier-exposure needs --anomaly-holdout > 0 (the photos it may train on)")
     if len(normal) == len(dataset.class_names):
         raise UserError("every class is normal; leave at least one class out as the anomaly")
     index_of = {name: i for i, name in enumerate(dataset.class_names)}
@@ -162,14 +187,32 @@ def make_task(
     anomaly_classes = [n for n in dataset.class_names if n not in normal and (dataset.test.labels == index_of[n]).any()]
     if not anomalous.any():
         raise UserError("the test split holds no anomalies for this choice of normal classes")
+    test = LabeledImages(dataset.test.images, test_labels)
+    selection = exposure = None
+    if anomaly_holdout > 0.0:
+        held = np.flatnonzero(anomalous)
+        picked, _ = split_per_class(dataset.test.labels[held], (anomaly_holdout, 1.0 - anomaly_holdout),
+                                    ANOMALY_SPLIT_SEED)
+        chosen = held[picked]
+        half = len(chosen) // 2
+        order = np.random.default_rng(ANOMALY_SPLIT_SEED).permutation(chosen)
+        selection, exposure = test.subset(np.sort(order[:half])), test.subset(np.sort(order[half:]))
+        keep = np.setdiff1d(np.arange(len(test)), chosen)
+        test, anomalous = test.subset(keep), anomalous[keep]
+        if outlier_exposure:
+            train = LabeledImages(np.concatenate([train.images, exposure.images]),
+                                  np.concatenate([train.labels, np.full(len(exposure), -1, dtype=np.int64)]))
     return Task(
         dataset=dataset,
         normal_classes=list(normal),
         anomaly_classes=anomaly_classes,
         train=train,
         val=val,
-        test=LabeledImages(dataset.test.images, test_labels),
+        test=test,
         test_anomalous=anomalous,
+        selection=selection,
+        exposure=exposure,
+        outlier_exposure=outlier_exposure,
     )
 
 
