@@ -93,7 +93,8 @@ def test_cli_runs_resumes_and_refuses_mixed_settings(tmp_path: Path, data_dir: P
         (["--dataset", "fmnist", "--methods", "deepmad,isolation-forest"], "unknown method"),
         (["--dataset", "fmnist", "--combos", "0,1,2"], "--combos"),
         (["--dataset", "fmnist", "--n-normal", "10"], "--n-normal"),
-        (["--dataset", "cifar100"], "unknown data set"),
+        (["--dataset", "cifar100", "--data", "/nonexistent"], "CIFAR-100 not found"),
+        (["--dataset", "trashnet", "--exclude-classes", "bananas"], "--exclude-classes"),
     ],
 )
 def test_cli_errors_are_one_line(args, message, tmp_path: Path, data_dir: Path, capsys, monkeypatch):

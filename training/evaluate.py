@@ -3,6 +3,8 @@
 Example:
     python -m training.evaluate --dataset cifar10 --n-normal 2 --combos "0,8;3,5" --seeds 2 \\
         --methods deepmad,deepsvdd,deepsvdd-m,drocc,drocc-m --max-train-per-class 200 --out runs/eval/c10-2
+    python -m training.evaluate --dataset trashnet --n-normal 5 --combos "0,1,2,3,4" --seeds 3   # 5/1
+    python -m training.evaluate --dataset trashnet --exclude-classes trash --n-normal 4 --combos all  # 4/1
 
 Each finished run is one JSON file under ``<out>/runs/``; rerunning the same command skips them. When
 all runs are done (or with ``--summary-only``) the summary is written: ``results.json``, ``results.csv``,
@@ -21,11 +23,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from training.data import load_dataset
 from training.errors import UserError
 from training.executors import run_local, run_ray
 from training.methods import METHODS, parse_methods
-from training.protocol import RunSpec, parse_combos, result_path, write_result
+from training.protocol import RunSpec, load_for_runs, parse_combos, result_path, write_result
 
 DEFAULT_METHODS = ",".join(METHODS)
 # Per-method settings the sweep may override; None keeps the method's default (paper tables 18-20).
@@ -48,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--dataset", required=True, help="cifar10, fmnist, trashnet, recycle, folder")
     parser.add_argument("--data", type=Path, help="data root (default: DEEPMAD_DATA_ROOT or ../shared/data)")
+    parser.add_argument("--trash-dir", type=Path, help="RECYCLE 5/1: a folder of trash photos (test only)")
+    parser.add_argument(
+        "--exclude-classes", default="", help="class names dropped from every split, e.g. trash for TrashNet 4/1"
+    )
     parser.add_argument("--n-normal", type=int, default=2, help="normal classes per combination")
     parser.add_argument("--combos", default="all", help='all, N (a fixed sample of N) or "0,1;3,5"')
     parser.add_argument("--methods", default=DEFAULT_METHODS, help="comma separated")
@@ -74,11 +79,14 @@ def plan(args: argparse.Namespace) -> list[RunSpec]:
     if args.seeds < 1 or args.workers < 1 or args.threads < 1:
         raise UserError("--seeds, --workers and --threads must be at least 1")
     methods = parse_methods(args.methods)
-    dataset = load_dataset(args.dataset, args.data)
+    exclude = tuple(c.strip() for c in args.exclude_classes.split(",") if c.strip())
+    trash_dir = str(args.trash_dir) if args.trash_dir else None
+    dataset = load_for_runs(args.dataset, str(args.data) if args.data else None, trash_dir, exclude)
     n_classes = len(dataset.class_names)
-    if not 0 < args.n_normal < n_classes:
-        raise UserError(f"--n-normal must lie between 1 and {n_classes - 1}")
-    combos = parse_combos(args.combos, n_classes, args.n_normal)
+    allowed = [i for i, name in enumerate(dataset.class_names) if name not in exclude]
+    if not 0 < args.n_normal < len(allowed):
+        raise UserError(f"--n-normal must lie between 1 and {len(allowed) - 1}")
+    combos = parse_combos(args.combos, n_classes, args.n_normal, allowed)
     specs = []
     for seed in range(args.seeds):
         for combo in combos:
@@ -96,6 +104,8 @@ def plan(args: argparse.Namespace) -> list[RunSpec]:
                     seed=seed,
                     overrides=overrides,
                     data=str(args.data) if args.data else None,
+                    trash_dir=trash_dir,
+                    exclude=exclude,
                     max_train_per_class=args.max_train_per_class,
                     max_val_per_class=args.max_val_per_class,
                     max_test_per_class=args.max_test_per_class,
@@ -140,8 +150,9 @@ def _finished(out: Path, spec: RunSpec) -> bool:
     if not path.exists():
         return False
     stored = json.loads(path.read_text())
-    for field in ("overrides", "max_train_per_class", "max_val_per_class", "max_test_per_class", "data"):
-        if stored.get(field) != spec.as_dict()[field]:
+    fields = ("overrides", "max_train_per_class", "max_val_per_class", "max_test_per_class", "data", "exclude")
+    for field in fields:
+        if stored.get(field, []) != spec.as_dict()[field]:
             raise UserError(f"{path} was made with other settings ({field}); use another --out or delete it")
     return True
 

@@ -43,6 +43,8 @@ class RunSpec:
     seed: int
     overrides: dict = field(default_factory=dict, hash=False, compare=False)
     data: str | None = None
+    trash_dir: str | None = None  # RECYCLE 5/1: a folder of trash photos, test only
+    exclude: tuple[str, ...] = ()  # classes dropped from every split (TrashNet 4/1: trash)
     max_train_per_class: int | None = None
     max_val_per_class: int | None = None
     max_test_per_class: int | None = None
@@ -60,12 +62,17 @@ class RunSpec:
     def as_dict(self) -> dict:
         out = dataclasses.asdict(self)
         out["normal"] = list(self.normal)
+        out["exclude"] = list(self.exclude)
         return out
 
 
-def parse_combos(spec: str, n_classes: int, n_normal: int) -> list[tuple[int, ...]]:
-    """``all``, ``N`` (the first N of all combinations in a fixed shuffled order) or ``"0,1;3,5"``."""
-    every = list(itertools.combinations(range(n_classes), n_normal))
+def parse_combos(spec: str, n_classes: int, n_normal: int, allowed: list[int] | None = None) -> list[tuple[int, ...]]:
+    """``all``, ``N`` (the first N of all combinations in a fixed shuffled order) or ``"0,1;3,5"``.
+
+    ``allowed``: the class indices combinations are drawn from (default all ``n_classes``).
+    """
+    allowed = list(range(n_classes)) if allowed is None else allowed
+    every = list(itertools.combinations(allowed, n_normal))
     spec = spec.strip()
     if spec == "all":
         return every
@@ -85,8 +92,8 @@ def parse_combos(spec: str, n_classes: int, n_normal: int) -> list[tuple[int, ..
             raise UserError(f"--combos: {part!r} is not a comma-separated list of class indices") from None
         if len(combo) != n_normal or len(set(combo)) != n_normal:
             raise UserError(f"--combos: {part!r} must name {n_normal} distinct classes")
-        if combo[-1] >= n_classes:
-            raise UserError(f"--combos: {part!r} has a class index >= {n_classes}")
+        if any(c not in allowed for c in combo):
+            raise UserError(f"--combos: {part!r} names a class outside {allowed}")
         combos.append(combo)
     if not combos:
         raise UserError("--combos: no combination given")
@@ -102,10 +109,28 @@ def subsample(split, cap: int | None, seed: int):
     return split.subset(np.sort(np.concatenate(keep)))
 
 
+def drop_classes(dataset: DataSet, exclude: tuple[str, ...]) -> DataSet:
+    """The data set without ``exclude``'s items in any split (class indices unchanged)."""
+    unknown = [c for c in exclude if c not in dataset.class_names]
+    if unknown:
+        raise UserError(f"--exclude-classes: {unknown} not among {dataset.class_names}")
+    dropped = [dataset.class_names.index(c) for c in exclude]
+
+    def keep(split):
+        return split.subset(np.flatnonzero(~np.isin(split.labels, dropped)))
+
+    return dataclasses.replace(dataset, train=keep(dataset.train), val=keep(dataset.val), test=keep(dataset.test))
+
+
+def load_for_runs(name: str, data: str | None, trash_dir: str | None, exclude: tuple[str, ...]) -> DataSet:
+    dataset = load_dataset(name, Path(data) if data else None, trash_dir=Path(trash_dir) if trash_dir else None)
+    return drop_classes(dataset, exclude)
+
+
 @functools.lru_cache(maxsize=2)
-def _dataset(name: str, data: str | None, max_val: int | None, max_test: int | None) -> DataSet:
+def _dataset(spec_key: tuple, max_val: int | None, max_test: int | None) -> DataSet:
     """Loaded once per worker process (decoded arrays are cached on disk as well)."""
-    dataset = load_dataset(name, Path(data) if data else None)
+    dataset = load_for_runs(*spec_key)
     return dataclasses.replace(
         dataset,
         val=subsample(dataset.val, max_val, EVAL_SUBSAMPLE_SEED),
@@ -118,7 +143,8 @@ def run_one(spec: RunSpec) -> dict:
     started = time.perf_counter()
     if spec.threads:
         torch.set_num_threads(spec.threads)
-    dataset = _dataset(spec.dataset, spec.data, spec.max_val_per_class, spec.max_test_per_class)
+    source = (spec.dataset, spec.data, spec.trash_dir, tuple(spec.exclude))
+    dataset = _dataset(source, spec.max_val_per_class, spec.max_test_per_class)
     normal = [dataset.class_names[i] for i in spec.normal]
     task = prepare_task(spec.method, make_task(dataset, normal, spec.max_train_per_class, seed=SUBSAMPLE_SEED))
     config = make_config(spec.method, {**spec.overrides, "seed": spec.seed})

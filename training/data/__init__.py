@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from training.data.base import DataSet, LabeledImages, Task, make_task, parse_class_selection, pool_task
+from training.data.cifar100 import load_cifar100
 from training.data.fmnist import load_fmnist
 from training.data.folders import TRASHNET_NORMAL, load_cifar10, load_folder, load_trashnet
 from training.data.recycle import load_recycle
@@ -17,6 +18,7 @@ SOURCES = {
     "trashnet": ("trashnet", (32, 32, 3)),
     "recycle": (None, (32, 32, 3)),
     "cifar10": ("cifar10", (32, 32, 3)),
+    "cifar100": ("cifar100", (32, 32, 3)),
     "fmnist": ("fashion-mnist", (28, 28, 1)),
     "folder": (None, (32, 32, 3)),
 }
@@ -63,6 +65,8 @@ def load_dataset(
         return load_trashnet(data, shape)
     if name == "cifar10":
         return load_cifar10(data, shape)
+    if name == "cifar100":
+        return load_cifar100(data, shape)
     if name == "fmnist":
         return load_fmnist(data, shape)
     return load_folder(data, shape)
