@@ -39,7 +39,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service import schemas
 from service.imaging import ImageError, load_image
 from service.metrics import CONTENT_TYPE_LATEST, Metrics
-from service.model import Classifier, LoadedModel, ModelLoadError
+from service.model import Classifier, LoadedModel, ModelLoadError, Scores
 from service.settings import Settings
 
 log = logging.getLogger("service")
@@ -140,8 +140,8 @@ class MetricsMiddleware:
 def create_app(settings: Settings | None = None, *, handle_sighup: bool = False) -> FastAPI:
     """Build the app. The model loads in the lifespan (use ``with TestClient(app)`` in tests)."""
     settings = settings or Settings()
-    classifier = Classifier(settings)
     metrics = Metrics()
+    classifier = Classifier(settings, observer=metrics.observe_inference)
     index_html = (STATIC_DIR / "index.html").read_text(encoding="utf-8")
     background: set[asyncio.Task[None]] = set()
     limiter_box: list[anyio.CapacityLimiter] = []
@@ -195,6 +195,7 @@ def create_app(settings: Settings | None = None, *, handle_sighup: bool = False)
         finally:
             if handle_sighup:
                 loop.remove_signal_handler(signal.SIGHUP)
+            await anyio.to_thread.run_sync(classifier.close)
 
     app = FastAPI(
         title="DeepMAD recycling-bin classifier",
@@ -291,9 +292,9 @@ def create_app(settings: Settings | None = None, *, handle_sighup: bool = False)
         return array
 
     def score(model: LoadedModel, batch: np.ndarray) -> list[dict[str, Any]]:
-        start = time.perf_counter()
-        scores = classifier.score(model, batch)
-        metrics.inference_seconds.observe(time.perf_counter() - start)
+        return shape(model, classifier.score(model, batch))
+
+    def shape(model: LoadedModel, scores: Scores) -> list[dict[str, Any]]:
         manifest = model.manifest
         names = manifest.class_names
         ref = {"name": manifest.name, "version": manifest.version}
@@ -378,7 +379,11 @@ def create_app(settings: Settings | None = None, *, handle_sighup: bool = False)
                 f"content type {content_type or 'none'!r}: send multipart/form-data with a `file` "
                 "field, or the raw image with an image/* content type",
             )
-        result = await anyio.to_thread.run_sync(classify_one, model, data, limiter=limiter())
+        if classifier.batcher is None:
+            result = await anyio.to_thread.run_sync(classify_one, model, data, limiter=limiter())
+        else:  # decode in a worker thread; wait for the micro-batch on the event loop, holding no thread
+            array = await anyio.to_thread.run_sync(decode, model, data, limiter=limiter())
+            result = shape(model, await classifier.score_async(model, array[None]))[0]
         request.scope[VERDICT_KEY] = result["verdict"]
         return JSONResponse(result)
 

@@ -54,6 +54,12 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.inference_batch_size = Histogram(
+            f"{PREFIX}_inference_batch_size",
+            "Images per ONNX Runtime call (above 1: a batch request, or micro-batching under load)",
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=r,
+        )
         self.score = Histogram(
             f"{PREFIX}_score",
             "Anomaly score of each classified image (model units)",
@@ -107,6 +113,10 @@ class Metrics:
         self.threshold.set(model.threshold)
         self.ready.set(1)
         self.model_loaded_at.set(time.time())
+
+    def observe_inference(self, seconds: float, images: int) -> None:
+        self.inference_seconds.observe(seconds)
+        self.inference_batch_size.observe(images)
 
     def observe_result(self, verdict: str, nearest_class: str, score: float, threshold: float) -> None:
         self.classifications.labels(verdict, nearest_class).inc()

@@ -3,15 +3,21 @@
 ``LoadedModel`` is one immutable artifact with its ONNX Runtime session; ``Classifier`` holds the
 current one and swaps it atomically on reload, so a request that started on the old model finishes on
 it, and a failed reload leaves the old model serving. All encoders live in one graph: scoring a batch
-is exactly one ``session.run``. (Micro-batching across requests, if added, belongs in ``Classifier``.)
+is exactly one ``session.run``. With ``microbatch_max_items > 1`` the ``Classifier`` also gathers
+concurrent requests into one call (``MicroBatcher``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import hashlib
 import logging
+import queue
 import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,6 +80,27 @@ def choose_providers(requested: list[str]) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+GRAPH_OPTIMIZATION = {
+    "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+def session_options(settings: Settings) -> ort.SessionOptions:
+    """Threads, spinning and graph optimisation from the settings (measured in bench/serve.py)."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = settings.intra_op_threads
+    options.inter_op_num_threads = settings.inter_op_threads
+    options.graph_optimization_level = GRAPH_OPTIMIZATION[settings.graph_optimization]
+    spinning = "1" if settings.ort_spinning else "0"
+    options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
+    options.add_session_config_entry("session.inter_op.allow_spinning", spinning)
+    options.log_severity_level = 3
+    return options
+
+
 def load_model(model_dir: str | Path, settings: Settings) -> LoadedModel:
     """Read, verify, open and warm up ``model_dir``; raise ModelLoadError with a one-line reason."""
     model_dir = Path(model_dir)
@@ -98,10 +125,7 @@ def load_model(model_dir: str | Path, settings: Settings) -> LoadedModel:
         )
 
     providers = choose_providers(settings.providers)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = settings.intra_op_threads
-    options.inter_op_num_threads = settings.inter_op_threads
-    options.log_severity_level = 3
+    options = session_options(settings)
     try:
         session = ort.InferenceSession(model_bytes, sess_options=options, providers=providers)
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
@@ -166,14 +190,123 @@ def _warm_up(model: LoadedModel) -> None:
             raise ModelLoadError(f"warm-up of {model.model_dir} produced non-finite scores")
 
 
-class Classifier:
-    """Holds the model being served; ``model`` is read without a lock (a reference swap is atomic)."""
+Observer = Callable[[float, int], None]  # (seconds of one ORT call, images in it)
 
-    def __init__(self, settings: Settings):
+
+@dataclass
+class _Job:
+    model: LoadedModel
+    batch: np.ndarray
+    future: Future
+
+
+_STOP = object()
+
+
+class MicroBatcher:
+    """Gathers score requests from many threads into one ORT call per batch, on one worker thread.
+
+    The worker takes the first queued job, then adds jobs already queued, up to ``max_items`` images.
+    When the previous batch held more than one job (concurrent traffic), it also waits up to ``wait_s``
+    after the first job for more; a lone client never waits, so latency at concurrency 1 is one
+    thread hand-off above a direct call. Jobs for different models (a reload in between) never share a
+    batch. Each caller gets its own rows back, or the exception of its batch.
+
+    Example:
+        >>> batcher = MicroBatcher(max_items=8, wait_s=0.002)  # doctest: +SKIP
+        >>> scores = batcher.submit(model, images).result()  # images: uint8 [n, H, W, C]
+        >>> batcher.close()
+    """
+
+    def __init__(self, max_items: int, wait_s: float = 0.0, observer: Observer | None = None):
+        self.max_items, self.wait_s, self.observer = max_items, wait_s, observer
+        self.batch_sizes: list[int] = []  # images per ORT call, most recent last (bounded)
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="microbatcher", daemon=True)
+        self._thread.start()
+
+    def submit(self, model: LoadedModel, batch: np.ndarray) -> Future:
+        """Queue a uint8 [n, H, W, C] batch; the future resolves to its ``Scores`` (n rows)."""
+        future: Future = Future()
+        with self._lock:
+            if self._closed:
+                future.set_exception(RuntimeError("the micro-batcher is closed"))
+            else:
+                self._queue.put(_Job(model, batch, future))
+        return future
+
+    def close(self) -> None:
+        """Score what is queued, then stop the worker; later submissions fail at once."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._queue.put(_STOP)
+        self._thread.join()
+
+    def _loop(self) -> None:
+        pending: object = None
+        busy = False  # the last batch gathered several jobs: traffic is concurrent, worth waiting for
+        while True:
+            first = pending if pending is not None else self._queue.get()
+            pending = None
+            if first is _STOP:
+                return
+            jobs, count = [first], len(first.batch)
+            deadline = time.monotonic() + (self.wait_s if busy else 0.0)
+            while count < self.max_items:
+                timeout = deadline - time.monotonic()
+                try:
+                    job = self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if job is _STOP or job.model is not first.model or count + len(job.batch) > self.max_items:
+                    pending = job
+                    break
+                jobs.append(job)
+                count += len(job.batch)
+            busy = len(jobs) > 1
+            self._run(jobs, count)
+
+    def _run(self, jobs: list[_Job], count: int) -> None:
+        try:
+            batch = jobs[0].batch if len(jobs) == 1 else np.concatenate([job.batch for job in jobs])
+            start = time.perf_counter()
+            scores = jobs[0].model.run(batch)
+            if self.observer:
+                self.observer(time.perf_counter() - start, count)
+        except BaseException as exc:  # every waiting caller gets the error; the worker keeps serving
+            for job in jobs:
+                job.future.set_exception(exc)
+            return
+        self.batch_sizes = [*self.batch_sizes[-999:], count]
+        offset = 0
+        for job in jobs:
+            rows = slice(offset, offset + len(job.batch))
+            offset = rows.stop
+            job.future.set_result(Scores(scores.distances[rows], scores.score[rows], scores.nearest[rows]))
+
+
+class Classifier:
+    """Holds the model being served; ``model`` is read without a lock (a reference swap is atomic).
+
+    ``score`` (from a worker thread) and ``score_async`` (from the event loop) run one ORT call, or,
+    with ``settings.microbatch_max_items > 1``, hand the images to the ``MicroBatcher``. ``observer``
+    is told the duration and size of every ORT call.
+    """
+
+    def __init__(self, settings: Settings, observer: Observer | None = None):
         self.settings = settings
+        self.observer = observer
         self._model: LoadedModel | None = None
         self._reload_lock = threading.Lock()
         self.last_error: str | None = None
+        self.batcher: MicroBatcher | None = None
+        if settings.microbatch_max_items > 1:
+            wait_s = settings.microbatch_wait_ms / 1000
+            self.batcher = MicroBatcher(settings.microbatch_max_items, wait_s, observer)
 
     @property
     def model(self) -> LoadedModel | None:
@@ -197,4 +330,24 @@ class Classifier:
 
     def score(self, model: LoadedModel, batch: np.ndarray) -> Scores:
         """Score a prepared uint8 [N, H, W, C] batch on ``model`` (the one the request started with)."""
-        return model.run(batch)
+        if self.batcher is not None:
+            return self.batcher.submit(model, batch).result()
+        return self._run(model, batch)
+
+    async def score_async(self, model: LoadedModel, batch: np.ndarray) -> Scores:
+        """``score`` for the event loop: awaits the micro-batcher, or runs in a worker thread."""
+        if self.batcher is not None:
+            return await asyncio.wrap_future(self.batcher.submit(model, batch))
+        return await asyncio.to_thread(self._run, model, batch)
+
+    def close(self) -> None:
+        """Stop the micro-batcher's worker (queued jobs are scored first)."""
+        if self.batcher is not None:
+            self.batcher.close()
+
+    def _run(self, model: LoadedModel, batch: np.ndarray) -> Scores:
+        start = time.perf_counter()
+        scores = model.run(batch)
+        if self.observer:
+            self.observer(time.perf_counter() - start, len(batch))
+        return scores

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -35,8 +35,27 @@ class Settings(BaseSettings):
         4, gt=0, description="images decoded and scored at once (threads); bounds memory under load"
     )
 
-    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0: its default)")
+    intra_op_threads: int = Field(
+        0, ge=0, description="ONNX Runtime intra-op threads per call (0: its default, one per physical core)"
+    )
     inter_op_threads: int = Field(0, ge=0, description="ONNX Runtime inter-op threads (0: its default)")
+    ort_spinning: bool = Field(
+        False,
+        description="let ONNX Runtime's idle intra-op threads spin-wait (ORT's default: saves a little on an "
+        "idle dedicated box, burns the CPU that concurrent requests and neighbours need; bench/serve.py)",
+    )
+    graph_optimization: Literal["disabled", "basic", "extended", "all"] = Field(
+        "all", description="ONNX Runtime graph optimisation level"
+    )
+    microbatch_max_items: int = Field(
+        1, gt=0, description="dynamic micro-batching: most images in one ONNX Runtime call (1: off)"
+    )
+    microbatch_wait_ms: float = Field(
+        0.0,
+        ge=0,
+        description="micro-batching: how long a batch may wait for more requests after its first; only "
+        "under concurrent load (a lone request never waits); 0: batch only what is already queued",
+    )
     providers: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="ONNX Runtime execution providers in order; empty: CUDA if available, then CPU",
