@@ -86,7 +86,7 @@ def range_table(rows: list[dict], methods: list[str], dataset: str) -> list[str]
         p = paper.get(method)
         p_text = f"{p[0]:.4f} ↔ {p[1]:.4f}" + (f" ({p[2]:.4f})" if p and p[2] else "") if p else "–"
         lines.append(
-            f"| {METHOD_LABELS.get(method, method)} | ({worst}) {fmt(*combos[worst][:2])} | "
+            f"| {METHOD_LABELS.get(method, method)} | ({_c(worst)}) {fmt(*combos[worst][:2])} | "
             f"({_c(best)}) {fmt(*combos[best][:2])} | {fmt(mean, half)} | {ds_text} | {p_text} |"
         )
     return lines
