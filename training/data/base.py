@@ -191,8 +191,9 @@ def make_task(
     selection = exposure = None
     if anomaly_holdout > 0.0:
         held = np.flatnonzero(anomalous)
-        picked, _ = split_per_class(dataset.test.labels[held], (anomaly_holdout, 1.0 - anomaly_holdout),
-                                    ANOMALY_SPLIT_SEED)
+        picked, _ = split_per_class(
+            dataset.test.labels[held], (anomaly_holdout, 1.0 - anomaly_holdout), ANOMALY_SPLIT_SEED
+        )
         chosen = held[picked]
         half = len(chosen) // 2
         order = np.random.default_rng(ANOMALY_SPLIT_SEED).permutation(chosen)
@@ -200,8 +201,10 @@ def make_task(
         keep = np.setdiff1d(np.arange(len(test)), chosen)
         test, anomalous = test.subset(keep), anomalous[keep]
         if outlier_exposure:
-            train = LabeledImages(np.concatenate([train.images, exposure.images]),
-                                  np.concatenate([train.labels, np.full(len(exposure), -1, dtype=np.int64)]))
+            train = LabeledImages(
+                np.concatenate([train.images, exposure.images]),
+                np.concatenate([train.labels, np.full(len(exposure), -1, dtype=np.int64)]),
+            )
     return Task(
         dataset=dataset,
         normal_classes=list(normal),
