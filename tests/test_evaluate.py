@@ -66,7 +66,7 @@ def test_claims_are_paired_per_combination():
     assert found[("deepmad", "deepsvdd")]["combos"] == 3
 
 
-def test_cli_runs_resumes_and_refuses_mixed_settings(tmp_path: Path, data_dir: Path):
+def test_cli_runs_resumes_and_refuses_mixed_settings(tmp_path: Path, data_dir: Path, capsys, monkeypatch):
     out = tmp_path / "sweep"
     first = evaluate(*TINY, "--methods", "deepmad,deepsvdd-m", "--out", str(out), data_dir=data_dir)
     assert first.returncode == 0, first.stderr
@@ -80,11 +80,13 @@ def test_cli_runs_resumes_and_refuses_mixed_settings(tmp_path: Path, data_dir: P
     assert all(r["auc_dempster_shafer"] is not None for r in rows)  # two columns each: Algorithm 1's rule applies
     assert "DeepSVDD(m)" in (out / "summary.md").read_text()
 
-    again = evaluate(*TINY, "--methods", "deepmad,deepsvdd-m", "--out", str(out), data_dir=data_dir)
-    assert again.returncode == 0 and "2 already done, 0 to run" in again.stderr
-
-    other = evaluate(*TINY, "--epochs", "2", "--methods", "deepmad", "--out", str(out), data_dir=data_dir)
-    assert other.returncode == 2 and "other settings" in other.stderr and "Traceback" not in other.stderr
+    # Resume and the settings guard in-process (no second torch start-up): nothing trains in either.
+    monkeypatch.setenv("DEEPMAD_DATA_ROOT", str(data_dir))
+    assert main([*TINY, "--methods", "deepmad,deepsvdd-m", "--out", str(out)]) == 0
+    assert "2 already done, 0 to run" in capsys.readouterr().err
+    assert main([*TINY, "--epochs", "2", "--methods", "deepmad", "--out", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert "other settings" in error and "Traceback" not in error
 
 
 @pytest.mark.parametrize(
