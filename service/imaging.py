@@ -84,9 +84,7 @@ def to_model_input(image: Image.Image, height: int, width: int, channels: int) -
     return array.reshape(height, width, channels)
 
 
-def load_image(
-    data: bytes, height: int, width: int, channels: int, max_pixels: int = DEFAULT_MAX_PIXELS
-) -> np.ndarray:
+def load_image(data: bytes, height: int, width: int, channels: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Bytes of any still image -> uint8 H x W x C model input (the service's and training's path)."""
     return to_model_input(open_image(data, max_pixels), height, width, channels)
 
