@@ -81,10 +81,15 @@ def fit_deepmad(
     centres: torch.Tensor | None = None
     ae_start = enc_start = 0
 
+    data_sha256 = task.content_sha256()  # outlier exposure or another subsample changes the data, not the config
     if resume and checkpoint is not None:
         state = load_checkpoint(checkpoint)
         phase = state.get("encoder_phase", train_encoders.__name__)
-        same = state["config"] == config.as_dict() and state["classes"] == task.column_names
+        same = (
+            state["config"] == config.as_dict()
+            and state["classes"] == task.column_names
+            and state.get("training_data", data_sha256) == data_sha256
+        )
         if not same or phase != encoder_phase.__name__:
             raise UserError(f"checkpoint {checkpoint} was made with other settings; drop --resume or use them")
         model.load_state_dict(state["model"])
@@ -104,6 +109,7 @@ def fit_deepmad(
             {
                 "config": config.as_dict(),
                 "classes": task.column_names,
+                "training_data": data_sha256,
                 "encoder_phase": encoder_phase.__name__,
                 "model": model.state_dict(),
                 "ae_optimizer": ae_optimizer.state_dict(),
