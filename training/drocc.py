@@ -9,6 +9,8 @@ Written from the DROCC paper and the behaviour of its published trainer (EdgeML'
   is projected onto r <= ||h|| <= gamma * r;
 - the first ``only_ce_epochs`` epochs use the BCE term alone; the learning rate is lr for the first
   40% of the remaining epochs, lr/10 to 80%, lr/100 after (the CIFAR example's schedule);
+- the search runs with the network in training mode (BatchNorm batch statistics), as the published
+  trainer's does;
 - the published trainer keeps the epoch with the best *test* AUC; here the last epoch is kept, so no
   model selection ever looks at the test split.
 

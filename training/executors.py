@@ -60,6 +60,7 @@ def run_ray(
             runtime_env={"env_vars": env},
             log_to_driver=False,
         )
+    pending: dict = {}
     try:
         remote = ray.remote(num_cpus=threads, max_retries=0)(run_one)
         pending = {remote.remote(spec): spec for spec in specs}
@@ -72,6 +73,6 @@ def run_ray(
                 except Exception as exc:  # noqa: BLE001 - reported per run, the sweep goes on
                     yield spec, exc
     finally:
-        for ref in pending if "pending" in locals() else []:
+        for ref in pending:  # runs still queued when the sweep was interrupted
             ray.cancel(ref, force=True)
         ray.shutdown()
