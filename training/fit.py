@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import json
 import shlex
+import signal
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -216,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     command = "python -m training.fit " + shlex.join(argv)
+    # `docker stop` and schedulers send SIGTERM: stop like Ctrl-C, with the last epoch checkpointed.
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         summary = run(args, command)
     except UserError as exc:
@@ -224,8 +227,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; the last finished epoch is checkpointed: rerun with --resume", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def _raise_interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 if __name__ == "__main__":
