@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -57,3 +58,12 @@ def _augment(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor
     shifted = padded.permute(0, 2, 3, 1)[index_b, rows.unsqueeze(2), cols.unsqueeze(1)]  # [B, H, W, C]
     x = shifted.permute(0, 3, 1, 2)
     return (x * gain.to(x.device).view(-1, 1, 1, 1)).clamp(0.0, 1.0)
+
+
+def class_batches(class_images: list[torch.Tensor], batch_size: int, generator: torch.Generator):
+    """Per epoch: ceil(max_i |X_i| / batch) steps of one batch per class; smaller classes wrap around."""
+    steps = math.ceil(max(len(x) for x in class_images) / batch_size)
+    orders = [torch.randperm(len(x), generator=generator) for x in class_images]
+    for step in range(steps):
+        window = torch.arange(step * batch_size, (step + 1) * batch_size)
+        yield [x[order[window % len(x)]] for x, order in zip(class_images, orders, strict=True)]

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from training.batches import Normaliser, to_float
+from training.batches import Normaliser, class_batches, to_float
 from training.networks import GroupedAutoencoder, GroupedEncoder
 
 CENTRE_EPS = 0.1  # DeepSVDD: a centre component near 0 is pushed to +-eps (a zero unit is trivially matched)
@@ -124,17 +124,12 @@ def pretrain_autoencoders(
     steps = math.ceil(max(len(x) for x in class_images) / config.batch_size)
     for epoch in range(start_epoch, config.ae_epochs):
         autoencoder.train()
-        orders = [torch.randperm(len(x), generator=generator) for x in class_images]
         total = 0.0
-        bar = progress(range(steps), f"autoencoders {epoch + 1}/{config.ae_epochs}") if progress else range(steps)
-        for step in bar:
-            window = torch.arange(step * config.batch_size, (step + 1) * config.batch_size)
+        batches = class_batches(class_images, config.batch_size, generator)
+        bar = progress(batches, f"autoencoders {epoch + 1}/{config.ae_epochs}") if progress else batches
+        for step, chosen in enumerate(bar):
             batch = torch.stack(
-                [
-                    to_float(x[order[window % len(x)]].to(device), normaliser, config.augment, generator)
-                    for x, order in zip(class_images, orders, strict=True)
-                ],
-                dim=1,
+                [to_float(x.to(device), normaliser, config.augment, generator) for x in chosen], dim=1
             )  # [B, m, C, H, W]
             with autocast(device):
                 reconstruction = autoencoder(batch)

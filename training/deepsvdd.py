@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 
-from training.batches import Normaliser, to_float
+from training.batches import Normaliser, class_batches, to_float
 from training.deepmad import DeepMADConfig, EpochCallback, autocast
 from training.networks import GroupedEncoder
 
@@ -26,15 +26,6 @@ from training.networks import GroupedEncoder
 def one_class_loss(embeddings: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
     """Sum over detectors of the batch mean of ||E_i(x) - c_i||^2; embeddings [B, m, D], centres [m, D]."""
     return (embeddings - centres.unsqueeze(0)).pow(2).sum(-1).mean(0).sum()
-
-
-def class_batches(class_images: list[torch.Tensor], batch_size: int, generator: torch.Generator):
-    """Per epoch: ceil(max_i |X_i| / batch) steps of one batch per class; smaller classes wrap around."""
-    steps = math.ceil(max(len(x) for x in class_images) / batch_size)
-    orders = [torch.randperm(len(x), generator=generator) for x in class_images]
-    for step in range(steps):
-        window = torch.arange(step * batch_size, (step + 1) * batch_size)
-        yield [x[order[window % len(x)]] for x, order in zip(class_images, orders, strict=True)]
 
 
 def train_one_class_encoders(
