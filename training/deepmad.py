@@ -10,8 +10,7 @@ weight decay (it adds lambda * W to the gradient, the derivative of lambda/2 ||W
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -103,6 +102,44 @@ def autocast(device: torch.device):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
+def run_epochs(
+    module: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    epochs: int,
+    start_epoch: int,
+    batches: Callable[[], Iterable],
+    step_loss: Callable[[object], tuple[torch.Tensor, float]],
+    on_epoch: EpochCallback,
+    progress: Callable | None,
+    label: str,
+) -> None:
+    """The loop every phase shares: per epoch, train mode, one optimiser step per batch, the mean of the
+    reported values to ``on_epoch`` (which checkpoints). ``batches()`` draws the epoch's order lazily, so
+    the generator's draws keep their order (order first, then each batch's augmentation)."""
+    for epoch in range(start_epoch, epochs):
+        module.train()
+        total, steps = 0.0, 0
+        iterable = batches()
+        bar = progress(iterable, f"{label} {epoch + 1}/{epochs}") if progress else iterable
+        for batch in bar:
+            loss, reported = step_loss(batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += reported
+            steps += 1
+            if progress:
+                bar.set_postfix(loss=f"{total / steps:.4f}")
+        on_epoch(epoch, total / steps)
+
+
+def shuffled_batches(count: int, batch_size: int, generator: torch.Generator):
+    """Index batches of one seeded permutation of ``count`` items (drawn when iteration starts)."""
+    order = torch.randperm(count, generator=generator)
+    for start in range(0, count, batch_size):
+        yield order[start : start + batch_size]
+
+
 def pretrain_autoencoders(
     autoencoder: GroupedAutoencoder,
     class_images: list[torch.Tensor],
@@ -120,28 +157,28 @@ def pretrain_autoencoders(
     image of every class is seen at least once per epoch.
     """
     device = next(autoencoder.parameters()).device
-    groups = len(class_images)
-    steps = math.ceil(max(len(x) for x in class_images) / config.batch_size)
-    for epoch in range(start_epoch, config.ae_epochs):
-        autoencoder.train()
-        total = 0.0
-        batches = class_batches(class_images, config.batch_size, generator)
-        bar = progress(batches, f"autoencoders {epoch + 1}/{config.ae_epochs}") if progress else batches
-        for step, chosen in enumerate(bar):
-            batch = torch.stack(
-                [to_float(x.to(device), normaliser, config.augment, generator) for x in chosen], dim=1
-            )  # [B, m, C, H, W]
-            with autocast(device):
-                reconstruction = autoencoder(batch)
-            # Mean squared error per autoencoder, summed over the m independent autoencoders.
-            loss = (reconstruction.float() - batch).pow(2).mean(dim=(0, 2, 3, 4)).sum()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.item() / groups
-            if progress:
-                bar.set_postfix(mse=f"{total / (step + 1):.4f}")
-        on_epoch(epoch, total / steps)
+
+    def step_loss(chosen: list[torch.Tensor]) -> tuple[torch.Tensor, float]:
+        batch = torch.stack(
+            [to_float(x.to(device), normaliser, config.augment, generator) for x in chosen], dim=1
+        )  # [B, m, C, H, W]
+        with autocast(device):
+            reconstruction = autoencoder(batch)
+        # Mean squared error per autoencoder, summed over the m independent autoencoders.
+        loss = (reconstruction.float() - batch).pow(2).mean(dim=(0, 2, 3, 4)).sum()
+        return loss, loss.item() / len(chosen)
+
+    run_epochs(
+        autoencoder,
+        optimizer,
+        config.ae_epochs,
+        start_epoch,
+        lambda: class_batches(class_images, config.batch_size, generator),
+        step_loss,
+        on_epoch,
+        progress,
+        "autoencoders",
+    )
 
 
 def train_encoders(
@@ -160,22 +197,22 @@ def train_encoders(
     """Phase 2: every encoder on every normal image with the contrastive loss (labels: class column)."""
     device = next(encoder.parameters()).device
     centres = centres.to(device)
-    steps = math.ceil(len(images) / config.batch_size)
-    for epoch in range(start_epoch, config.epochs):
-        encoder.train()
-        order = torch.randperm(len(images), generator=generator)
-        total = 0.0
-        bar = progress(range(steps), f"encoders {epoch + 1}/{config.epochs}") if progress else range(steps)
-        for step in bar:
-            chosen = order[step * config.batch_size : (step + 1) * config.batch_size]
-            x = to_float(images[chosen].to(device), normaliser, config.augment, generator)
-            with autocast(device):
-                z = encoder.embed_shared(x)
-            loss, _ = deepmad_loss(z.float(), centres, labels[chosen].to(device), config.eta, config.delta)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.item()
-            if progress:
-                bar.set_postfix(loss=f"{total / (step + 1):.4f}")
-        on_epoch(epoch, total / steps)
+
+    def step_loss(chosen: torch.Tensor) -> tuple[torch.Tensor, float]:
+        x = to_float(images[chosen].to(device), normaliser, config.augment, generator)
+        with autocast(device):
+            z = encoder.embed_shared(x)
+        loss, _ = deepmad_loss(z.float(), centres, labels[chosen].to(device), config.eta, config.delta)
+        return loss, loss.item()
+
+    run_epochs(
+        encoder,
+        optimizer,
+        config.epochs,
+        start_epoch,
+        lambda: shuffled_batches(len(images), config.batch_size, generator),
+        step_loss,
+        on_epoch,
+        progress,
+        "encoders",
+    )

@@ -13,13 +13,12 @@ keeps DeepSVDD's 0.1.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
 
 from training.batches import Normaliser, class_batches, to_float
-from training.deepmad import DeepMADConfig, EpochCallback, autocast
+from training.deepmad import DeepMADConfig, EpochCallback, autocast, run_epochs
 from training.networks import GroupedEncoder
 
 
@@ -48,21 +47,22 @@ def train_one_class_encoders(
     device = next(encoder.parameters()).device
     centres = centres.to(device)
     class_images = [images[labels == i] for i in range(encoder.groups)]
-    steps = math.ceil(max(len(x) for x in class_images) / config.batch_size)
-    for epoch in range(start_epoch, config.epochs):
-        encoder.train()
-        total = 0.0
-        batches = class_batches(class_images, config.batch_size, generator)
-        bar = progress(batches, f"one-class {epoch + 1}/{config.epochs}") if progress else batches
-        for step, chosen in enumerate(bar):
-            x = torch.stack([to_float(b.to(device), normaliser, config.augment, generator) for b in chosen], dim=1)
-            with autocast(device):
-                z = encoder(x)  # [B, m, D]: group i saw class i
-            loss = one_class_loss(z.float(), centres)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.item()
-            if progress:
-                bar.set_postfix(loss=f"{total / (step + 1):.4f}")
-        on_epoch(epoch, total / steps)
+
+    def step_loss(chosen: list[torch.Tensor]) -> tuple[torch.Tensor, float]:
+        x = torch.stack([to_float(b.to(device), normaliser, config.augment, generator) for b in chosen], dim=1)
+        with autocast(device):
+            z = encoder(x)  # [B, m, D]: group i saw class i
+        loss = one_class_loss(z.float(), centres)
+        return loss, loss.item()
+
+    run_epochs(
+        encoder,
+        optimizer,
+        config.epochs,
+        start_epoch,
+        lambda: class_batches(class_images, config.batch_size, generator),
+        step_loss,
+        on_epoch,
+        progress,
+        "one-class",
+    )
