@@ -9,6 +9,7 @@ import numpy as np
 
 from training.errors import UserError
 
+SPLIT_SEED = 20161  # fixed: the train/validation/test split never depends on the training seed
 ANOMALY_SPLIT_SEED = 20162  # fixed: held-out anomalies never depend on the training seed
 
 
@@ -235,3 +236,19 @@ def split_per_class(labels: np.ndarray, fractions: tuple[float, ...], seed: int)
 
 def _listing(names: list[str]) -> str:
     return ", ".join(f"{i}:{n}" for i, n in enumerate(names))
+
+
+def with_validation_split(
+    name: str, root: str, class_names: list[str], full_train: LabeledImages, test: LabeledImages, test_note: str
+) -> DataSet:
+    """A source that ships its own train/test split: 10% of train per class (fixed seed) is validation."""
+    train, val = split_per_class(full_train.labels, (0.9, 0.1), SPLIT_SEED)
+    return DataSet(
+        name=name,
+        root=root,
+        class_names=list(class_names),
+        train=full_train.subset(train),
+        val=full_train.subset(val),
+        test=test,
+        notes={"split": f"train 90/10 train/val per class, seed {SPLIT_SEED}; {test_note}"},
+    )

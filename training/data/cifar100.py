@@ -12,8 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from service.imaging import array_to_model_input
-from training.data.base import DataSet, LabeledImages, split_per_class
-from training.data.folders import SPLIT_SEED
+from training.data.base import DataSet, LabeledImages, with_validation_split
 from training.errors import UserError
 
 SUPERCLASSES = [
@@ -51,13 +50,4 @@ def _read(path: Path, shape: tuple[int, int, int]) -> LabeledImages:
 def load_cifar100(root: Path, shape: tuple[int, int, int]) -> DataSet:
     folder = _pickle_dir(root)
     full_train, test = _read(folder / "train", shape), _read(folder / "test", shape)
-    train, val = split_per_class(full_train.labels, (0.9, 0.1), SPLIT_SEED)
-    return DataSet(
-        name="cifar100",
-        root=str(folder),
-        class_names=list(SUPERCLASSES),
-        train=full_train.subset(train),
-        val=full_train.subset(val),
-        test=test,
-        notes={"split": f"train 90/10 train/val per super-class, seed {SPLIT_SEED}; test is test"},
-    )
+    return with_validation_split("cifar100", str(folder), SUPERCLASSES, full_train, test, "test is test")

@@ -8,8 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from service.imaging import array_to_model_input
-from training.data.base import DataSet, LabeledImages, split_per_class
-from training.data.folders import SPLIT_SEED
+from training.data.base import DataSet, LabeledImages, with_validation_split
 from training.errors import UserError
 
 FMNIST_CLASSES = [
@@ -54,13 +53,4 @@ def load_fmnist(root: Path, shape: tuple[int, int, int]) -> DataSet:
     for split, (images_file, labels_file) in FILES.items():
         images, labels = _read_idx(raw / images_file), _read_idx(raw / labels_file)
         splits[split] = LabeledImages(_resize(images, shape), labels.astype(np.int64))
-    train, val = split_per_class(splits["train"].labels, (0.9, 0.1), SPLIT_SEED)
-    return DataSet(
-        name="fmnist",
-        root=str(root),
-        class_names=list(FMNIST_CLASSES),
-        train=splits["train"].subset(train),
-        val=splits["train"].subset(val),
-        test=splits["test"],
-        notes={"split": f"train 90/10 train/val per class, seed {SPLIT_SEED}; t10k is test"},
-    )
+    return with_validation_split("fmnist", str(root), FMNIST_CLASSES, splits["train"], splits["test"], "t10k is test")

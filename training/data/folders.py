@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from service.imaging import ImageError, load_image_file
-from training.data.base import DataSet, LabeledImages, split_per_class
+from training.data.base import SPLIT_SEED, DataSet, LabeledImages, split_per_class, with_validation_split
 from training.data.cache import cached_array, files_key
 from training.errors import UserError
 
@@ -17,7 +17,6 @@ TRASHNET_ANOMALY = "trash"
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 # Per class: train / validation / test shares of a folder that has no split of its own.
 FOLDER_SPLIT = (0.7, 0.1, 0.2)
-SPLIT_SEED = 20161  # fixed: the split never depends on the training seed
 
 
 def image_files(folder: Path) -> list[Path]:
@@ -98,13 +97,4 @@ def load_cifar10(root: Path, shape: tuple[int, int, int]) -> DataSet:
     _require_dir(root / "test", "CIFAR-10 test folder", "pass --data PATH or set DEEPMAD_DATA_ROOT")
     full_train = read_class_folders(root / "train", CIFAR10_CLASSES, shape)
     test = read_class_folders(root / "test", CIFAR10_CLASSES, shape)
-    train, val = split_per_class(full_train.labels, (0.9, 0.1), SPLIT_SEED)
-    return DataSet(
-        name="cifar10",
-        root=str(root),
-        class_names=list(CIFAR10_CLASSES),
-        train=full_train.subset(train),
-        val=full_train.subset(val),
-        test=test,
-        notes={"split": f"train folder 90/10 train/val per class, seed {SPLIT_SEED}; test folder is test"},
-    )
+    return with_validation_split("cifar10", str(root), CIFAR10_CLASSES, full_train, test, "test folder is test")

@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from service.imaging import array_to_model_input
-from training.data.base import DataSet, LabeledImages, split_per_class
+from training.data.base import DataSet, LabeledImages, with_validation_split
 from training.data.cache import cache_dir
-from training.data.folders import SPLIT_SEED, decode_files, image_files
+from training.data.folders import decode_files, image_files
 from training.errors import UserError
 
 RECYCLE_URL = "http://web.cecs.pdx.edu/~singh/rcyc-web/recycle_data_shuffled.tar.gz"
@@ -128,13 +128,4 @@ def load_recycle(data: Path | None, shape: tuple[int, int, int], trash_dir: Path
             np.concatenate([test.images, trash]),
             np.concatenate([test.labels, np.full(len(trash), len(RECYCLE_CLASSES), dtype=np.int64)]),
         )
-    train, val = split_per_class(full_train.labels, (0.9, 0.1), SPLIT_SEED)
-    return DataSet(
-        name="recycle",
-        root=str(archive),
-        class_names=class_names,
-        train=full_train.subset(train),
-        val=full_train.subset(val),
-        test=test,
-        notes={"split": f"x_train 90/10 train/val per class, seed {SPLIT_SEED}; x_test is test"},
-    )
+    return with_validation_split("recycle", str(archive), class_names, full_train, test, "x_test is test")
