@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from training.batches import Normaliser, to_float
+from training.batches import to_float
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.data import Task
 from training.deepmad import autocast
@@ -35,6 +35,7 @@ from training.deepsvdd import class_batches
 from training.errors import UserError
 from training.networks import GroupedClassifier
 from training.scorer import LogitScorer
+from training.trainer import TrainingInputs
 
 PROJECT_EVERY = 10
 
@@ -126,15 +127,9 @@ def fit_drocc(
     progress=None,
 ) -> tuple[LogitScorer, dict]:
     """Train one DROCC network per task column (per-class batches) and return the CPU scorer and a log."""
-    torch.manual_seed(config.seed)
-    generator = torch.Generator().manual_seed(config.seed)
-    images = torch.from_numpy(task.train.images)
-    labels = torch.from_numpy(task.train.labels)
-    class_images = [images[labels == i] for i in range(task.n_normal)]
-    height, width, channels = images.shape[1:]
-    if height != width:
-        raise UserError(f"square inputs only, got {height}x{width}")
-    normaliser = Normaliser.fit(images)
+    inputs = TrainingInputs.of(task, config.seed)
+    generator, class_images, normaliser = inputs.generator, inputs.class_images, inputs.normaliser
+    channels, height = inputs.channels, inputs.size
     network = GroupedClassifier(task.n_normal, channels, height, config.rep_dim).to(device)
     optimizer = torch.optim.Adam(network.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     log: dict = {"ce_loss": [], "adversarial_loss": []}

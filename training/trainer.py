@@ -51,6 +51,39 @@ def _progress(enabled: bool):
     return lambda iterable, desc: tqdm(iterable, desc=desc, leave=False, file=sys.stderr, dynamic_ncols=True)
 
 
+@dataclass
+class TrainingInputs:
+    """What every trainer starts from: the seeded generator, the training tensors split by class, and the
+    normalisation fitted on normal images only (outlier-exposure photos, label -1, never set it)."""
+
+    generator: torch.Generator
+    images: torch.Tensor
+    labels: torch.Tensor
+    class_images: list[torch.Tensor]
+    normaliser: Normaliser
+    channels: int
+    size: int
+
+    @classmethod
+    def of(cls, task: Task, seed: int) -> TrainingInputs:
+        torch.manual_seed(seed)
+        generator = torch.Generator().manual_seed(seed)
+        images = torch.from_numpy(task.train.images)
+        labels = torch.from_numpy(task.train.labels)
+        height, width, channels = images.shape[1:]
+        if height != width:
+            raise UserError(f"square inputs only, got {height}x{width}")
+        return cls(
+            generator=generator,
+            images=images,
+            labels=labels,
+            class_images=[images[labels == i] for i in range(task.n_normal)],
+            normaliser=Normaliser.fit(images[labels >= 0]),
+            channels=channels,
+            size=height,
+        )
+
+
 def fit_deepmad(
     task: Task,
     config: DeepMADConfig,
@@ -65,15 +98,9 @@ def fit_deepmad(
     ``encoder_phase`` is phase 2: DeepMAD's contrastive ``train_encoders`` by default, or
     ``deepsvdd.train_one_class_encoders`` for m independent one-class detectors (DeepSVDD(m)).
     """
-    torch.manual_seed(config.seed)
-    generator = torch.Generator().manual_seed(config.seed)
-    train_images = torch.from_numpy(task.train.images)
-    train_labels = torch.from_numpy(task.train.labels)
-    class_images = [train_images[train_labels == i] for i in range(task.n_normal)]
-    height, width, channels = train_images.shape[1:]
-    if height != width:
-        raise UserError(f"square inputs only, got {height}x{width}")
-    normaliser = Normaliser.fit(train_images[train_labels >= 0])  # outlier-exposure photos do not set it
+    inputs = TrainingInputs.of(task, config.seed)
+    generator, train_images, train_labels = inputs.generator, inputs.images, inputs.labels
+    class_images, normaliser, channels, height = inputs.class_images, inputs.normaliser, inputs.channels, inputs.size
     model = GroupedAutoencoder(task.n_normal, channels, height, config.rep_dim).to(device)
     ae_optimizer = torch.optim.Adam(model.parameters(), lr=config.ae_lr, weight_decay=config.weight_decay)
     enc_optimizer = torch.optim.Adam(model.encoder.parameters(), lr=config.lr, weight_decay=config.weight_decay)
