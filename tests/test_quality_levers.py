@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from training.data import load_dataset, make_task
+from training.data import load_dataset, make_task, pool_task
+from training.data.composites import with_composites
 from training.data.folders import TRASHNET_NORMAL
 from training.deepmad import DeepMADConfig
 from training.ensemble import EnsembleScorer
 from training.errors import UserError
 from training.export import check_parity, export_onnx
-from training.trainer import fit_deepmad
+from training.trainer import TrainingInputs, fit_deepmad
 
 
 @pytest.fixture(scope="module")
@@ -63,3 +64,27 @@ def test_ensemble_with_mirror_view_exports_to_one_graph(trashnet, tmp_path: Path
     export_onnx(ensemble, tmp_path / "model.onnx")
     parity = check_parity(ensemble, tmp_path / "model.onnx", images)
     assert parity.max_abs_score < 1e-4 and parity.nearest_agreement == 1.0
+
+
+def test_composites_mix_two_normal_classes_and_train_as_negatives(trashnet):
+    task = make_task(trashnet, TRASHNET_NORMAL, max_train_per_class=30, seed=0)
+    mixed = with_composites(task, 40, seed=5)
+    assert len(mixed.train) == len(task.train) + 40 and mixed.counts()["train"]["composites"] == 40
+    assert (mixed.train.labels[: len(task.train)] == task.train.labels).all()
+    assert (mixed.train.labels[len(task.train) :] == -1).all()
+    sources = {image.tobytes(): label for image, label in zip(task.train.images, task.train.labels, strict=True)}
+    for composite in mixed.train.images[len(task.train) :]:
+        assert composite.tobytes() not in sources  # neither photo survives whole
+        # Every pixel comes from one of two training photos of different classes.
+        matches = [
+            label for image, label in zip(task.train.images, task.train.labels, strict=True)
+            if (image == composite).all(axis=-1).mean() > 0.15
+        ]  # fmt: skip
+        assert len(set(matches)) >= 2
+    # Seeded: the same composites again; another seed, others. The normalisation ignores them.
+    assert (with_composites(task, 40, seed=5).train.images == mixed.train.images).all()
+    assert not (with_composites(task, 40, seed=6).train.images == mixed.train.images).all()
+    inputs, plain = TrainingInputs.of(mixed, 0), TrainingInputs.of(task, 0)
+    assert torch.equal(inputs.normaliser.mean, plain.normaliser.mean)
+    with pytest.raises(UserError, match="two normal classes"):
+        with_composites(pool_task(task), 10, seed=0)

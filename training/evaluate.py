@@ -38,6 +38,7 @@ OVERRIDES = {
     "batch_size": "batch size for every method",
     "rep_dim": "feature dimension for every method",
     "delta": "DeepMAD's delta",
+    "augment": "flips, shifts and brightness jitter in training",
 }
 
 
@@ -61,8 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-val-per-class", type=int, help="fixed validation subsample per class")
     parser.add_argument("--max-test-per-class", type=int, help="fixed test subsample per class")
     for name, text in OVERRIDES.items():
-        kind = float if name == "delta" else int
-        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, help=f"{text} (default: the method's)")
+        flag, help_text = f"--{name.replace('_', '-')}", f"{text} (default: the method's)"
+        if name == "augment":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            parser.add_argument(flag, type=float if name == "delta" else int, help=help_text)
     parser.add_argument("--executor", choices=["local", "ray"], default="local")
     parser.add_argument("--workers", type=int, default=1, help="runs at once")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per run")

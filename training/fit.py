@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from training.data import SOURCES, default_normal, load_dataset, make_task, parse_class_selection
+from training.data.composites import with_composites
 from training.deepmad import DeepMADConfig
 from training.drocc import DROCCConfig
 from training.ensemble import EnsembleScorer
@@ -65,6 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--outlier-exposure",
         action="store_true",
         help="train on the held-out exposure pool as negatives for every encoder (needs --anomaly-holdout)",
+    )
+    data.add_argument(
+        "--composites",
+        type=int,
+        default=0,
+        help="seeded two-class composites of normal training photos (a box of one class pasted onto another) "
+        "as negatives for every encoder; no anomaly photo is used",
     )
     method = parser.add_argument_group("method (paper tables 18-20 defaults)")
     method.add_argument(
@@ -151,6 +159,7 @@ def run(args: argparse.Namespace, command: str) -> dict:
         args.method,
         make_task(dataset, normal, args.max_train_per_class, args.seed, args.anomaly_holdout, args.outlier_exposure),
     )
+    task = with_composites(task, args.composites, args.seed)
     name = args.name or args.out.resolve().name
     checkpoint = args.checkpoint or Path("runs") / name / "checkpoint.pt"
     print(
@@ -167,6 +176,7 @@ def run(args: argparse.Namespace, command: str) -> dict:
         "max_train_per_class": args.max_train_per_class,
         "anomaly_holdout": args.anomaly_holdout,
         "outlier_exposure": args.outlier_exposure,
+        "composites": args.composites,
         "ensemble": args.ensemble,
         "flip_tta": args.flip_tta,
     }

@@ -63,6 +63,7 @@ class Task:
     selection: LabeledImages | None = None  # held-out anomalies for model selection, never for the test AUC
     exposure: LabeledImages | None = None  # held-out anomalies that outlier exposure may train on
     outlier_exposure: bool = False  # whether ``train`` holds ``exposure`` as label -1 (negative for every encoder)
+    composites: int = 0  # two-class composites of normal photos in ``train`` as label -1 (data/composites.py)
 
     @property
     def column_names(self) -> list[str]:
@@ -91,6 +92,8 @@ class Task:
             counts["selection"] = {"anomalous": len(self.selection)}
         if self.outlier_exposure and self.exposure is not None:
             counts["train"]["outlier_exposure"] = len(self.exposure)
+        if self.composites:
+            counts["train"]["composites"] = self.composites
         return counts
 
 
