@@ -27,6 +27,14 @@ COMMON = ["--dataset", "trashnet", "--anomaly-holdout", "0.5", "--quiet"]
 VARIANTS = {  # name -> extra fit flags
     "augment": ["--augment"],
     "augment + outlier exposure": ["--augment", "--outlier-exposure"],
+    "augment + composites": ["--augment", "--composites", "360"],
+    "augment + outlier exposure + composites": ["--augment", "--outlier-exposure", "--composites", "360"],
+    "augment + outlier exposure + lr 5e-4": ["--augment", "--outlier-exposure", "--lr", "5e-4"],
+    "augment + outlier exposure + rep_dim 64": ["--augment", "--outlier-exposure", "--rep-dim", "64"],
+}
+SLUGS = {  # the run folder of each variant under --runs
+    "augment + outlier exposure + lr 5e-4": "augment-outlier-exposure-lr5e-4",
+    "augment + outlier exposure + rep_dim 64": "augment-outlier-exposure-rep64",
 }
 
 
@@ -59,7 +67,7 @@ def main() -> None:
     epochs = ["--ae-epochs", str(options.ae_epochs), "--epochs", str(options.epochs)]
     rows = []
     for name in options.variants.split(","):
-        slug = name.replace(" + ", "-").replace(" ", "-")
+        slug = SLUGS.get(name, name.replace(" + ", "-").replace(" ", "-"))
         folder = options.runs / slug
         base = [*COMMON, *epochs, *VARIANTS[name]]
         singles, flipped, seconds = [], [], []
