@@ -65,6 +65,20 @@ def test_grouped_encoders_are_independent_networks():
     assert grad[0].abs().sum() > 0 and grad[1:].abs().sum() == 0
 
 
+def test_shared_input_path_equals_the_grouped_network_on_m_copies():
+    """embed_shared convolves the input once with all m first-layer filters; it is the same network."""
+    torch.manual_seed(0)
+    shared, copies = GroupedEncoder(3, 3, 32, 16), GroupedEncoder(3, 3, 32, 16)
+    copies.load_state_dict(shared.state_dict())
+    x = torch.randn(8, 3, 32, 32)
+    for mode in (True, False):  # batch statistics (and their running update), then the running statistics
+        shared.train(mode), copies.train(mode)
+        a, b = shared.embed_shared(x), copies(x.unsqueeze(1).expand(-1, 3, -1, -1, -1))
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for key, value in shared.state_dict().items():
+        torch.testing.assert_close(value, copies.state_dict()[key])
+
+
 def test_autoencoder_round_trips_shapes_for_colour_and_grey():
     assert GroupedAutoencoder(2, 3, 32)(torch.randn(2, 2, 3, 32, 32)).shape == (2, 2, 3, 32, 32)
     assert GroupedAutoencoder(2, 1, 28)(torch.randn(2, 2, 1, 28, 28)).shape == (2, 2, 1, 28, 28)

@@ -8,6 +8,10 @@ The m encoders are stacked as grouped convolutions (``groups=m``): group i's wei
 group i's channels, so this is exactly m independent networks, trained in one forward/backward pass.
 BatchNorm statistics are per channel and therefore per encoder. The dense layer is a grouped
 convolution whose kernel covers the whole final feature map.
+
+Activations are channels-last (NHWC): oneDNN's CPU convolutions, grouped ones above all, run their
+forward and backward faster in that layout (bench/train.py; docs/performance.md). The layout does not
+change any value, and an exported graph does not record it.
 """
 
 from __future__ import annotations
@@ -53,12 +57,22 @@ class GroupedEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch = x.shape[0]
         x = x.reshape(batch, self.groups * self.channels, self.size, self.size)
-        z = self.dense(self.features(x))
-        return z.reshape(batch, self.groups, self.rep_dim)
+        return self._embedding(self.features(_channels_last(x)))
 
     def embed_shared(self, x: torch.Tensor) -> torch.Tensor:
-        """The same images [B, C, H, W] through every encoder -> [B, m, rep_dim]."""
-        return self(x.unsqueeze(1).expand(-1, self.groups, -1, -1, -1))
+        """The same images [B, C, H, W] through every encoder -> [B, m, rep_dim].
+
+        The first grouped convolution over m copies of x equals one ungrouped convolution of x with the
+        same weights ([m * 32, C, 5, 5]): the input is read and unfolded once instead of m times.
+        """
+        first = self.features[0]
+        h = F.conv2d(_channels_last(x), first.weight, padding=first.padding)
+        for layer in self.features[1:]:
+            h = layer(h)
+        return self._embedding(h)
+
+    def _embedding(self, features: torch.Tensor) -> torch.Tensor:
+        return self.dense(features).reshape(features.shape[0], self.groups, self.rep_dim)
 
 
 class GroupedDecoder(nn.Module):
@@ -80,13 +94,17 @@ class GroupedDecoder(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         batch = z.shape[0]
-        x = F.leaky_relu(self.dense_bn(self.dense(z.reshape(batch, -1, 1, 1))), LEAK)
+        x = F.leaky_relu(self.dense_bn(_channels_last(self.dense(z.reshape(batch, -1, 1, 1)))), LEAK)
         targets = list(reversed(self.sizes[:-1]))  # 8, 16, 32
         for k, (conv, target) in enumerate(zip(self.convs, targets, strict=True)):
             x = conv(F.interpolate(x, size=(target, target), mode="nearest"))
             if k < len(self.bns):
                 x = F.leaky_relu(self.bns[k](x), LEAK)
         return x.reshape(batch, self.groups, self.channels, self.size, self.size)
+
+
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last)
 
 
 class GroupedAutoencoder(nn.Module):
