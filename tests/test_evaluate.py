@@ -87,6 +87,17 @@ def test_cli_runs_resumes_and_refuses_mixed_settings(tmp_path: Path, data_dir: P
     assert main([*TINY, "--epochs", "2", "--methods", "deepmad", "--out", str(out)]) == 2
     error = capsys.readouterr().err
     assert "other settings" in error and "Traceback" not in error
+    assert main([*TINY, "--anomaly-holdout", "0.5", "--methods", "deepmad", "--out", str(out)]) == 2
+    assert "other settings (anomaly_holdout)" in capsys.readouterr().err
+
+    # Held-out anomalies: a selection AUC, fewer test anomalies, and with exposure more training images.
+    levers = ["--anomaly-holdout", "0.5", "--outlier-exposure", "--augment", "--methods", "deepmad"]
+    assert main([*TINY, *levers, "--out", str(tmp_path / "levers")]) == 0
+    (lever_run,) = json.loads((tmp_path / "levers" / "results.json").read_text())
+    (plain_run,) = [r for r in rows if r["method"] == "deepmad"]
+    assert lever_run["outlier_exposure"] and lever_run["config"]["augment"] and not plain_run["config"]["augment"]
+    assert 0.0 <= lever_run["selection_auc"] <= 1.0
+    assert lever_run["n_test_anomalous"] < plain_run["n_test_anomalous"] and lever_run["n_train"] > plain_run["n_train"]
 
 
 @pytest.mark.parametrize(
@@ -97,6 +108,7 @@ def test_cli_runs_resumes_and_refuses_mixed_settings(tmp_path: Path, data_dir: P
         (["--dataset", "fmnist", "--n-normal", "10"], "--n-normal"),
         (["--dataset", "cifar100", "--data", "/nonexistent"], "CIFAR-100 not found"),
         (["--dataset", "trashnet", "--exclude-classes", "bananas"], "--exclude-classes"),
+        (["--dataset", "fmnist", "--outlier-exposure"], "--anomaly-holdout"),
     ],
 )
 def test_cli_errors_are_one_line(args, message, tmp_path: Path, data_dir: Path, capsys, monkeypatch):

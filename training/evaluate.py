@@ -61,6 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-train-per-class", type=int, help="fixed training subsample per class")
     parser.add_argument("--max-val-per-class", type=int, help="fixed validation subsample per class")
     parser.add_argument("--max-test-per-class", type=int, help="fixed test subsample per class")
+    parser.add_argument(
+        "--anomaly-holdout",
+        type=float,
+        default=0.0,
+        help="share of each anomaly class kept out of the test split: half for selection AUC, half as the "
+        "outlier-exposure pool (as in training.fit)",
+    )
+    parser.add_argument(
+        "--outlier-exposure", action="store_true", help="train on the exposure pool (needs --anomaly-holdout)"
+    )
     for name, text in OVERRIDES.items():
         flag, help_text = f"--{name.replace('_', '-')}", f"{text} (default: the method's)"
         if name == "augment":
@@ -82,6 +92,10 @@ def plan(args: argparse.Namespace) -> list[RunSpec]:
     """Seed-major order, so an interrupted sweep has whole seeds of every (method, combination)."""
     if args.seeds < 1 or args.workers < 1 or args.threads < 1:
         raise UserError("--seeds, --workers and --threads must be at least 1")
+    if not 0.0 <= args.anomaly_holdout < 1.0:
+        raise UserError("--anomaly-holdout must lie in [0, 1)")
+    if args.outlier_exposure and args.anomaly_holdout == 0.0:
+        raise UserError("--outlier-exposure needs --anomaly-holdout > 0 (the images it may train on)")
     methods = parse_methods(args.methods)
     exclude = tuple(c.strip() for c in args.exclude_classes.split(",") if c.strip())
     trash_dir = str(args.trash_dir) if args.trash_dir else None
@@ -114,6 +128,8 @@ def plan(args: argparse.Namespace) -> list[RunSpec]:
                     max_val_per_class=args.max_val_per_class,
                     max_test_per_class=args.max_test_per_class,
                     threads=args.threads,
+                    anomaly_holdout=args.anomaly_holdout,
+                    outlier_exposure=args.outlier_exposure,
                 )
                 if args.save_models:
                     model = args.out / "models" / method / f"{spec.combo}-seed{seed}.pt"
@@ -155,8 +171,9 @@ def _finished(out: Path, spec: RunSpec) -> bool:
         return False
     stored = json.loads(path.read_text())
     fields = ("overrides", "max_train_per_class", "max_val_per_class", "max_test_per_class", "data", "exclude")
-    for field in fields:
-        if stored.get(field, []) != spec.as_dict()[field]:
+    defaults = {"anomaly_holdout": 0.0, "outlier_exposure": False}  # results from before these options
+    for field in (*fields, *defaults):
+        if stored.get(field, defaults.get(field, [])) != spec.as_dict()[field]:
             raise UserError(f"{path} was made with other settings ({field}); use another --out or delete it")
     return True
 

@@ -50,6 +50,8 @@ class RunSpec:
     max_test_per_class: int | None = None
     threads: int | None = None
     save_model: str | None = None  # where to torch.save the scorer, or None
+    anomaly_holdout: float = 0.0  # share of each anomaly class kept out of the test split (make_task)
+    outlier_exposure: bool = False  # train on half of that holdout as negatives for every encoder
 
     @property
     def combo(self) -> str:
@@ -146,7 +148,10 @@ def run_one(spec: RunSpec) -> dict:
     source = (spec.dataset, spec.data, spec.trash_dir, tuple(spec.exclude))
     dataset = _dataset(source, spec.max_val_per_class, spec.max_test_per_class)
     normal = [dataset.class_names[i] for i in spec.normal]
-    task = prepare_task(spec.method, make_task(dataset, normal, spec.max_train_per_class, seed=SUBSAMPLE_SEED))
+    task = make_task(
+        dataset, normal, spec.max_train_per_class, SUBSAMPLE_SEED, spec.anomaly_holdout, spec.outlier_exposure
+    )
+    task = prepare_task(spec.method, task)
     config = make_config(spec.method, {**spec.overrides, "seed": spec.seed})
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     scorer, log = fit_method(spec.method, task, config, device)
@@ -164,6 +169,7 @@ def run_one(spec: RunSpec) -> dict:
         "normal_names": normal,
         "auc": result.metrics.auc,
         "auc_dempster_shafer": result.metrics.extra.get("auc_dempster_shafer"),
+        "selection_auc": result.metrics.extra.get("selection_auc"),
         "tpr_at_threshold": result.metrics.tpr_at_threshold,
         "fpr_at_threshold": result.metrics.fpr_at_threshold,
         "threshold": result.threshold.value,
