@@ -170,7 +170,8 @@ def fit_deepmad(
         * config.batch_size
         * -(-max(len(x) for x in class_images) // config.batch_size)
     )
-    log.images_per_second["autoencoders"] = timer.rate(seen)
+    if seen:  # a run resumed after this phase keeps the rate it measured
+        log.images_per_second["autoencoders"] = timer.rate(seen)
     if centres is None:
         centres = compute_centres(model.encoder, class_images, device_normaliser).cpu()
         save(config.ae_epochs, 0)
@@ -188,7 +189,8 @@ def fit_deepmad(
         after_enc_epoch,
         bar,
     )
-    log.images_per_second["encoders"] = timer.rate((config.epochs - enc_start) * len(train_images) * task.n_normal)
+    if enc_start < config.epochs:
+        log.images_per_second["encoders"] = timer.rate((config.epochs - enc_start) * len(train_images) * task.n_normal)
     scorer = Scorer(model.encoder.cpu(), centres, normaliser).eval()
     return scorer, log
 
