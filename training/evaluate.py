@@ -23,6 +23,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from training.data.base import check_anomaly_holdout
 from training.errors import UserError
 from training.executors import run_local, run_ray
 from training.methods import METHODS, parse_methods
@@ -92,10 +93,7 @@ def plan(args: argparse.Namespace) -> list[RunSpec]:
     """Seed-major order, so an interrupted sweep has whole seeds of every (method, combination)."""
     if args.seeds < 1 or args.workers < 1 or args.threads < 1:
         raise UserError("--seeds, --workers and --threads must be at least 1")
-    if not 0.0 <= args.anomaly_holdout < 1.0:
-        raise UserError("--anomaly-holdout must lie in [0, 1)")
-    if args.outlier_exposure and args.anomaly_holdout == 0.0:
-        raise UserError("--outlier-exposure needs --anomaly-holdout > 0 (the images it may train on)")
+    check_anomaly_holdout(args.anomaly_holdout, args.outlier_exposure)  # up front, not once per run
     methods = parse_methods(args.methods)
     exclude = tuple(c.strip() for c in args.exclude_classes.split(",") if c.strip())
     trash_dir = str(args.trash_dir) if args.trash_dir else None

@@ -143,6 +143,14 @@ def parse_class_selection(spec: str | None, class_names: list[str], default: lis
     return chosen
 
 
+def check_anomaly_holdout(anomaly_holdout: float, outlier_exposure: bool) -> None:
+    """The holdout share is a fraction of each anomaly class; exposure trains on half of that holdout."""
+    if not 0.0 <= anomaly_holdout < 1.0:
+        raise UserError("--anomaly-holdout must lie in [0, 1)")
+    if outlier_exposure and anomaly_holdout == 0.0:
+        raise UserError("--outlier-exposure needs --anomaly-holdout > 0 (the images it may train on)")
+
+
 def make_task(
     dataset: DataSet,
     normal: list[str],
@@ -159,10 +167,7 @@ def make_task(
     ``exposure`` pool. With ``outlier_exposure`` the pool joins ``train`` as label -1: a negative for
     every encoder. The test AUC is always measured on the remaining, untouched anomalies.
     """
-    if not 0.0 <= anomaly_holdout < 1.0:
-        raise UserError("--anomaly-holdout must lie in [0, 1)")
-    if outlier_exposure and anomaly_holdout == 0.0:
-        raise UserError("--outlier-exposure needs --anomaly-holdout > 0 (the photos it may train on)")
+    check_anomaly_holdout(anomaly_holdout, outlier_exposure)
     if len(normal) == len(dataset.class_names):
         raise UserError("every class is normal; leave at least one class out as the anomaly")
     index_of = {name: i for i, name in enumerate(dataset.class_names)}
