@@ -109,6 +109,7 @@ def test_cli_runs_resumes_and_refuses_mixed_settings(tmp_path: Path, data_dir: P
         (["--dataset", "cifar100", "--data", "/nonexistent"], "CIFAR-100 not found"),
         (["--dataset", "trashnet", "--exclude-classes", "bananas"], "--exclude-classes"),
         (["--dataset", "fmnist", "--outlier-exposure"], "--anomaly-holdout"),
+        (["--dataset", "fmnist", "--anomaly-holdout", "0.5", "--exposure-from-train", "9"], "--outlier-exposure"),
     ],
 )
 def test_cli_errors_are_one_line(args, message, tmp_path: Path, data_dir: Path, capsys, monkeypatch):

@@ -45,6 +45,29 @@ def test_anomaly_holdout_is_fixed_disjoint_and_feeds_outlier_exposure(trashnet):
         make_task(trashnet, TRASHNET_NORMAL, outlier_exposure=True)
 
 
+def test_exposure_from_train_draws_anomaly_training_images_and_keeps_the_test(data_dir: Path, trashnet):
+    fmnist = load_dataset("fmnist", data_dir / "fashion-mnist")
+    normal = ["t-shirt", "trouser"]
+    held = make_task(fmnist, normal, max_train_per_class=50, anomaly_holdout=0.5)
+    drawn = [
+        make_task(fmnist, normal, 50, seed, anomaly_holdout=0.5, outlier_exposure=True, exposure_from_train=7)
+        for seed in (0, 1)
+    ]
+    n_anomaly_classes = len(fmnist.class_names) - 2
+    assert len(drawn[0].exposure) == 7 * n_anomaly_classes == (drawn[0].train.labels == -1).sum()
+    assert _ids(drawn[0].exposure.images) == _ids(drawn[1].exposure.images)  # fixed whatever the seed
+    anomaly_train = fmnist.train.images[np.isin(fmnist.train.labels, range(2, len(fmnist.class_names)))]
+    assert _ids(drawn[0].exposure.images) <= _ids(anomaly_train)
+    # Selection and test images are those of the plain holdout: only the exposure pool changes.
+    assert _ids(drawn[0].test.images) == _ids(held.test.images)
+    assert _ids(drawn[0].selection.images) == _ids(held.selection.images)
+    assert drawn[0].counts()["train"]["outlier_exposure"] == 7 * n_anomaly_classes
+    with pytest.raises(UserError, match="holds 0 images of anomaly class 'trash'"):
+        make_task(trashnet, TRASHNET_NORMAL, anomaly_holdout=0.5, outlier_exposure=True, exposure_from_train=5)
+    with pytest.raises(UserError, match="needs --outlier-exposure"):
+        make_task(fmnist, normal, anomaly_holdout=0.5, exposure_from_train=5)
+
+
 def test_ensemble_with_mirror_view_exports_to_one_graph(trashnet, tmp_path: Path):
     task = make_task(trashnet, TRASHNET_NORMAL, max_train_per_class=20, anomaly_holdout=0.5, outlier_exposure=True)
     members = [

@@ -72,6 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--outlier-exposure", action="store_true", help="train on the exposure pool (needs --anomaly-holdout)"
     )
+    parser.add_argument(
+        "--exposure-from-train",
+        type=int,
+        default=0,
+        metavar="N",
+        help="the exposure pool is N training images per anomaly class instead (as in training.fit)",
+    )
     for name, text in OVERRIDES.items():
         flag, help_text = f"--{name.replace('_', '-')}", f"{text} (default: the method's)"
         if name == "augment":
@@ -93,7 +100,8 @@ def plan(args: argparse.Namespace) -> list[RunSpec]:
     """Seed-major order, so an interrupted sweep has whole seeds of every (method, combination)."""
     if args.seeds < 1 or args.workers < 1 or args.threads < 1:
         raise UserError("--seeds, --workers and --threads must be at least 1")
-    check_anomaly_holdout(args.anomaly_holdout, args.outlier_exposure)  # up front, not once per run
+    # Checked up front, not once per run.
+    check_anomaly_holdout(args.anomaly_holdout, args.outlier_exposure, args.exposure_from_train)
     methods = parse_methods(args.methods)
     exclude = tuple(c.strip() for c in args.exclude_classes.split(",") if c.strip())
     trash_dir = str(args.trash_dir) if args.trash_dir else None
@@ -128,6 +136,7 @@ def plan(args: argparse.Namespace) -> list[RunSpec]:
                     threads=args.threads,
                     anomaly_holdout=args.anomaly_holdout,
                     outlier_exposure=args.outlier_exposure,
+                    exposure_from_train=args.exposure_from_train,
                 )
                 if args.save_models:
                     model = args.out / "models" / method / f"{spec.combo}-seed{seed}.pt"
@@ -169,7 +178,7 @@ def _finished(out: Path, spec: RunSpec) -> bool:
         return False
     stored = json.loads(path.read_text())
     fields = ("overrides", "max_train_per_class", "max_val_per_class", "max_test_per_class", "data", "exclude")
-    defaults = {"anomaly_holdout": 0.0, "outlier_exposure": False}  # results from before these options
+    defaults = {"anomaly_holdout": 0.0, "outlier_exposure": False, "exposure_from_train": 0}  # older results
     for field in (*fields, *defaults):
         if stored.get(field, defaults.get(field, [])) != spec.as_dict()[field]:
             raise UserError(f"{path} was made with other settings ({field}); use another --out or delete it")

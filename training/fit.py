@@ -68,6 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="train on the held-out exposure pool as negatives for every encoder (needs --anomaly-holdout)",
     )
     data.add_argument(
+        "--exposure-from-train",
+        type=int,
+        default=0,
+        metavar="N",
+        help="draw the outlier-exposure pool from the anomaly classes' training split instead, N images per "
+        "class (sources with such a split: CIFAR-10, Fashion-MNIST); selection and test images are unchanged",
+    )
+    data.add_argument(
         "--composites",
         type=int,
         default=0,
@@ -157,7 +165,15 @@ def run(args: argparse.Namespace, command: str) -> dict:
         raise UserError("--ensemble must be at least 1")
     task = prepare_task(
         args.method,
-        make_task(dataset, normal, args.max_train_per_class, args.seed, args.anomaly_holdout, args.outlier_exposure),
+        make_task(
+            dataset,
+            normal,
+            args.max_train_per_class,
+            args.seed,
+            args.anomaly_holdout,
+            args.outlier_exposure,
+            args.exposure_from_train,
+        ),
     )
     task = with_composites(task, args.composites, args.seed)
     name = args.name or args.out.resolve().name
@@ -176,6 +192,7 @@ def run(args: argparse.Namespace, command: str) -> dict:
         "max_train_per_class": args.max_train_per_class,
         "anomaly_holdout": args.anomaly_holdout,
         "outlier_exposure": args.outlier_exposure,
+        "exposure_from_train": args.exposure_from_train,
         "composites": args.composites,
         "ensemble": args.ensemble,
         "flip_tta": args.flip_tta,

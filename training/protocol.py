@@ -52,6 +52,7 @@ class RunSpec:
     save_model: str | None = None  # where to torch.save the scorer, or None
     anomaly_holdout: float = 0.0  # share of each anomaly class kept out of the test split (make_task)
     outlier_exposure: bool = False  # train on half of that holdout as negatives for every encoder
+    exposure_from_train: int = 0  # or on this many training images per anomaly class instead
 
     @property
     def combo(self) -> str:
@@ -149,7 +150,13 @@ def run_one(spec: RunSpec) -> dict:
     dataset = _dataset(source, spec.max_val_per_class, spec.max_test_per_class)
     normal = [dataset.class_names[i] for i in spec.normal]
     task = make_task(
-        dataset, normal, spec.max_train_per_class, SUBSAMPLE_SEED, spec.anomaly_holdout, spec.outlier_exposure
+        dataset,
+        normal,
+        spec.max_train_per_class,
+        SUBSAMPLE_SEED,
+        spec.anomaly_holdout,
+        spec.outlier_exposure,
+        spec.exposure_from_train,
     )
     task = prepare_task(spec.method, task)
     config = make_config(spec.method, {**spec.overrides, "seed": spec.seed})

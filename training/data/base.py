@@ -143,12 +143,17 @@ def parse_class_selection(spec: str | None, class_names: list[str], default: lis
     return chosen
 
 
-def check_anomaly_holdout(anomaly_holdout: float, outlier_exposure: bool) -> None:
-    """The holdout share is a fraction of each anomaly class; exposure trains on half of that holdout."""
+def check_anomaly_holdout(anomaly_holdout: float, outlier_exposure: bool, exposure_from_train: int = 0) -> None:
+    """The holdout share is a fraction of each anomaly class; exposure trains on half of that holdout,
+    or on ``exposure_from_train`` training images per anomaly class."""
     if not 0.0 <= anomaly_holdout < 1.0:
         raise UserError("--anomaly-holdout must lie in [0, 1)")
     if outlier_exposure and anomaly_holdout == 0.0:
         raise UserError("--outlier-exposure needs --anomaly-holdout > 0 (the images it may train on)")
+    if exposure_from_train < 0:
+        raise UserError("--exposure-from-train must be at least 0")
+    if exposure_from_train and not outlier_exposure:
+        raise UserError("--exposure-from-train sets the outlier-exposure pool; it needs --outlier-exposure")
 
 
 def make_task(
@@ -158,6 +163,7 @@ def make_task(
     seed: int = 0,
     anomaly_holdout: float = 0.0,
     outlier_exposure: bool = False,
+    exposure_from_train: int = 0,
 ) -> Task:
     """Select the normal classes; every other test class becomes an anomaly.
 
@@ -166,8 +172,12 @@ def make_task(
     the ``selection`` set (validation anomalies for choosing settings), its second half the
     ``exposure`` pool. With ``outlier_exposure`` the pool joins ``train`` as label -1: a negative for
     every encoder. The test AUC is always measured on the remaining, untouched anomalies.
+
+    ``exposure_from_train`` > 0 draws the pool instead from the anomaly classes' *training* split, that
+    many images per class (fixed seed), so the pool can be larger than the holdout while the selection
+    and test images stay the same: how detection grows with the number of labelled anomalies.
     """
-    check_anomaly_holdout(anomaly_holdout, outlier_exposure)
+    check_anomaly_holdout(anomaly_holdout, outlier_exposure, exposure_from_train)
     if len(normal) == len(dataset.class_names):
         raise UserError("every class is normal; leave at least one class out as the anomaly")
     index_of = {name: i for i, name in enumerate(dataset.class_names)}
@@ -209,6 +219,8 @@ def make_task(
         selection, exposure = test.subset(np.sort(order[:half])), test.subset(np.sort(order[half:]))
         keep = np.setdiff1d(np.arange(len(test)), chosen)
         test, anomalous = test.subset(keep), anomalous[keep]
+        if exposure_from_train:
+            exposure = _training_anomalies(dataset, anomaly_classes, exposure_from_train)
         if outlier_exposure:
             train = LabeledImages(
                 np.concatenate([train.images, exposure.images]),
@@ -226,6 +238,22 @@ def make_task(
         exposure=exposure,
         outlier_exposure=outlier_exposure,
     )
+
+
+def _training_anomalies(dataset: DataSet, anomaly_classes: list[str], per_class: int) -> LabeledImages:
+    """``per_class`` training images of each anomaly class, the same whatever the training seed."""
+    rng = np.random.default_rng(ANOMALY_SPLIT_SEED)
+    picked = []
+    for name in anomaly_classes:
+        where = np.flatnonzero(dataset.train.labels == dataset.class_names.index(name))
+        if len(where) < per_class:
+            raise UserError(
+                f"--exposure-from-train {per_class}: the training split of {dataset.root} holds "
+                f"{len(where)} images of anomaly class {name!r}"
+            )
+        picked.append(rng.choice(where, per_class, replace=False))
+    chosen = np.sort(np.concatenate(picked))
+    return LabeledImages(dataset.train.images[chosen], np.full(len(chosen), -1, dtype=np.int64))
 
 
 def split_per_class(labels: np.ndarray, fractions: tuple[float, ...], seed: int) -> list[np.ndarray]:
