@@ -31,10 +31,14 @@ VARIANTS = {  # name -> extra fit flags
     "augment + outlier exposure + composites": ["--augment", "--outlier-exposure", "--composites", "360"],
     "augment + outlier exposure + lr 5e-4": ["--augment", "--outlier-exposure", "--lr", "5e-4"],
     "augment + outlier exposure + rep_dim 64": ["--augment", "--outlier-exposure", "--rep-dim", "64"],
+    "augment + outlier exposure + delta 4.1": ["--augment", "--outlier-exposure", "--delta", "4.1"],
+    "augment + outlier exposure + delta 16.4": ["--augment", "--outlier-exposure", "--delta", "16.4"],
 }
 SLUGS = {  # the run folder of each variant under --runs
     "augment + outlier exposure + lr 5e-4": "augment-outlier-exposure-lr5e-4",
     "augment + outlier exposure + rep_dim 64": "augment-outlier-exposure-rep64",
+    "augment + outlier exposure + delta 4.1": "augment-outlier-exposure-delta4.1",
+    "augment + outlier exposure + delta 16.4": "augment-outlier-exposure-delta16.4",
 }
 
 
@@ -63,13 +67,16 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--runs", type=Path, default=REPO_ROOT / "runs" / "quality")
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--threads", type=int, help="torch threads per training (default: torch's)")
     options = parser.parse_args()
-    epochs = ["--ae-epochs", str(options.ae_epochs), "--epochs", str(options.epochs)]
+    schedule = ["--ae-epochs", str(options.ae_epochs), "--epochs", str(options.epochs)]
+    if options.threads:
+        schedule += ["--threads", str(options.threads)]
     rows = []
     for name in options.variants.split(","):
         slug = SLUGS.get(name, name.replace(" + ", "-").replace(" ", "-"))
         folder = options.runs / slug
-        base = [*COMMON, *epochs, *VARIANTS[name]]
+        base = [*COMMON, *schedule, *VARIANTS[name]]
         singles, flipped, seconds = [], [], []
         for seed in range(options.seeds):
             checkpoint = folder / f"checkpoint-seed{seed}.pt"
