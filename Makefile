@@ -42,7 +42,7 @@ lint: $(VENV)/.dev
 # The shipped model: TrashNet, 5 recyclables normal, trash anomalous (see README for its numbers).
 train-trashnet: $(VENV)/.dev
 	$(PY) -m training.fit --dataset trashnet --anomaly-holdout 0.5 --outlier-exposure --augment \
-		--ae-epochs 20 --epochs 60 --seed 1 --version 1.2.0 --out models/trashnet
+		--ae-epochs 40 --epochs 120 --seed 1 --version 1.3.0 --out models/trashnet
 
 # Build the CPU image with docker or podman, run it, classify real photos (docs/deployment.md).
 smoke:

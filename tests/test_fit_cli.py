@@ -147,6 +147,12 @@ def test_resume_after_termination_gives_the_same_model(tmp_path: Path):
     assert run_scores["test_auc"] == pytest.approx(ref_scores["test_auc"], abs=1e-6)
     assert run_scores["threshold"] == pytest.approx(ref_scores["threshold"], rel=1e-5)
 
+    # Re-exporting the finished run trains nothing and reports the training speed it measured.
+    again = fit(*args, "--out", str(tmp_path / "again"), "--checkpoint", str(tmp_path / "ref.pt"), "--resume")
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["images_per_second"] == ref_scores["images_per_second"]
+    assert set(ref_scores["images_per_second"]) == {"autoencoders", "encoders"}
+
 
 @pytest.mark.parametrize(
     ("args", "message"),

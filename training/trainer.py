@@ -191,6 +191,7 @@ def fit_deepmad(
     )
     if enc_start < config.epochs:
         log.images_per_second["encoders"] = timer.rate((config.epochs - enc_start) * len(train_images) * task.n_normal)
+        save(config.ae_epochs, config.epochs)  # the finished checkpoint keeps both rates for a re-export
     scorer = Scorer(model.encoder.cpu(), centres, normaliser).eval()
     return scorer, log
 
