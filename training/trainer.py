@@ -156,6 +156,9 @@ def fit_deepmad(
 
     def after_enc_epoch(epoch: int, loss: float) -> None:
         log.encoder_loss.append(loss)
+        # The rate so far goes into every checkpoint, so a re-export of a finished run still reports it.
+        images = (epoch + 1 - enc_start) * len(train_images) * task.n_normal
+        log.images_per_second["encoders"] = timer.rate(images)
         save(config.ae_epochs, epoch + 1)
 
     bar = _progress(progress)
@@ -189,9 +192,6 @@ def fit_deepmad(
         after_enc_epoch,
         bar,
     )
-    if enc_start < config.epochs:
-        log.images_per_second["encoders"] = timer.rate((config.epochs - enc_start) * len(train_images) * task.n_normal)
-        save(config.ae_epochs, config.epochs)  # the finished checkpoint keeps both rates for a re-export
     scorer = Scorer(model.encoder.cpu(), centres, normaliser).eval()
     return scorer, log
 
