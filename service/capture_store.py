@@ -244,6 +244,7 @@ class CaptureStore:
             self.used_bytes += size - entry.bytes
             entry.bytes, entry.labelled = size, True
             entry.mtime_ns = entry.sidecar_path.stat().st_mtime_ns
+            self._make_room(0)  # a label makes its sidecar longer: stay within budget if unlabelled ones allow
         return sidecar
 
     def list(
