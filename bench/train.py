@@ -4,7 +4,7 @@
     .venv/bin/python -m bench.train --quick     # 1 + 1 epochs on 50 images per class
 
 Same data (TrashNet 5/1: the five recyclables normal, trash the anomaly; the training split of
-``make_task``), same epochs, batch size, optimiser and loss (``training.deepmad``): "together" is the
+``make_task``), same epochs, batch size, optimiser and loss (``training.methods.deepmad``): "together" is the
 ``GroupedAutoencoder`` with groups=m that ``fit_deepmad`` trains; "one after another" is m networks
 with groups=1, each run through the same phase functions on its own class (phase 1) and on all normal
 images with its class as positives and the rest as negatives (phase 2), each with its own optimiser and
@@ -39,10 +39,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from training import deepmad, networks
+from training import networks
 from training.batches import Normaliser
 from training.data import default_normal, load_dataset, make_task
-from training.deepmad import DeepMADConfig, compute_centres, embed, pretrain_autoencoders, train_encoders
+from training.methods import deepmad
+from training.methods.deepmad import DeepMADConfig, compute_centres, embed, pretrain_autoencoders, train_encoders
 from training.metrics import roc_auc
 from training.networks import GroupedAutoencoder
 

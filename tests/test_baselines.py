@@ -12,11 +12,11 @@ import torch
 
 from training.batches import Normaliser, to_float
 from training.data import load_dataset, make_task
-from training.deepmad import DeepMADConfig
-from training.deepsvdd import train_one_class_encoders
-from training.drocc import DROCCConfig, adversarial_search, learning_rate, project
 from training.export import check_parity, evaluate, export_onnx
 from training.methods import METHODS, fit_method, make_config, prepare_task
+from training.methods.deepmad import DeepMADConfig
+from training.methods.deepsvdd import train_one_class_encoders
+from training.methods.drocc import DROCCConfig, adversarial_search, learning_rate, project
 from training.metrics import roc_auc
 from training.networks import GroupedClassifier, GroupedEncoder
 

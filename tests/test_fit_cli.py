@@ -20,9 +20,9 @@ from service.manifest import Manifest, sha256_file
 from tests.conftest import REPO_ROOT
 from training.data import load_dataset, make_task
 from training.data.folders import TRASHNET_NORMAL
-from training.deepmad import DeepMADConfig
+from training.engine import fit_deepmad
 from training.export import check_parity, export_onnx
-from training.trainer import fit_deepmad
+from training.methods.deepmad import DeepMADConfig
 
 SMALL = ["--max-train-per-class", "40", "--batch-size", "64", "--quiet", "--threads", "2"]
 

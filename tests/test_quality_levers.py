@@ -11,11 +11,11 @@ import torch
 from training.data import load_dataset, make_task, pool_task
 from training.data.composites import with_composites
 from training.data.folders import TRASHNET_NORMAL
-from training.deepmad import DeepMADConfig
-from training.ensemble import EnsembleScorer
+from training.engine import TrainingInputs, fit_deepmad
 from training.errors import UserError
 from training.export import check_parity, export_onnx
-from training.trainer import TrainingInputs, fit_deepmad
+from training.methods.deepmad import DeepMADConfig
+from training.methods.ensemble import EnsembleScorer
 
 
 @pytest.fixture(scope="module")

@@ -25,9 +25,9 @@ from tqdm import tqdm
 
 from training.data.base import check_anomaly_holdout
 from training.errors import UserError
-from training.executors import run_local, run_ray
+from training.evaluation.executors import run_local, run_ray
+from training.evaluation.protocol import RunSpec, load_for_runs, parse_combos, result_path, write_result
 from training.methods import METHODS, parse_methods
-from training.protocol import RunSpec, load_for_runs, parse_combos, result_path, write_result
 
 DEFAULT_METHODS = ",".join(METHODS)
 # Per-method settings the sweep may override; None keeps the method's default (paper tables 18-20).
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "command.txt").write_text(command + "\n")
         failures = [] if args.summary_only else sweep(args, specs)
-        from training.report import write_summary
+        from training.evaluation.report import write_summary
 
         summary = write_summary(args.out, [s.key for s in specs], command)
     except UserError as exc:

@@ -22,7 +22,7 @@ from service.manifest import (
     write_manifest,
 )
 from training.data import Task
-from training.dempster_shafer import combined_anomaly_probability
+from training.evaluation.dempster_shafer import combined_anomaly_probability
 from training.metrics import calibrate, choose_threshold, rates_at, roc_auc
 from training.scorer import BaseScorer
 

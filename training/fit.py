@@ -21,13 +21,13 @@ import torch
 
 from training.data import SOURCES, default_normal, load_dataset, make_task, parse_class_selection
 from training.data.composites import with_composites
-from training.deepmad import DeepMADConfig
-from training.drocc import DROCCConfig
-from training.ensemble import EnsembleScorer
+from training.engine import resolve_device
 from training.errors import UserError
 from training.export import check_parity, evaluate, write_artifact
 from training.methods import METHODS, fit_method, get_method, make_config, prepare_task
-from training.trainer import resolve_device
+from training.methods.deepmad import DeepMADConfig
+from training.methods.drocc import DROCCConfig
+from training.methods.ensemble import EnsembleScorer
 
 PARITY_IMAGES = 64
 

@@ -14,8 +14,8 @@ from tqdm import tqdm
 from training.batches import Normaliser
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.data import Task
-from training.deepmad import DeepMADConfig, compute_centres, pretrain_autoencoders, train_encoders
 from training.errors import UserError
+from training.methods.deepmad import DeepMADConfig, compute_centres, pretrain_autoencoders, train_encoders
 from training.networks import GroupedAutoencoder
 from training.scorer import Scorer
 

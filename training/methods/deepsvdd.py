@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 
 from training.batches import Normaliser, class_batches, to_float
-from training.deepmad import DeepMADConfig, EpochCallback, autocast, run_epochs
+from training.methods.deepmad import DeepMADConfig, EpochCallback, autocast, run_epochs
 from training.networks import GroupedEncoder
 
 

@@ -21,12 +21,12 @@ import torch
 from tqdm import tqdm
 
 from training.data import Task, pool_task
-from training.deepmad import DeepMADConfig, train_encoders
-from training.deepsvdd import train_one_class_encoders
-from training.drocc import DROCCConfig, fit_drocc
+from training.engine import fit_deepmad
 from training.errors import UserError
+from training.methods.deepmad import DeepMADConfig, train_encoders
+from training.methods.deepsvdd import train_one_class_encoders
+from training.methods.drocc import DROCCConfig, fit_drocc
 from training.scorer import BaseScorer
-from training.trainer import fit_deepmad
 
 
 @dataclass(frozen=True)

@@ -30,12 +30,12 @@ import torch.nn.functional as F  # noqa: N812
 from training.batches import to_float
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.data import Task
-from training.deepmad import autocast
-from training.deepsvdd import class_batches
+from training.engine import TrainingInputs
 from training.errors import UserError
+from training.methods.deepmad import autocast
+from training.methods.deepsvdd import class_batches
 from training.networks import GroupedClassifier
 from training.scorer import LogitScorer
-from training.trainer import TrainingInputs
 
 PROJECT_EVERY = 10
 
