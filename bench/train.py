@@ -39,11 +39,17 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from training import networks
+from training import engine, networks
 from training.batches import Normaliser
 from training.data import default_normal, load_dataset, make_task
-from training.methods import deepmad
-from training.methods.deepmad import DeepMADConfig, compute_centres, embed, pretrain_autoencoders, train_encoders
+from training.methods.deepmad import (
+    DeepMADConfig,
+    EncoderPhase,
+    compute_centres,
+    embed,
+    pretrain_autoencoders,
+    train_encoders,
+)
 from training.metrics import roc_auc
 from training.networks import GroupedAutoencoder
 
@@ -99,7 +105,7 @@ def train_together(task, config: DeepMADConfig, device: torch.device, name: str)
     pretrain_autoencoders(model, class_images, normaliser, config, ae_opt, generator, 0, _none)
     centres = compute_centres(model.encoder, class_images, normaliser)
     enc_opt = torch.optim.Adam(model.encoder.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    train_encoders(model.encoder, centres, images, labels, normaliser, config, enc_opt, generator, 0, _none)
+    train_encoders(EncoderPhase(model.encoder, centres, images, labels, normaliser, config, enc_opt, generator))
     _sync(device)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     scores = _distances(model.encoder, centres, test, normaliser).min(axis=1)
@@ -121,7 +127,7 @@ def train_one_after_another(task, config: DeepMADConfig, device: torch.device, n
         centre = compute_centres(model.encoder, [own], normaliser)
         enc_opt = torch.optim.Adam(model.encoder.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         one_vs_rest = torch.where(labels == i, 0, -1)  # -1: a negative for every encoder (here: the one)
-        train_encoders(model.encoder, centre, images, one_vs_rest, normaliser, config, enc_opt, generator, 0, _none)
+        train_encoders(EncoderPhase(model.encoder, centre, images, one_vs_rest, normaliser, config, enc_opt, generator))
         _sync(device)
         columns.append((model.encoder, centre))
         passes += _phase_images([len(own)], len(images), config)
@@ -139,7 +145,7 @@ def _as_plain_torch(channels_last: bool, retain_memory: bool) -> None:
     if not channels_last:
         networks._channels_last = lambda x: x
     if not retain_memory:
-        deepmad.retain_freed_memory = _none
+        engine.retain_freed_memory = _none
 
 
 def _tensors(task, device: torch.device):

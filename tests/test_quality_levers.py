@@ -11,10 +11,10 @@ import torch
 from training.data import load_dataset, make_task, pool_task
 from training.data.composites import with_composites
 from training.data.folders import TRASHNET_NORMAL
-from training.engine import TrainingInputs, fit_deepmad
+from training.engine import TrainingInputs
 from training.errors import UserError
 from training.export import check_parity, export_onnx
-from training.methods.deepmad import DeepMADConfig
+from training.methods.deepmad import DeepMADConfig, fit_deepmad
 from training.methods.ensemble import EnsembleScorer
 
 

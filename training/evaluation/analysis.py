@@ -28,7 +28,8 @@ from scipy import stats
 
 from training.data import load_dataset, make_task, parse_class_selection
 from training.errors import UserError
-from training.methods import METHODS, fit_method, make_config, prepare_task
+from training.methods import CONFIG_TYPES, METHODS, get_method
+from training.methods.config import add_config_flags
 from training.metrics import roc_auc
 
 SIGNIFICANCE = 0.05
@@ -96,11 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--normal", help="normal classes by name or index (with --dataset)")
     parser.add_argument("--method", default="deepmad", choices=list(METHODS))
     parser.add_argument("--max-train-per-class", type=int)
-    parser.add_argument("--ae-epochs", type=int)
-    parser.add_argument("--epochs", type=int)
-    parser.add_argument("--ascent-steps", type=int)
-    parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--seed", type=int, default=0)
+    add_config_flags(parser.add_argument_group("method (with --dataset)"), CONFIG_TYPES)
     parser.add_argument("--per-class", type=int, default=100, help="test images per class (paper: 100)")
     parser.add_argument("--threads", type=int)
     parser.add_argument("--out", type=Path, required=True)
@@ -120,9 +117,9 @@ def load_or_train(args: argparse.Namespace):
         raise UserError("give --model PATH or --dataset NAME")
     dataset = load_dataset(args.dataset, args.data)
     normal = parse_class_selection(args.normal, dataset.class_names, dataset.class_names[:2])
-    task = prepare_task(args.method, make_task(dataset, normal, args.max_train_per_class, seed=0))
-    overrides = {k: getattr(args, k) for k in ("ae_epochs", "epochs", "ascent_steps", "batch_size", "seed")}
-    scorer, _ = fit_method(args.method, task, make_config(args.method, overrides), torch.device("cpu"), progress=True)
+    method = get_method(args.method)
+    task = method.prepare(make_task(dataset, normal, args.max_train_per_class, seed=0))
+    scorer, _ = method.fit(task, method.config(vars(args)), torch.device("cpu"), progress=True)
     return scorer, dataset, args.method, [dataset.class_names.index(n) for n in normal]
 
 

@@ -10,35 +10,49 @@ weight decay (it adds lambda * W to the gradient, the derivative of lambda/2 ||W
 
 from __future__ import annotations
 
-import ctypes
-from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from training.batches import Normaliser, class_batches, to_float
+from service.manifest import TrainingLog
+from training.batches import Normaliser, class_batches, shuffled_batches, to_float
+from training.data import Task
+from training.engine import (
+    Checkpoint,
+    EpochCallback,
+    Progress,
+    Timer,
+    TrainingInputs,
+    autocast,
+    progress_bar,
+    run_epochs,
+)
+from training.methods.config import MethodConfig, setting
 from training.networks import GroupedAutoencoder, GroupedEncoder
+from training.scorer import Scorer
 
 CENTRE_EPS = 0.1  # DeepSVDD: a centre component near 0 is pushed to +-eps (a zero unit is trivially matched)
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 
 
 @dataclass
-class DeepMADConfig:
-    rep_dim: int = 128
-    eta: float = 1.0
-    delta: float = 8.2
-    lr: float = 1e-4
-    weight_decay: float = 1e-6
-    batch_size: int = 128
-    ae_epochs: int = 20
-    ae_lr: float = 1e-4
-    epochs: int = 30
-    augment: bool = False
-    seed: int = 0
+class DeepMADConfig(MethodConfig):
+    """Paper tables 18-20 for DeepMAD (DeepSVDD shares it: eta and delta are unused without negatives)."""
 
-    def as_dict(self) -> dict:
-        return asdict(self)
+    LABEL = "DeepMAD/DeepSVDD"
+
+    rep_dim: int = setting(128, "feature dimension of each encoder", minimum=1)
+    eta: float = setting(1.0, "weight of the negatives' term", minimum=0)
+    delta: float = setting(8.2, "margin: negatives are pushed past this distance from a centre", above=0)
+    lr: float = setting(1e-4, "Adam learning rate", above=0)
+    weight_decay: float = setting(1e-6, "lambda (Adam's weight decay)", minimum=0)
+    batch_size: int = setting(128, "batch size", minimum=1)
+    ae_epochs: int = setting(20, "autoencoder pretraining epochs", minimum=0)
+    ae_lr: float = setting(1e-4, "autoencoder learning rate", above=0)
+    epochs: int = setting(30, "encoder epochs (DeepMAD/DeepSVDD: after pretraining; DROCC: all)", minimum=0)
+    augment: bool = setting(False, "flips, +-4 px shifts, brightness jitter in training (not in the paper)")
+    seed: int = setting(0, "initialisation, batch order and augmentation seed", minimum=0)
 
 
 def deepmad_loss(
@@ -96,70 +110,6 @@ def embed(encoder: GroupedEncoder, images: torch.Tensor, normaliser: Normaliser,
     return torch.cat(out)
 
 
-EpochCallback = Callable[[int, float], None]
-
-
-def autocast(device: torch.device):
-    """bf16 mixed precision on CUDA; full precision on the CPU (where it is deterministic)."""
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
-def retain_freed_memory() -> None:
-    """Let glibc keep freed blocks for the next step instead of returning them to the OS.
-
-    By default a block over 32 MB is mmap-ed and unmapped when freed, and the heap top is trimmed, so
-    every step faults its activations back in as fresh zeroed pages. The grouped network's activations
-    are m times one encoder's: on the CPU that was ~110k page faults and 0.2-0.3 s of a 1.3 s step.
-    A training step allocates the same sizes every time, so keeping them costs only the peak reached.
-    """
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return  # not glibc: its allocator has its own policy
-    mallopt(M_MMAP_THRESHOLD, 1 << 30)
-    mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1)
-
-
-def run_epochs(
-    module: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    epochs: int,
-    start_epoch: int,
-    batches: Callable[[], Iterable],
-    step_loss: Callable[[object], tuple[torch.Tensor, float]],
-    on_epoch: EpochCallback,
-    progress: Callable | None,
-    label: str,
-) -> None:
-    """The loop every phase shares: per epoch, train mode, one optimiser step per batch, the mean of the
-    reported values to ``on_epoch`` (which checkpoints). ``batches()`` draws the epoch's order lazily, so
-    the generator's draws keep their order (order first, then each batch's augmentation)."""
-    if next(module.parameters()).device.type == "cpu":
-        retain_freed_memory()
-    for epoch in range(start_epoch, epochs):
-        module.train()
-        total, steps = 0.0, 0
-        iterable = batches()
-        bar = progress(iterable, f"{label} {epoch + 1}/{epochs}") if progress else iterable
-        for batch in bar:
-            loss, reported = step_loss(batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += reported
-            steps += 1
-            if progress:
-                bar.set_postfix(loss=f"{total / steps:.4f}")
-        on_epoch(epoch, total / steps)
-
-
-def shuffled_batches(count: int, batch_size: int, generator: torch.Generator):
-    """Index batches of one seeded permutation of ``count`` items (drawn when iteration starts)."""
-    order = torch.randperm(count, generator=generator)
-    for start in range(0, count, batch_size):
-        yield order[start : start + batch_size]
-
-
 def pretrain_autoencoders(
     autoencoder: GroupedAutoencoder,
     class_images: list[torch.Tensor],
@@ -169,16 +119,16 @@ def pretrain_autoencoders(
     generator: torch.Generator,
     start_epoch: int,
     on_epoch: EpochCallback,
-    progress: Callable | None = None,
+    progress: Progress | None = None,
 ) -> None:
     """Phase 1: autoencoder A_i on X_i only, MSE. Each step gives group i a batch of class i.
 
     An epoch is ceil(max_i |X_i| / batch) steps; smaller classes wrap around within the epoch, so every
-    image of every class is seen at least once per epoch.
+    image of every class is seen at least once per epoch. ``on_epoch`` gets ``{"autoencoder_mse": ...}``.
     """
     device = next(autoencoder.parameters()).device
 
-    def step_loss(chosen: list[torch.Tensor]) -> tuple[torch.Tensor, float]:
+    def step_loss(chosen: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         batch = torch.stack(
             [to_float(x.to(device), normaliser, config.augment, generator) for x in chosen], dim=1
         )  # [B, m, C, H, W]
@@ -186,7 +136,7 @@ def pretrain_autoencoders(
             reconstruction = autoencoder(batch)
         # Mean squared error per autoencoder, summed over the m independent autoencoders.
         loss = (reconstruction.float() - batch).pow(2).mean(dim=(0, 2, 3, 4)).sum()
-        return loss, loss.item() / len(chosen)
+        return loss, {"autoencoder_mse": loss.item() / len(chosen)}
 
     run_epochs(
         autoencoder,
@@ -201,38 +151,147 @@ def pretrain_autoencoders(
     )
 
 
-def train_encoders(
-    encoder: GroupedEncoder,
-    centres: torch.Tensor,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    normaliser: Normaliser,
-    config: DeepMADConfig,
-    optimizer: torch.optim.Optimizer,
-    generator: torch.Generator,
-    start_epoch: int,
-    on_epoch: EpochCallback,
-    progress: Callable | None = None,
-) -> None:
+def _ignore_epoch(epoch: int, means: dict[str, float]) -> None:
+    """The default ``on_epoch``: no log, no checkpoint."""
+
+
+@dataclass
+class EncoderPhase:
+    """Phase 2's inputs: the grouped encoder, trained against fixed centres on the training tensors.
+
+    A phase-2 function (``train_encoders`` for DeepMAD, ``deepsvdd.train_one_class_encoders`` for
+    DeepSVDD(m)) takes one of these, chooses its batches and its loss, and calls ``run``.
+    """
+
+    encoder: GroupedEncoder
+    centres: torch.Tensor  # [m, D], moved to the encoder's device by ``device_centres``
+    images: torch.Tensor  # uint8 [N, H, W, C]
+    labels: torch.Tensor  # [N]: the class column, or -1 (a negative for every encoder)
+    normaliser: Normaliser  # on the encoder's device
+    config: DeepMADConfig
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator
+    start_epoch: int = 0
+    on_epoch: EpochCallback = _ignore_epoch
+    progress: Progress | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.encoder.parameters()).device
+
+    def device_centres(self) -> torch.Tensor:
+        return self.centres.to(self.device)
+
+    def to_input(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images -> the standardised (and, with ``augment``, augmented) float batch on the device."""
+        return to_float(images.to(self.device), self.normaliser, self.config.augment, self.generator)
+
+    def run(self, batches, step_loss, label: str) -> None:
+        run_epochs(
+            self.encoder,
+            self.optimizer,
+            self.config.epochs,
+            self.start_epoch,
+            batches,
+            step_loss,
+            self.on_epoch,
+            self.progress,
+            label,
+        )
+
+
+PhaseTwo = Callable[[EncoderPhase], None]
+
+
+def train_encoders(phase: EncoderPhase) -> None:
     """Phase 2: every encoder on every normal image with the contrastive loss (labels: class column)."""
-    device = next(encoder.parameters()).device
-    centres = centres.to(device)
+    centres, images, labels, config = phase.device_centres(), phase.images, phase.labels, phase.config
 
-    def step_loss(chosen: torch.Tensor) -> tuple[torch.Tensor, float]:
-        x = to_float(images[chosen].to(device), normaliser, config.augment, generator)
-        with autocast(device):
-            z = encoder.embed_shared(x)
-        loss, _ = deepmad_loss(z.float(), centres, labels[chosen].to(device), config.eta, config.delta)
-        return loss, loss.item()
+    def step_loss(chosen: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        x = phase.to_input(images[chosen])
+        with autocast(phase.device):
+            z = phase.encoder.embed_shared(x)
+        loss, _ = deepmad_loss(z.float(), centres, labels[chosen].to(phase.device), config.eta, config.delta)
+        return loss, {"encoder_loss": loss.item()}
 
-    run_epochs(
-        encoder,
-        optimizer,
-        config.epochs,
-        start_epoch,
-        lambda: shuffled_batches(len(images), config.batch_size, generator),
-        step_loss,
-        on_epoch,
-        progress,
-        "encoders",
+    phase.run(lambda: shuffled_batches(len(images), config.batch_size, phase.generator), step_loss, "encoders")
+
+
+def fit_deepmad(
+    task: Task,
+    config: DeepMADConfig,
+    device: torch.device,
+    checkpoint: Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    encoder_phase: PhaseTwo = train_encoders,
+) -> tuple[Scorer, TrainingLog]:
+    """Train the m encoders of ``task`` together (phase 1, centres, phase 2) and return the eval-mode
+    scorer on the CPU with its log. ``encoder_phase`` is DeepMAD's contrastive ``train_encoders`` by
+    default, or ``deepsvdd.train_one_class_encoders`` for m independent one-class detectors."""
+    inputs = TrainingInputs.of(task, config.seed)
+    model = GroupedAutoencoder(task.n_normal, inputs.channels, inputs.size, config.rep_dim).to(device)
+    ae_optimizer = torch.optim.Adam(model.parameters(), lr=config.ae_lr, weight_decay=config.weight_decay)
+    enc_optimizer = torch.optim.Adam(model.encoder.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    data_sha256 = task.content_sha256()  # outlier exposure or another subsample changes the data, not the config
+    state = Checkpoint(
+        checkpoint,
+        identity={
+            "config": config.as_dict(),
+            "classes": task.column_names,
+            "training_data": data_sha256,
+            "encoder_phase": encoder_phase.__name__,
+        },
+        parts={"model": model, "ae_optimizer": ae_optimizer, "enc_optimizer": enc_optimizer},
+        generator=inputs.generator,
+        older_defaults={"training_data": data_sha256, "encoder_phase": train_encoders.__name__},
     )
+    log, centres, ae_start, enc_start = TrainingLog(), None, 0, 0
+    if resume:
+        restored = state.restore(("centres", "log", "ae_epochs_done", "enc_epochs_done"))
+        centres, log = restored["centres"], TrainingLog.model_validate(restored["log"])
+        ae_start, enc_start = restored["ae_epochs_done"], restored["enc_epochs_done"]
+
+    def save(ae_done: int, enc_done: int) -> None:
+        state.save(centres=centres, log=log.model_dump(), ae_epochs_done=ae_done, enc_epochs_done=enc_done)
+
+    def after_ae_epoch(epoch: int, means: dict[str, float]) -> None:
+        log.append(means)
+        save(epoch + 1, 0)
+
+    def after_enc_epoch(epoch: int, means: dict[str, float]) -> None:
+        log.append(means)
+        # The rate so far goes into every checkpoint, so a re-export of a finished run still reports it.
+        log.images_per_second["encoders"] = timer.rate((epoch + 1 - enc_start) * len(inputs.images) * task.n_normal)
+        save(config.ae_epochs, epoch + 1)
+
+    bar = progress_bar(progress)
+    normaliser = inputs.normaliser.to(device)
+    timer = Timer(device)
+    pretrain_autoencoders(
+        model, inputs.class_images, normaliser, config, ae_optimizer, inputs.generator, ae_start, after_ae_epoch, bar
+    )
+    steps = -(-max(len(x) for x in inputs.class_images) // config.batch_size)
+    seen = (config.ae_epochs - ae_start) * task.n_normal * config.batch_size * steps
+    if seen:  # a run resumed after this phase keeps the rate it measured
+        log.images_per_second["autoencoders"] = timer.rate(seen)
+    if centres is None:
+        centres = compute_centres(model.encoder, inputs.class_images, normaliser).cpu()
+        save(config.ae_epochs, 0)
+    timer = Timer(device)
+    encoder_phase(
+        EncoderPhase(
+            encoder=model.encoder,
+            centres=centres,
+            images=inputs.images,
+            labels=inputs.labels,
+            normaliser=normaliser,
+            config=config,
+            optimizer=enc_optimizer,
+            generator=inputs.generator,
+            start_epoch=enc_start,
+            on_epoch=after_enc_epoch,
+            progress=bar,
+        )
+    )
+    return Scorer(model.encoder.cpu(), centres, inputs.normaliser).eval(), log

@@ -13,13 +13,16 @@ keeps DeepSVDD's 0.1.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
-from training.batches import Normaliser, class_batches, to_float
-from training.methods.deepmad import DeepMADConfig, EpochCallback, autocast, run_epochs
-from training.networks import GroupedEncoder
+from service.manifest import TrainingLog
+from training.batches import class_batches
+from training.data import Task
+from training.engine import autocast
+from training.methods.deepmad import DeepMADConfig, EncoderPhase, fit_deepmad
+from training.scorer import Scorer
 
 
 def one_class_loss(embeddings: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
@@ -27,42 +30,28 @@ def one_class_loss(embeddings: torch.Tensor, centres: torch.Tensor) -> torch.Ten
     return (embeddings - centres.unsqueeze(0)).pow(2).sum(-1).mean(0).sum()
 
 
-def train_one_class_encoders(
-    encoder: GroupedEncoder,
-    centres: torch.Tensor,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    normaliser: Normaliser,
-    config: DeepMADConfig,
-    optimizer: torch.optim.Optimizer,
-    generator: torch.Generator,
-    start_epoch: int,
-    on_epoch: EpochCallback,
-    progress: Callable | None = None,
-) -> None:
-    """Phase 2 for DeepSVDD(m): encoder i pulls class i onto c_i and sees nothing else.
+def train_one_class_encoders(phase: EncoderPhase) -> None:
+    """Phase 2 for DeepSVDD(m): encoder i pulls class i onto c_i and sees nothing else."""
+    centres = phase.device_centres()
+    class_images = [phase.images[phase.labels == i] for i in range(phase.encoder.groups)]
 
-    Same signature as ``deepmad.train_encoders`` so ``fit_deepmad`` runs either.
-    """
-    device = next(encoder.parameters()).device
-    centres = centres.to(device)
-    class_images = [images[labels == i] for i in range(encoder.groups)]
-
-    def step_loss(chosen: list[torch.Tensor]) -> tuple[torch.Tensor, float]:
-        x = torch.stack([to_float(b.to(device), normaliser, config.augment, generator) for b in chosen], dim=1)
-        with autocast(device):
-            z = encoder(x)  # [B, m, D]: group i saw class i
+    def step_loss(chosen: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        x = torch.stack([phase.to_input(b) for b in chosen], dim=1)
+        with autocast(phase.device):
+            z = phase.encoder(x)  # [B, m, D]: group i saw class i
         loss = one_class_loss(z.float(), centres)
-        return loss, loss.item()
+        return loss, {"encoder_loss": loss.item()}
 
-    run_epochs(
-        encoder,
-        optimizer,
-        config.epochs,
-        start_epoch,
-        lambda: class_batches(class_images, config.batch_size, generator),
-        step_loss,
-        on_epoch,
-        progress,
-        "one-class",
-    )
+    phase.run(lambda: class_batches(class_images, phase.config.batch_size, phase.generator), step_loss, "one-class")
+
+
+def fit_deepsvdd(
+    task: Task,
+    config: DeepMADConfig,
+    device: torch.device,
+    checkpoint: Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> tuple[Scorer, TrainingLog]:
+    """DeepMAD's autoencoder pretraining and centres, then the one-class phase 2 (pooled or per class)."""
+    return fit_deepmad(task, config, device, checkpoint, resume, progress, encoder_phase=train_one_class_encoders)
