@@ -219,6 +219,11 @@ def make_task(
         selection, exposure = test.subset(np.sort(order[:half])), test.subset(np.sort(order[half:]))
         keep = np.setdiff1d(np.arange(len(test)), chosen)
         test, anomalous = test.subset(keep), anomalous[keep]
+        if not len(selection) or not anomalous.any():
+            raise UserError(
+                f"--anomaly-holdout {anomaly_holdout} leaves {len(selection)} selection and "
+                f"{int(anomalous.sum())} test anomalies; choose a share that leaves at least one of each"
+            )
         if exposure_from_train:
             exposure = _training_anomalies(dataset, anomaly_classes, exposure_from_train)
         if outlier_exposure:
