@@ -73,9 +73,7 @@ class TrainingData(BaseModel):
     @classmethod
     def _drop_machine_path(cls, data: Any) -> Any:
         """Manifests before format 1's data identity recorded the data folder (``root``): not kept."""
-        if isinstance(data, dict) and "root" in data:
-            data = {k: v for k, v in data.items() if k != "root"}
-        return data
+        return _without(data, "root")
 
 
 class TestMetrics(BaseModel):
@@ -140,13 +138,16 @@ class Manifest(BaseModel):
     @classmethod
     def _drop_derived(cls, data: Any) -> Any:
         """``method_description`` (older manifests) is the method's description, derived from ``method``."""
-        if isinstance(data, dict) and "method_description" in data:
-            data = {k: v for k, v in data.items() if k != "method_description"}
-        return data
+        return _without(data, "method_description")
 
     @classmethod
     def load(cls, model_dir: str | Path) -> Manifest:
         return cls.model_validate_json((Path(model_dir) / MANIFEST_FILE).read_text())
+
+
+def _without(data: Any, key: str) -> Any:
+    """``data`` without ``key`` when it is a dict (what a before-validator gets), else unchanged."""
+    return {k: v for k, v in data.items() if k != key} if isinstance(data, dict) else data
 
 
 def write_manifest(model_dir: str | Path, manifest: Manifest) -> None:

@@ -117,6 +117,17 @@ def run_epochs(
         on_epoch(epoch, {key: total / steps for key, total in totals.items()})
 
 
+@dataclass(frozen=True)
+class RunOptions:
+    """Where and how a trainer runs: the device, the checkpoint file (None: no checkpoints), whether to
+    resume from it, and progress bars."""
+
+    device: torch.device
+    checkpoint: Path | None = None
+    resume: bool = False
+    progress: bool = False
+
+
 @dataclass
 class TrainingInputs:
     """What every trainer starts from: the seeded generator, the training tensors split by class, and the

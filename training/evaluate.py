@@ -23,8 +23,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from training.data.base import check_anomaly_holdout
-from training.errors import UserError
+from training.data.base import add_holdout_flags, check_anomaly_holdout
+from training.errors import UserError, run_command
 from training.evaluation.executors import run_local, run_ray
 from training.evaluation.protocol import RunSpec, load_for_runs, parse_combos, result_path, write_result
 from training.methods import METHODS, Method, parse_methods
@@ -62,23 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-train-per-class", type=int, help="fixed training subsample per class")
     parser.add_argument("--max-val-per-class", type=int, help="fixed validation subsample per class")
     parser.add_argument("--max-test-per-class", type=int, help="fixed test subsample per class")
-    parser.add_argument(
-        "--anomaly-holdout",
-        type=float,
-        default=0.0,
-        help="share of each anomaly class kept out of the test split: half for selection AUC, half as the "
-        "outlier-exposure pool (as in training.fit)",
-    )
-    parser.add_argument(
-        "--outlier-exposure", action="store_true", help="train on the exposure pool (needs --anomaly-holdout)"
-    )
-    parser.add_argument(
-        "--exposure-from-train",
-        type=int,
-        default=0,
-        metavar="N",
-        help="the exposure pool is N training images per anomaly class instead (as in training.fit)",
-    )
+    add_holdout_flags(parser)
     for name, text in OVERRIDES.items():
         flag, help_text = f"--{name.replace('_', '-')}", f"{text} (default: the method's)"
         if name == "augment":
@@ -200,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.out = args.out or Path("runs") / "evaluate" / f"{args.dataset}-{args.n_normal}"
     command = "python -m training.evaluate " + shlex.join(argv)
-    try:
+
+    def body() -> int:
         specs = plan(args)
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "command.txt").write_text(command + "\n")
@@ -208,14 +193,10 @@ def main(argv: list[str] | None = None) -> int:
         from training.evaluation.report import write_summary
 
         summary = write_summary(args.out, [s.key for s in specs], command)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; finished runs are kept: rerun the same command to resume", file=sys.stderr)
-        return 130
-    print(json.dumps({**summary, "failures": failures}, indent=2))
-    return 1 if failures else 0
+        print(json.dumps({**summary, "failures": failures}, indent=2))
+        return 1 if failures else 0
+
+    return run_command(body, "interrupted; finished runs are kept: rerun the same command to resume")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ import argparse
 import dataclasses
 import json
 import shlex
-import signal
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,10 +20,10 @@ import torch
 
 from service.manifest import TrainingLog
 from training.data import SOURCES, default_normal, load_dataset, make_task, parse_class_selection
-from training.data.base import check_anomaly_holdout
+from training.data.base import add_holdout_flags, check_anomaly_holdout
 from training.data.composites import with_composites
 from training.engine import read_checkpoint, resolve_device
-from training.errors import UserError
+from training.errors import UserError, run_command
 from training.export import check_parity, evaluate, write_artifact
 from training.methods import CONFIG_TYPES, METHODS, Method, get_method
 from training.methods.config import add_config_flags
@@ -56,26 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     data.add_argument("--image-size", type=int, help="square input size (default: the source's, 32 or 28)")
     data.add_argument("--max-train-per-class", type=int, help="subsample each normal class (seeded)")
-    data.add_argument(
-        "--anomaly-holdout",
-        type=float,
-        default=0.0,
-        help="share of each anomaly class taken out of the test split (fixed seed): half for model selection "
-        "(reported as selection_auc), half as the outlier-exposure pool",
-    )
-    data.add_argument(
-        "--outlier-exposure",
-        action="store_true",
-        help="train on the held-out exposure pool as negatives for every encoder (needs --anomaly-holdout)",
-    )
-    data.add_argument(
-        "--exposure-from-train",
-        type=int,
-        default=0,
-        metavar="N",
-        help="draw the outlier-exposure pool from the anomaly classes' training split instead, N images per "
-        "class (sources with such a split: CIFAR-10, Fashion-MNIST); selection and test images are unchanged",
-    )
+    add_holdout_flags(data)
     data.add_argument(
         "--composites",
         type=int,
@@ -236,24 +216,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     command = "python -m training.fit " + shlex.join(argv)
-    # `docker stop` and schedulers send SIGTERM: stop like Ctrl-C, with the last epoch checkpointed.
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    try:
-        summary = run(args, command)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; the last finished epoch is checkpointed: rerun with --resume", file=sys.stderr)
-        return 130
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    print(json.dumps(summary, indent=2))
-    return 0
 
+    def body() -> int:
+        print(json.dumps(run(args, command), indent=2))
+        return 0
 
-def _raise_interrupt(signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt(signal.Signals(signum).name)
+    return run_command(body, "interrupted; the last finished epoch is checkpointed: rerun with --resume")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import torch
 from scipy import stats
 
 from training.data import load_dataset, make_task, parse_class_selection
-from training.errors import UserError
+from training.errors import UserError, run_command
 from training.methods import CONFIG_TYPES, METHODS, get_method
 from training.methods.config import add_config_flags
 from training.metrics import roc_auc
@@ -150,14 +150,14 @@ def analyze(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    try:
+
+    def body() -> int:
         result = analyze(args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print((args.out / "ks.md").read_text())
-    print(json.dumps({"auc": result["auc"], "out": str(args.out)}))
-    return 0
+        print((args.out / "ks.md").read_text())
+        print(json.dumps({"auc": result["auc"], "out": str(args.out)}))
+        return 0
+
+    return run_command(body, "interrupted; nothing was written")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import torch
 
 from service.manifest import TrainingLog
 from training.data import Task, pool_task
+from training.engine import RunOptions
 from training.errors import UserError
 from training.methods.config import MethodConfig
 from training.methods.deepmad import DeepMADConfig, fit_deepmad
@@ -30,7 +31,7 @@ from training.methods.deepsvdd import fit_deepsvdd
 from training.methods.drocc import DROCCConfig, fit_drocc
 from training.scorer import BaseScorer
 
-Trainer = Callable[..., tuple[BaseScorer, TrainingLog]]  # (task, config, device, checkpoint, resume, progress)
+Trainer = Callable[[Task, Any, RunOptions], tuple[BaseScorer, TrainingLog]]
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ class Method:
         progress: bool = False,
     ) -> tuple[BaseScorer, TrainingLog]:
         """Train on ``task`` (pooled here when the method is) and return the CPU scorer and its log."""
-        return self.trainer(self.prepare(task), config, device, checkpoint, resume, progress)
+        return self.trainer(self.prepare(task), config, RunOptions(device, checkpoint, resume, progress))
 
 
 METHODS = {

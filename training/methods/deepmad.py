@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -23,6 +22,7 @@ from training.engine import (
     Checkpoint,
     EpochCallback,
     Progress,
+    RunOptions,
     Timer,
     TrainingInputs,
     autocast,
@@ -218,24 +218,18 @@ def train_encoders(phase: EncoderPhase) -> None:
 
 
 def fit_deepmad(
-    task: Task,
-    config: DeepMADConfig,
-    device: torch.device,
-    checkpoint: Path | None = None,
-    resume: bool = False,
-    progress: bool = True,
-    encoder_phase: PhaseTwo = train_encoders,
+    task: Task, config: DeepMADConfig, run: RunOptions, encoder_phase: PhaseTwo = train_encoders
 ) -> tuple[Scorer, TrainingLog]:
     """Train the m encoders of ``task`` together (phase 1, centres, phase 2) and return the eval-mode
     scorer on the CPU with its log. ``encoder_phase`` is DeepMAD's contrastive ``train_encoders`` by
     default, or ``deepsvdd.train_one_class_encoders`` for m independent one-class detectors."""
-    inputs = TrainingInputs.of(task, config.seed)
+    inputs, device = TrainingInputs.of(task, config.seed), run.device
     model = GroupedAutoencoder(task.n_normal, inputs.channels, inputs.size, config.rep_dim).to(device)
     ae_optimizer = torch.optim.Adam(model.parameters(), lr=config.ae_lr, weight_decay=config.weight_decay)
     enc_optimizer = torch.optim.Adam(model.encoder.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     data_sha256 = task.content_sha256()  # outlier exposure or another subsample changes the data, not the config
     state = Checkpoint(
-        checkpoint,
+        run.checkpoint,
         identity={
             "config": config.as_dict(),
             "classes": task.column_names,
@@ -247,7 +241,7 @@ def fit_deepmad(
         older_defaults={"training_data": data_sha256, "encoder_phase": train_encoders.__name__},
     )
     log, centres, ae_start, enc_start = TrainingLog(), None, 0, 0
-    if resume:
+    if run.resume:
         restored = state.restore(("centres", "log", "ae_epochs_done", "enc_epochs_done"))
         centres, log = restored["centres"], TrainingLog.model_validate(restored["log"])
         ae_start, enc_start = restored["ae_epochs_done"], restored["enc_epochs_done"]
@@ -265,7 +259,7 @@ def fit_deepmad(
         log.images_per_second["encoders"] = timer.rate((epoch + 1 - enc_start) * len(inputs.images) * task.n_normal)
         save(config.ae_epochs, epoch + 1)
 
-    bar = progress_bar(progress)
+    bar = progress_bar(run.progress)
     normaliser = inputs.normaliser.to(device)
     timer = Timer(device)
     pretrain_autoencoders(

@@ -13,14 +13,12 @@ keeps DeepSVDD's 0.1.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from service.manifest import TrainingLog
 from training.batches import class_batches
 from training.data import Task
-from training.engine import autocast
+from training.engine import RunOptions, autocast
 from training.methods.deepmad import DeepMADConfig, EncoderPhase, fit_deepmad
 from training.scorer import Scorer
 
@@ -45,13 +43,6 @@ def train_one_class_encoders(phase: EncoderPhase) -> None:
     phase.run(lambda: class_batches(class_images, phase.config.batch_size, phase.generator), step_loss, "one-class")
 
 
-def fit_deepsvdd(
-    task: Task,
-    config: DeepMADConfig,
-    device: torch.device,
-    checkpoint: Path | None = None,
-    resume: bool = False,
-    progress: bool = True,
-) -> tuple[Scorer, TrainingLog]:
+def fit_deepsvdd(task: Task, config: DeepMADConfig, run: RunOptions) -> tuple[Scorer, TrainingLog]:
     """DeepMAD's autoencoder pretraining and centres, then the one-class phase 2 (pooled or per class)."""
-    return fit_deepmad(task, config, device, checkpoint, resume, progress, encoder_phase=train_one_class_encoders)
+    return fit_deepmad(task, config, run, encoder_phase=train_one_class_encoders)

@@ -21,7 +21,6 @@ is DROCC(m) (Algorithm 1) and on the pooled task it is DROCC (Algorithm 2).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -29,7 +28,7 @@ import torch.nn.functional as F  # noqa: N812
 from service.manifest import TrainingLog
 from training.batches import class_batches, to_float
 from training.data import Task
-from training.engine import Checkpoint, TrainingInputs, autocast, progress_bar, run_epochs
+from training.engine import Checkpoint, RunOptions, TrainingInputs, autocast, progress_bar, run_epochs
 from training.methods.config import MethodConfig, setting
 from training.networks import GroupedClassifier
 from training.scorer import LogitScorer
@@ -117,29 +116,22 @@ def learning_rate(config: DROCCConfig, epoch: int) -> float:
     return config.lr * (0.1 if done <= 0.8 * total else 0.01)
 
 
-def fit_drocc(
-    task: Task,
-    config: DROCCConfig,
-    device: torch.device,
-    checkpoint: Path | None = None,
-    resume: bool = False,
-    progress: bool = False,
-) -> tuple[LogitScorer, TrainingLog]:
+def fit_drocc(task: Task, config: DROCCConfig, run: RunOptions) -> tuple[LogitScorer, TrainingLog]:
     """Train one DROCC network per task column (per-class batches) and return the CPU scorer and a log."""
-    inputs = TrainingInputs.of(task, config.seed)
+    inputs, device = TrainingInputs.of(task, config.seed), run.device
     generator = inputs.generator
     network = GroupedClassifier(task.n_normal, inputs.channels, inputs.size, config.rep_dim).to(device)
     optimizer = torch.optim.Adam(network.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     data_sha256 = task.content_sha256()
     state = Checkpoint(
-        checkpoint,
+        run.checkpoint,
         identity={"config": config.as_dict(), "classes": task.column_names, "training_data": data_sha256},
         parts={"model": network, "optimizer": optimizer},
         generator=generator,
         older_defaults={"training_data": data_sha256},
     )
     log, start = TrainingLog(), 0
-    if resume:
+    if run.resume:
         restored = state.restore(("log", "epochs_done"))
         log, start = TrainingLog.model_validate(restored["log"]), restored["epochs_done"]
     normaliser = inputs.normaliser.to(device)
@@ -168,7 +160,7 @@ def fit_drocc(
         lambda: class_batches(inputs.class_images, config.batch_size, generator),
         step_loss,
         after_epoch,
-        progress_bar(progress),
+        progress_bar(run.progress),
         "drocc",
         before_epoch,
     )
