@@ -36,7 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import schemas
+from service import oip, schemas
 from service.imaging import ImageError, load_image
 from service.metrics import CONTENT_TYPE_LATEST, Metrics
 from service.model import Classifier, LoadedModel, ModelLoadError, Scores
@@ -140,7 +140,7 @@ class MetricsMiddleware:
 def create_app(settings: Settings | None = None, *, handle_sighup: bool = False) -> FastAPI:
     """Build the app. The model loads in the lifespan (use ``with TestClient(app)`` in tests)."""
     settings = settings or Settings()
-    metrics = Metrics()
+    metrics = Metrics(drift_window=settings.drift_window)
     classifier = Classifier(settings, observer=metrics.observe_inference)
     index_html = (STATIC_DIR / "index.html").read_text(encoding="utf-8")
     background: set[asyncio.Task[None]] = set()
@@ -207,6 +207,7 @@ def create_app(settings: Settings | None = None, *, handle_sighup: bool = False)
         lifespan=lifespan,
     )
     app.state.settings, app.state.classifier, app.state.metrics = settings, classifier, metrics
+    app.state.limiter = limiter  # shared with the Open Inference Protocol routes (service/oip.py)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
 
     # ---- errors: one JSON shape everywhere ----
@@ -530,4 +531,5 @@ def create_app(settings: Settings | None = None, *, handle_sighup: bool = False)
             }
         )
 
+    app.include_router(oip.router)
     return app
