@@ -22,9 +22,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, protected_namespaces=(), extra="ignore")
 
     model_dir: Path = Field(DEFAULT_MODEL_DIR, description="folder holding model.onnx + manifest.json")
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
-    log_level: str = "info"
+    host: str = Field("127.0.0.1", description="bind address")
+    port: int = Field(8000, ge=0, le=65535, description="port (0 picks a free one)")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
 
     threshold: float | None = Field(None, description="override the manifest's gamma (score >= threshold -> anomalous)")
     max_upload_bytes: int = Field(10 * 1024 * 1024, gt=0, description="largest accepted image, in bytes")
@@ -82,6 +82,11 @@ class Settings(BaseSettings):
                 return json.loads(text)
             return [part.strip() for part in text.split(",") if part.strip()]
         return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_log_level(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
 
     @field_validator("admin_token", mode="before")
     @classmethod

@@ -37,7 +37,6 @@ import binascii
 import json
 import math
 import struct
-import time
 from collections.abc import Callable, Coroutine
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -49,9 +48,13 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from service.imaging import ImageError, load_image
+from service.classification import Pipeline, to_classifications
+from service.dependencies import ClassifierDep, MetricsDep, PipelineDep, SettingsDep
+from service.errors import ApiError
+from service.imaging import ImageError
 from service.metrics import Metrics
-from service.model import Classifier, LoadedModel
+from service.middleware import VERDICT_KEY
+from service.model import Classifier, LoadedModel, Scores
 from service.settings import Settings
 
 SERVER_NAME = "deepmad-bin"
@@ -59,8 +62,6 @@ EXTENSIONS = ["binary_tensor_data"]
 HEADER_LENGTH = "inference-header-content-length"
 PHOTO_INPUT, IMAGE_INPUT = "photo", "image"
 OUTPUTS = ("distances", "score", "nearest", "nearest_class", "verdict")
-# The label service.app.MetricsMiddleware reads for deepmad_requests_total{verdict}.
-VERDICT_KEY = "deepmad.verdict"
 # JSON envelope around a UINT8 batch: brackets, commas and up to three digits per value.
 JSON_BYTES_PER_VALUE = 4
 
@@ -88,7 +89,7 @@ class OipRoute(APIRoute):
                 return await handler(request)
             except OipError as exc:
                 return error_response(exc.status, exc.message)
-            except ImageError as exc:
+            except (ImageError, ApiError) as exc:
                 return error_response(exc.status, exc.message)
 
         return handle
@@ -213,27 +214,18 @@ INFER_BODY = {
 router = APIRouter(prefix="/v2", tags=["open inference protocol v2"], route_class=OipRoute)
 
 
-# ---- state shared with the product API (set on app.state by service.app.create_app) ----
+# ---- the served model ----
 
 
-def _settings(request: Request) -> Settings:
-    return request.app.state.settings
-
-
-def _metrics(request: Request) -> Metrics:
-    return request.app.state.metrics
-
-
-def _ready_model(request: Request) -> LoadedModel:
-    classifier: Classifier = request.app.state.classifier
+def _ready_model(classifier: Classifier) -> LoadedModel:
     model = classifier.model
     if model is None:
         raise OipError(503, f"no model loaded: {classifier.last_error or 'loading'}")
     return model
 
 
-def _named_model(request: Request, name: str, model_version: str | None) -> LoadedModel:
-    model = _ready_model(request)
+def _named_model(classifier: Classifier, name: str, model_version: str | None) -> LoadedModel:
+    model = _ready_model(classifier)
     manifest = model.manifest
     if name != manifest.name:
         raise OipError(404, f"unknown model {name!r}; this server serves {manifest.name!r}")
@@ -260,20 +252,20 @@ async def server_live() -> Live:
 
 
 @router.get("/health/ready", response_model=Ready, responses=NOT_READY, summary="A model is loaded and warmed up")
-async def server_ready(request: Request) -> Ready:
-    _ready_model(request)
+async def server_ready(classifier: ClassifierDep) -> Ready:
+    _ready_model(classifier)
     return Ready(ready=True)
 
 
 @router.get("/models/{name}/ready", response_model=Ready, responses={**NOT_FOUND, **NOT_READY})
-async def model_ready(request: Request, name: str) -> Ready:
-    _named_model(request, name, None)
+async def model_ready(classifier: ClassifierDep, name: str) -> Ready:
+    _named_model(classifier, name, None)
     return Ready(ready=True)
 
 
 @router.get("/models/{name}/versions/{model_version}/ready", response_model=Ready, responses={**NOT_FOUND, **NOT_READY})
-async def model_version_ready(request: Request, name: str, model_version: str) -> Ready:
-    _named_model(request, name, model_version)
+async def model_version_ready(classifier: ClassifierDep, name: str, model_version: str) -> Ready:
+    _named_model(classifier, name, model_version)
     return Ready(ready=True)
 
 
@@ -300,15 +292,15 @@ def model_metadata_of(model: LoadedModel) -> ModelMetadata:
 
 
 @router.get("/models/{name}", response_model=ModelMetadata, responses={**NOT_FOUND, **NOT_READY})
-async def model_metadata(request: Request, name: str) -> ModelMetadata:
-    return model_metadata_of(_named_model(request, name, None))
+async def model_metadata(classifier: ClassifierDep, name: str) -> ModelMetadata:
+    return model_metadata_of(_named_model(classifier, name, None))
 
 
 @router.get(
     "/models/{name}/versions/{model_version}", response_model=ModelMetadata, responses={**NOT_FOUND, **NOT_READY}
 )
-async def model_version_metadata(request: Request, name: str, model_version: str) -> ModelMetadata:
-    return model_metadata_of(_named_model(request, name, model_version))
+async def model_version_metadata(classifier: ClassifierDep, name: str, model_version: str) -> ModelMetadata:
+    return model_metadata_of(_named_model(classifier, name, model_version))
 
 
 # ---- inference ----
@@ -321,8 +313,10 @@ async def model_version_metadata(request: Request, name: str, model_version: str
     openapi_extra=INFER_BODY,
     summary="Classify photos (BYTES) or ready model inputs (UINT8)",
 )
-async def infer(request: Request, name: str) -> Response:
-    return await _infer(request, name, None)
+async def infer(
+    request: Request, name: str, settings: SettingsDep, pipeline: PipelineDep, metrics: MetricsDep
+) -> Response:
+    return await _infer(request, settings, pipeline, metrics, name, None)
 
 
 @router.post(
@@ -332,21 +326,23 @@ async def infer(request: Request, name: str) -> Response:
     openapi_extra=INFER_BODY,
     summary="Classify with a named model version",
 )
-async def infer_version(request: Request, name: str, model_version: str) -> Response:
-    return await _infer(request, name, model_version)
+async def infer_version(
+    request: Request, name: str, model_version: str, settings: SettingsDep, pipeline: PipelineDep, metrics: MetricsDep
+) -> Response:
+    return await _infer(request, settings, pipeline, metrics, name, model_version)
 
 
-async def _infer(request: Request, name: str, model_version: str | None) -> Response:
-    model = _named_model(request, name, model_version)
-    settings = _settings(request)
+async def _infer(
+    request: Request, settings: Settings, pipeline: Pipeline, metrics: Metrics, name: str, model_version: str | None
+) -> Response:
+    model = _named_model(pipeline.classifier, name, model_version)
     body = await _read_body(request, _body_limit(settings, model))
     parsed, binary = _split_body(request, body)
     tensor = _the_input(parsed, binary, settings, model)
     wanted = _requested_outputs(parsed)
     run = _score_photos if tensor.name == PHOTO_INPUT else _score_images
-    limiter = request.app.state.limiter()
-    batch = await anyio.to_thread.run_sync(run, request, model, tensor.payload, limiter=limiter)
-    results = _results(request, model, batch)
+    scores = await anyio.to_thread.run_sync(run, pipeline, model, tensor.payload, limiter=pipeline.limiter)
+    results = _results(metrics, model, scores)
     request.scope[VERDICT_KEY] = results["verdict"][0] if len(results["verdict"]) == 1 else "batch"
     return _respond(model, parsed, wanted, results)
 
@@ -525,44 +521,32 @@ def _requested_outputs(parsed: InferRequest) -> list[tuple[str, bool]]:
     return wanted
 
 
-def _score_photos(request: Request, model: LoadedModel, photos: list[bytes]) -> Any:
-    height, width, channels = model.input_shape
-    max_pixels = _settings(request).max_pixels
-    decode_seconds = _metrics(request).decode_seconds
+def _score_photos(pipeline: Pipeline, model: LoadedModel, photos: list[bytes]) -> Scores:
+    """Each photo through the service's image function (pixel limit, decode timing), then one ORT call."""
     arrays = []
     for index, photo in enumerate(photos):
-        start = time.perf_counter()
         try:
-            arrays.append(load_image(photo, height, width, channels, max_pixels))
+            arrays.append(pipeline.decode(model, photo))
         except ImageError as exc:
             raise OipError(exc.status, f"photo {index}: {exc.message}") from None
-        decode_seconds.observe(time.perf_counter() - start)
-    return _score_images(request, model, np.stack(arrays))
+    return _score_images(pipeline, model, np.stack(arrays))
 
 
-def _score_images(request: Request, model: LoadedModel, images: np.ndarray) -> Any:
-    classifier: Classifier = request.app.state.classifier
-    return classifier.score(model, images)
+def _score_images(pipeline: Pipeline, model: LoadedModel, images: np.ndarray) -> Scores:
+    return pipeline.classifier.score(model, images)
 
 
-def _results(request: Request, model: LoadedModel, scores: Any) -> dict[str, np.ndarray]:
-    """The graph's outputs plus the verdict and class name; every item counted in the metrics."""
-    names = model.manifest.class_names
-    score = np.asarray(scores.score, dtype=np.float32)
-    if not np.all(np.isfinite(score)):
-        raise OipError(500, "the model produced a non-finite score")
-    nearest = np.asarray(scores.nearest, dtype=np.int64)
-    nearest_class = [names[i] if 0 <= i < len(names) else str(i) for i in nearest.tolist()]
-    verdict = ["anomalous" if value >= model.threshold else "normal" for value in score.tolist()]
-    metrics = _metrics(request)
-    for value, label, cls in zip(score.tolist(), verdict, nearest_class, strict=True):
-        metrics.observe_result(label, cls, value, model.threshold)
+def _results(metrics: Metrics, model: LoadedModel, scores: Scores) -> dict[str, np.ndarray]:
+    """The graph's outputs as they came, plus the verdict and class name; every item counted in the metrics."""
+    answers = to_classifications(model, scores)  # the product's one verdict rule (a non-finite score: 500)
+    for answer in answers:
+        metrics.observe_result(answer.verdict, answer.nearest_class, answer.score, answer.threshold)
     return {
         "distances": np.asarray(scores.distances, dtype=np.float32),
-        "score": score,
-        "nearest": nearest,
-        "nearest_class": np.asarray(nearest_class, dtype=object),
-        "verdict": np.asarray(verdict, dtype=object),
+        "score": np.asarray(scores.score, dtype=np.float32),
+        "nearest": np.asarray(scores.nearest, dtype=np.int64),
+        "nearest_class": np.asarray([answer.nearest_class for answer in answers], dtype=object),
+        "verdict": np.asarray([answer.verdict for answer in answers], dtype=object),
     }
 
 

@@ -1,0 +1,40 @@
+"""Per-request Prometheus accounting as pure ASGI middleware (cheaper than BaseHTTPMiddleware)."""
+
+from __future__ import annotations
+
+import time
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.metrics import Metrics
+
+VERDICT_KEY = "deepmad.verdict"  # a route stores the verdict in the ASGI scope for the request counter
+
+
+class MetricsMiddleware:
+    """Counts every HTTP request by route template, status and verdict, and times it."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = scope.get("route")
+            endpoint = getattr(route, "path", None) or "unmatched"
+            verdict = scope.get(VERDICT_KEY, "none")
+            self.metrics.requests.labels(endpoint, str(status), verdict).inc()
+            self.metrics.request_seconds.labels(endpoint).observe(time.perf_counter() - start)
