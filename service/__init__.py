@@ -7,10 +7,11 @@ Usage::
     curl --data-binary @can.jpg -H 'Content-Type: image/jpeg' http://127.0.0.1:8000/classify
     curl -F files=@a.jpg -F files=@b.jpg http://127.0.0.1:8000/classify/batch
 
-Open http://127.0.0.1:8000/ for the upload page, /docs for the OpenAPI UI, /metrics for Prometheus.
+Open http://127.0.0.1:8000/ for the upload page, /docs for the OpenAPI UI, /metrics for Prometheus;
+the Open Inference Protocol v2 (KServe/Triton clients) is under /v2 (``service/routes/oip.py``).
 Settings are env vars ``DEEPMAD_*`` or flags (``python -m service --help``): MODEL_DIR, HOST, PORT,
 THRESHOLD, MAX_UPLOAD_BYTES, MAX_PIXELS, MAX_BATCH_ITEMS, INTRA_OP_THREADS, INTER_OP_THREADS,
-PROVIDERS, ADMIN_TOKEN, REQUIRE_MODEL. Reload the model folder with ``kill -HUP <pid>`` or
+PROVIDERS, ADMIN_TOKEN, REQUIRE_MODEL, DRIFT_WINDOW. Reload the model folder with ``kill -HUP <pid>`` or
 ``curl -X POST -H "Authorization: Bearer $DEEPMAD_ADMIN_TOKEN" http://127.0.0.1:8000/admin/reload``;
 a failed reload keeps the old model serving.
 """
