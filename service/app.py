@@ -32,7 +32,7 @@ from service.metrics import Metrics
 from service.middleware import MetricsMiddleware, RequestIdMiddleware
 from service.model import Classifier, ModelLoadError
 from service.reloading import Reloader
-from service.routes import admin, captures, classify, operations
+from service.routes import admin, captures, classify, oip, operations
 from service.settings import Settings
 
 log = logging.getLogger("service")
@@ -74,7 +74,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 def create_app(settings: Settings | None = None, *, handle_sighup: bool = False) -> FastAPI:
     """Build the app. The model loads in the lifespan (use ``with TestClient(app)`` in tests)."""
     settings = settings or Settings()
-    metrics = Metrics()
+    metrics = Metrics(drift_window=settings.drift_window)
     classifier = Classifier(settings, observer=metrics.observe_inference)
     app = FastAPI(
         title="DeepMAD recycling-bin classifier",
@@ -95,6 +95,6 @@ def create_app(settings: Settings | None = None, *, handle_sighup: bool = False)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_middleware(RequestIdMiddleware)  # outermost: even a 404 carries an X-Request-ID
     install_error_handlers(app)
-    for module in (classify, operations, admin, captures):
+    for module in (classify, operations, admin, captures, oip):
         app.include_router(module.router)
     return app

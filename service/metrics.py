@@ -7,6 +7,7 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from service.drift import ScoreDrift
 from service.model import LoadedModel
 
 PREFIX = "deepmad"
@@ -22,7 +23,7 @@ __all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, drift_window: int = 500) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
@@ -117,11 +118,25 @@ class Metrics:
             f"{PREFIX}_capture_pending", "Captures queued or being written by the background writer", registry=r
         )
 
+        # Drift of the recent scores against the manifest's held-out normal quantiles (service/drift.py),
+        # computed when Prometheus scrapes.
+        self.drift = ScoreDrift(drift_window)
+        drift_gauges = {
+            "score_drift_psi": ("Population stability index of the last scores vs held-out normal scores", "psi"),
+            "score_drift_ks": ("Kolmogorov-Smirnov distance of the last scores vs held-out normal scores", "ks"),
+            "anomalous_share": ("Share of anomalous verdicts among the last scores", "anomalous_share"),
+            "drift_window_scores": ("Scores in the drift window (at most the drift_window setting)", "scores"),
+        }
+        for name, (help_text, field) in drift_gauges.items():
+            gauge = Gauge(f"{PREFIX}_{name}", help_text, registry=r)
+            gauge.set_function(lambda field=field: float(getattr(self.drift.snapshot(), field)))
+
     def set_model(self, model: LoadedModel | None) -> None:
         if model is None:
             self.ready.set(0)
             return
         manifest = model.manifest
+        self.drift.set_reference(manifest.calibration.normal_score_quantiles if manifest.calibration else None)
         self.model_info.info(
             {
                 "name": manifest.name,
@@ -142,6 +157,7 @@ class Metrics:
     def observe_result(self, verdict: str, nearest_class: str, score: float, threshold: float) -> None:
         self.classifications.labels(verdict, nearest_class).inc()
         self.score.observe(score)
+        self.drift.observe(score, verdict == "anomalous")
         if threshold > 0:
             self.score_ratio.observe(score / threshold)
 

@@ -61,6 +61,12 @@ class Settings(BaseSettings):
         description="ONNX Runtime execution providers in order; empty: CUDA if available, then CPU",
     )
 
+    drift_window: int = Field(
+        500,
+        gt=0,
+        description="recent scores compared with the manifest's held-out normal quantiles for the drift gauges",
+    )
+
     admin_token: str | None = Field(None, description="token for POST /admin/reload; unset disables it")
     require_model: bool = Field(
         True, description="fail at startup without a loadable model (false: start, 503 until a reload)"
