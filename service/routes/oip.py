@@ -48,6 +48,7 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from service.capture_store import new_id
 from service.classification import Pipeline, to_classifications
 from service.dependencies import ClassifierDep, MetricsDep, PipelineDep, SettingsDep
 from service.errors import ApiError
@@ -538,7 +539,8 @@ def _score_images(pipeline: Pipeline, model: LoadedModel, images: np.ndarray) ->
 
 def _results(metrics: Metrics, model: LoadedModel, scores: Scores) -> dict[str, np.ndarray]:
     """The graph's outputs as they came, plus the verdict and class name; every item counted in the metrics."""
-    answers = to_classifications(model, scores)  # the product's one verdict rule (a non-finite score: 500)
+    ids = [new_id() for _ in scores.score]  # OIP answers carry no per-item id; the rule needs one per row
+    answers = to_classifications(model, scores, ids)  # the product's one verdict rule (a non-finite score: 500)
     for answer in answers:
         metrics.observe_result(answer.verdict, answer.nearest_class, answer.score, answer.threshold)
     return {
