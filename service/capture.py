@@ -65,7 +65,13 @@ class ThrottledLog:
 
 @dataclass(frozen=True)
 class _Job:
-    sidecar: Sidecar
+    """What the request path hands over: the answer and the bytes; the writer builds the sidecar."""
+
+    result: Classification
+    model: CaptureModel
+    time: str
+    content_type: str | None
+    reason: Reason
     data: bytes
 
 
@@ -108,23 +114,16 @@ class CaptureWriter:
             reason = capture_reason(result, self.settings.capture_margin, self.settings.capture_normal_rate, self._rng)
             if reason is None:
                 return None
-            sidecar = Sidecar(
-                id=result.id,
-                time=utc_timestamp(dt.datetime.now(dt.timezone.utc)),
-                image="",  # named by the writer, which sniffs the format off the request path
-                image_sha256="",
-                image_bytes=len(upload.data),
-                content_type=upload.content_type,
+            job = _Job(
+                result=result,
                 model=CaptureModel(name=model.ref.name, version=model.ref.version, sha256=model.manifest.model_sha256),
-                score=result.score,
-                threshold=result.threshold,
-                verdict=result.verdict,
-                nearest_class=result.nearest_class,
-                distances=result.distances,
+                time=utc_timestamp(dt.datetime.now(dt.timezone.utc)),
+                content_type=upload.content_type,
                 reason=reason,
+                data=upload.data,
             )
             with self._pending_lock:
-                self._queue.put_nowait(_Job(sidecar, upload.data))
+                self._queue.put_nowait(job)
                 self._pending += 1
             return reason
         except queue.Full:
@@ -150,19 +149,29 @@ class CaptureWriter:
                     self._pending -= 1
 
     def _write(self, job: _Job) -> None:
+        result = job.result
         try:
-            sidecar = job.sidecar.model_copy(
-                update={
-                    "image": f"{job.sidecar.id}.{image_extension(job.data)}",
-                    "image_sha256": hashlib.sha256(job.data).hexdigest(),
-                }
+            sidecar = Sidecar(
+                id=result.id,
+                time=job.time,
+                image=f"{result.id}.{image_extension(job.data)}",
+                image_sha256=hashlib.sha256(job.data).hexdigest(),
+                image_bytes=len(job.data),
+                content_type=job.content_type,
+                model=job.model,
+                score=result.score,
+                threshold=result.threshold,
+                verdict=result.verdict,
+                nearest_class=result.nearest_class,
+                distances=result.distances,
+                reason=job.reason,
             )
             evictions = self.store.evictions
             outcome = self.store.add(sidecar, job.data)
             self.metrics.capture_evictions.inc(self.store.evictions - evictions)
         except Exception as exc:  # disk full, permissions, a vanished folder: drop, count, keep serving
             self._count("write_error")
-            self._log.warning("write_error", "capture %s not written: %s", job.sidecar.id, exc)
+            self._log.warning("write_error", "capture %s not written: %s", result.id, exc)
             return
         self._count(outcome)
         if outcome == "budget_full":

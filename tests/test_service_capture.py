@@ -335,16 +335,21 @@ def test_request_id_is_reused_when_valid(labelled_server, photos: list[Path]) ->
     assert missing.status_code == 404 and re.fullmatch(r"[0-9a-f]{32}", missing.headers["x-request-id"])
 
 
+def cookie_client(server) -> httpx.Client:
+    """A client that sends the review page's cookie and no Authorization header."""
+    return httpx.Client(base_url=server.url, timeout=30, cookies={"deepmad_operator_token": TOKEN})
+
+
 def test_feedback_auth_and_errors(labelled_server, photos: list[Path], manifest: Manifest) -> None:
-    _, client, answers, folder = labelled_server
+    server, client, answers, folder = labelled_server
     capture_id = answers[photos[1].name]["id"]
     body = {"id": capture_id, "label": "glass"}
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Bearer {ADMIN}"}):
         response = client.post("/feedback", json=body, headers=headers)
         assert response.status_code == 401 and response.json()["error"]["code"] == "unauthorized"
     # The image cookie never authorises a label.
-    cookie = client.post("/feedback", json=body, cookies={"deepmad_operator_token": TOKEN})
-    assert cookie.status_code == 401
+    with cookie_client(server) as with_cookie:
+        assert with_cookie.post("/feedback", json=body).status_code == 401
     unknown = client.post("/feedback", json={"id": "never-seen", "label": "glass"}, headers=AUTH)
     assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "unknown_id"
     bad_label = client.post("/feedback", json={"id": capture_id, "label": "banana"}, headers=AUTH)
@@ -427,13 +432,14 @@ def test_captures_listing_filters_order_and_paging(labelled_server, photos: list
 
 
 def test_capture_image_route(labelled_server, photos: list[Path]) -> None:
-    _, client, answers, _ = labelled_server
+    server, client, answers, _ = labelled_server
     capture_id = answers[photos[0].name]["id"]
     response = client.get(f"/captures/{capture_id}/image", headers=AUTH)
     assert response.status_code == 200 and response.headers["content-type"] == "image/jpeg"
     assert response.content == photos[0].read_bytes()
-    with_cookie = client.get(f"/captures/{capture_id}/image", cookies={"deepmad_operator_token": TOKEN})
-    assert with_cookie.status_code == 200 and with_cookie.content == response.content
+    with cookie_client(server) as with_cookie:
+        by_cookie = with_cookie.get(f"/captures/{capture_id}/image")
+    assert by_cookie.status_code == 200 and by_cookie.content == response.content
     assert client.get(f"/captures/{capture_id}/image").status_code == 401
     assert client.get("/captures/never-seen/image", headers=AUTH).status_code == 404
 
@@ -456,3 +462,21 @@ def test_unwritable_capture_dir_is_one_line_at_startup(model: Path, tmp_path: Pa
     result = subprocess.run(command, cwd=REPO_ROOT, env=service_env(), capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error: capture folder") and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_failing_disk_drops_counts_and_logs_once(model: Path, photos: list[Path], tmp_path: Path) -> None:
+    """The day's folder cannot be made (a file is in the way): answers unchanged, 3 drops counted, 1 log line."""
+    folder = tmp_path / "captures"
+    folder.mkdir()
+    now = dt.datetime.now(dt.timezone.utc)
+    for day in (now, now + dt.timedelta(days=1)):  # a run across midnight meets the same obstacle
+        (folder / day.strftime("%Y-%m-%d")).write_text("a file where the day's folder should be")
+    with run_server(model, tmp_path, *capture_flags(folder, "--threshold", "0")) as server, server.client() as client:
+        answers = [classify(client, photo).json() for photo in photos[:3]]
+        drained(client)
+        assert metric(client, "deepmad_captures_total", outcome="write_error") == 3
+        assert metric(client, "deepmad_captures_total", outcome="written") == 0
+        assert all(answer["verdict"] == "anomalous" for answer in answers)
+        assert captures(client)["total"] == 0
+        log = server.log()
+    assert log.count("not written") == 1, log

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import secrets
-
 from fastapi import APIRouter, Depends, Request
 
+from service.auth import bearer_or_header, same_token
 from service.dependencies import ClassifierDep, ReloaderDep, SettingsDep
 from service.errors import ADMIN_ERRORS, ApiError
 from service.model import ModelLoadError
@@ -15,19 +14,11 @@ from service.schemas import ReloadResponse
 router = APIRouter(tags=["admin"])
 
 
-def bearer_or_header(request: Request, header: str) -> str:
-    """The token from ``Authorization: Bearer <token>``, else from ``header``."""
-    auth = request.headers.get("authorization", "")
-    if auth[:7].lower() == "bearer ":
-        return auth[7:].strip()
-    return request.headers.get(header, "")
-
-
 def require_admin(request: Request, settings: SettingsDep) -> None:
     if not settings.admin_token:
         raise ApiError(403, "admin_disabled", "admin actions are disabled: set DEEPMAD_ADMIN_TOKEN")
     given = bearer_or_header(request, "x-admin-token")
-    if not secrets.compare_digest(given.encode(), settings.admin_token.encode()):
+    if not same_token(given, settings.admin_token):
         raise ApiError(401, "unauthorized", "missing or wrong admin token", headers={"WWW-Authenticate": "Bearer"})
 
 

@@ -10,7 +10,6 @@ without an operator token 403 ``operator_disabled`` (as admin routes do without 
 
 from __future__ import annotations
 
-import secrets
 from typing import Annotated, Literal
 from urllib.parse import unquote
 
@@ -18,12 +17,12 @@ import anyio
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import HTMLResponse, Response
 
+from service.auth import bearer_or_header, same_token
 from service.capture import CaptureWriter
 from service.capture_store import CONTENT_TYPES, CaptureNotFoundError, Order, Sidecar
 from service.dependencies import CapturesDep, ClassifierDep, ModelDep, SettingsDep
 from service.errors import ApiError, error_doc
 from service.labels import anomaly_labels, valid_labels
-from service.routes.admin import bearer_or_header
 from service.routes.operations import static_page
 from service.schemas import CaptureList, FeedbackRequest
 
@@ -48,7 +47,7 @@ def _check_operator(
     given = bearer_or_header(request, "x-operator-token")
     if not given and allow_cookie:
         given = unquote(request.cookies.get(OPERATOR_COOKIE, ""))
-    if not secrets.compare_digest(given.encode(), settings.operator_token.encode()):
+    if not same_token(given, settings.operator_token):
         raise ApiError(401, "unauthorized", "missing or wrong operator token", headers={"WWW-Authenticate": "Bearer"})
     return captures
 
