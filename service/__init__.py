@@ -9,9 +9,9 @@ Usage::
 
 Open http://127.0.0.1:8000/ for the upload page, /docs for the OpenAPI UI, /metrics for Prometheus;
 the Open Inference Protocol v2 (KServe/Triton clients) is under /v2 (``service/routes/oip.py``).
-Settings are env vars ``DEEPMAD_*`` or flags (``python -m service --help``): MODEL_DIR, HOST, PORT,
-THRESHOLD, MAX_UPLOAD_BYTES, MAX_PIXELS, MAX_BATCH_ITEMS, INTRA_OP_THREADS, INTER_OP_THREADS,
-PROVIDERS, ADMIN_TOKEN, REQUIRE_MODEL, DRIFT_WINDOW. Reload the model folder with ``kill -HUP <pid>`` or
+Settings are env vars ``DEEPMAD_*`` or flags (``python -m service --help``; every field of
+``service.settings.Settings``). With ``--capture-dir`` the service keeps photos worth labelling;
+operators label them on /review (``DEEPMAD_OPERATOR_TOKEN``). Reload the model folder with ``kill -HUP <pid>`` or
 ``curl -X POST -H "Authorization: Bearer $DEEPMAD_ADMIN_TOKEN" http://127.0.0.1:8000/admin/reload``;
 a failed reload keeps the old model serving.
 """

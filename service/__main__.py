@@ -63,6 +63,20 @@ def check_model_dir(settings: Settings) -> str | None:
     return None
 
 
+def check_capture_dir(settings: Settings) -> str | None:
+    """The capture folder must be creatable and writable: one clear line at startup, not a traceback."""
+    if settings.capture_dir is None:
+        return None
+    try:
+        settings.capture_dir.mkdir(parents=True, exist_ok=True)
+        probe = settings.capture_dir / ".startup-check.tmp"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        return f"capture folder {settings.capture_dir} is not writable: {exc.strerror or exc}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         settings = parse_settings(sys.argv[1:] if argv is None else argv)
@@ -70,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {describe_errors(exc)}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if settings.require_model and (problem := check_model_dir(settings)):
+    problem = (check_model_dir(settings) if settings.require_model else None) or check_capture_dir(settings)
+    if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     from service.app import create_app

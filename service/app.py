@@ -25,13 +25,14 @@ from contextlib import asynccontextmanager
 import anyio
 from fastapi import FastAPI
 
+from service.capture import CaptureWriter
 from service.classification import Pipeline
 from service.errors import install_error_handlers
 from service.metrics import Metrics
-from service.middleware import MetricsMiddleware
+from service.middleware import MetricsMiddleware, RequestIdMiddleware
 from service.model import Classifier, ModelLoadError
 from service.reloading import Reloader
-from service.routes import admin, classify, oip, operations
+from service.routes import admin, captures, classify, oip, operations
 from service.settings import Settings
 
 log = logging.getLogger("service")
@@ -39,7 +40,8 @@ log = logging.getLogger("service")
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Load and warm the model before the first request; SIGHUP reloads; stop the batcher at the end."""
+    """Load and warm the model and open the capture folder before the first request; SIGHUP reloads;
+    at the end stop the micro-batcher and write the queued captures."""
     state = app.state
     settings: Settings = state.settings
     state.pipeline.start()
@@ -52,6 +54,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             raise
         log.warning("starting without a model (503 until a reload succeeds): %s", exc)
         state.metrics.set_model(None)
+    if state.captures is not None:
+        await anyio.to_thread.run_sync(state.captures.start)
+        log.info("capturing photos into %s", settings.capture_dir)
     loop = asyncio.get_running_loop()
     if state.handle_sighup:
         loop.add_signal_handler(signal.SIGHUP, state.reloader.on_sighup)
@@ -62,6 +67,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if state.handle_sighup:
             loop.remove_signal_handler(signal.SIGHUP)
         await anyio.to_thread.run_sync(state.classifier.close)
+        if state.captures is not None:
+            await anyio.to_thread.run_sync(state.captures.close)
 
 
 def create_app(settings: Settings | None = None, *, handle_sighup: bool = False) -> FastAPI:
@@ -83,9 +90,11 @@ def create_app(settings: Settings | None = None, *, handle_sighup: bool = False)
     app.state.classifier = classifier
     app.state.pipeline = Pipeline(settings, classifier, metrics)
     app.state.reloader = Reloader(classifier, metrics)
+    app.state.captures = CaptureWriter(settings, metrics, settings.capture_dir) if settings.capture_dir else None
     app.state.handle_sighup = handle_sighup
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_middleware(RequestIdMiddleware)  # outermost: even a 404 carries an X-Request-ID
     install_error_handlers(app)
-    for module in (classify, operations, admin, oip):
+    for module in (classify, operations, admin, captures, oip):
         app.include_router(module.router)
     return app

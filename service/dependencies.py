@@ -6,9 +6,11 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from service.capture import CaptureWriter
 from service.classification import Pipeline
 from service.errors import ApiError
 from service.metrics import Metrics
+from service.middleware import REQUEST_ID_KEY
 from service.model import Classifier, LoadedModel
 from service.reloading import Reloader
 from service.settings import Settings
@@ -34,6 +36,16 @@ def get_reloader(request: Request) -> Reloader:
     return request.app.state.reloader
 
 
+def get_captures(request: Request) -> CaptureWriter | None:
+    """The capture writer, or None when no capture folder is configured (capture off)."""
+    return request.app.state.captures
+
+
+def request_id(request: Request) -> str:
+    """This request's id (``RequestIdMiddleware``: a valid incoming X-Request-ID, else a new one)."""
+    return request.scope[REQUEST_ID_KEY]
+
+
 def current_model(classifier: Annotated[Classifier, Depends(get_classifier)]) -> LoadedModel:
     """The model this request is served by (a reload mid-request does not change it), or 503."""
     model = classifier.model
@@ -48,3 +60,5 @@ ClassifierDep = Annotated[Classifier, Depends(get_classifier)]
 PipelineDep = Annotated[Pipeline, Depends(get_pipeline)]
 ReloaderDep = Annotated[Reloader, Depends(get_reloader)]
 ModelDep = Annotated[LoadedModel, Depends(current_model)]
+CapturesDep = Annotated[CaptureWriter | None, Depends(get_captures)]
+RequestIdDep = Annotated[str, Depends(request_id)]

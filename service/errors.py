@@ -37,21 +37,21 @@ def error_response(status: int, code: str, message: str, headers: dict[str, str]
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 
-def _doc(description: str) -> dict[str, Any]:
+def error_doc(description: str) -> dict[str, Any]:
     return {"model": schemas.ErrorBody, "description": description}
 
 
 ERRORS = {
-    400: _doc("not an image, empty, truncated or corrupt (codes: empty_body, not_an_image, truncated_image)"),
-    413: _doc("bytes or pixels over the limit (codes: too_large, too_many_pixels, too_many_files)"),
-    415: _doc("unsupported content type or image kind (codes: unsupported_media_type, animated_image)"),
-    422: _doc("malformed form: missing field `file`, or not a file (codes: missing_field, invalid_form)"),
-    503: _doc("no model loaded (code: not_ready)"),
+    400: error_doc("not an image, empty, truncated or corrupt (codes: empty_body, not_an_image, truncated_image)"),
+    413: error_doc("bytes or pixels over the limit (codes: too_large, too_many_pixels, too_many_files)"),
+    415: error_doc("unsupported content type or image kind (codes: unsupported_media_type, animated_image)"),
+    422: error_doc("malformed form: missing field `file`, or not a file (codes: missing_field, invalid_form)"),
+    503: error_doc("no model loaded (code: not_ready)"),
 }
 ADMIN_ERRORS = {
-    401: _doc("missing or wrong admin token (code: unauthorized)"),
-    403: _doc("admin actions are disabled: no admin token configured (code: admin_disabled)"),
-    500: _doc("the model folder could not be loaded; the previous model keeps serving (code: reload_failed)"),
+    401: error_doc("missing or wrong admin token (code: unauthorized)"),
+    403: error_doc("admin actions are disabled: no admin token configured (code: admin_disabled)"),
+    500: error_doc("the model folder could not be loaded; the previous model keeps serving (code: reload_failed)"),
 }
 
 
@@ -71,7 +71,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        codes = {404: "not_found", 405: "method_not_allowed"}
+        codes = {400: "invalid_body", 404: "not_found", 405: "method_not_allowed"}
         return error_response(
             exc.status_code,
             codes.get(exc.status_code, "http_error"),

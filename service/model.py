@@ -25,14 +25,11 @@ import numpy as np
 import onnxruntime as ort
 from pydantic import ValidationError
 
-from service.manifest import MANIFEST_FILE, MODEL_FILE, Calibration, Manifest
+from service.manifest import INPUT_NAME, MANIFEST_FILE, MODEL_FILE, OUTPUT_NAMES, Calibration, Manifest
 from service.schemas import ModelRef
 from service.settings import Settings
 
 log = logging.getLogger("service.model")
-
-INPUT_NAME = "image"
-OUTPUT_NAMES = ("distances", "score", "nearest")
 
 
 class ModelLoadError(RuntimeError):

@@ -72,6 +72,28 @@ class Settings(BaseSettings):
         True, description="fail at startup without a loadable model (false: start, 503 until a reload)"
     )
 
+    capture_dir: Path | None = Field(
+        None, description="keep photos for labelling and retraining in this folder; unset: capture is off"
+    )
+    capture_margin: float = Field(
+        0.5,
+        ge=0,
+        description="capture every item whose score lies within this distance of the threshold (score "
+        "units; 0.5 around the shipped model's gamma is probability 0.36-0.64)",
+    )
+    capture_normal_rate: float = Field(
+        0.05, ge=0, le=1, description="share of confident normal items captured (anomalous ones always are)"
+    )
+    capture_max_bytes: int = Field(
+        1 << 30, gt=0, description="byte budget of the capture folder; the oldest unlabelled captures go first"
+    )
+    capture_queue_size: int = Field(
+        256, gt=0, description="captures waiting for the background writer; beyond it they are dropped"
+    )
+    operator_token: str | None = Field(
+        None, description="token for POST /feedback, GET /captures and /review; unset disables them"
+    )
+
     @field_validator("providers", mode="before")
     @classmethod
     def _split_providers(cls, value: object) -> object:
@@ -88,7 +110,8 @@ class Settings(BaseSettings):
     def _lower_log_level(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
 
-    @field_validator("admin_token", mode="before")
+    @field_validator("admin_token", "operator_token", "capture_dir", mode="before")
     @classmethod
-    def _empty_token_is_none(cls, value: object) -> object:
+    def _empty_is_none(cls, value: object) -> object:
+        # docker-compose passes `${DEEPMAD_OPERATOR_TOKEN:-}` as an empty string: unset, not "".
         return None if value == "" else value

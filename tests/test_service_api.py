@@ -28,6 +28,7 @@ from tests.service_support import (
     model_dir,
     photo_subset,
     service_env,
+    without_id,
 )
 
 TOKEN = "test-admin-token"
@@ -74,8 +75,9 @@ def test_classify_multipart_and_raw_agree(client: TestClient, manifest: Manifest
     raw = client.post("/classify", content=photo_bytes, headers={"content-type": "image/jpeg"})
     assert multipart.status_code == raw.status_code == 200
     body = multipart.json()
-    assert body == raw.json()
-    assert set(body) == {"verdict", "score", "threshold", "probability", "nearest_class", "distances", "model"}
+    assert without_id(body) == without_id(raw.json()) and body["id"] != raw.json()["id"]
+    assert set(body) == {"id", "verdict", "score", "threshold", "probability", "nearest_class", "distances", "model"}
+    assert multipart.headers["x-request-id"] == body["id"]
     assert list(body["distances"]) == manifest.class_names
     assert body["score"] == pytest.approx(min(body["distances"].values()), rel=1e-5)
     assert body["nearest_class"] == min(body["distances"], key=body["distances"].get)
@@ -291,7 +293,7 @@ def test_failed_reload_keeps_serving(model: Path, tmp_path: Path, photo_bytes: b
         assert sample(client, "deepmad_reload_failures_total", trigger="http") == 1
         assert client.get("/readyz").status_code == 200
         after = client.post("/classify", content=photo_bytes, headers={"content-type": "image/jpeg"}).json()
-        assert after == before
+        assert without_id(after) == without_id(before)
 
         # A good new version in place: the reload takes it.
         copy_model(model, live)
@@ -367,7 +369,7 @@ def test_probability_agrees_with_verdict_for_any_threshold(
     with TestClient(create_app(Settings(model_dir=model, threshold=threshold))) as client:
         results = [item["result"] for item in client.post("/classify/batch", files=files).json()["results"]]
         single = client.post("/classify", files=[("file", files[0][1])]).json()
-    assert single == results[0]
+    assert without_id(single) == without_id(results[0])
     assert np.std([r["score"] for r in results]) > 0, "constant scores: the model is not looking at the image"
     for result in results:
         assert result["threshold"] == pytest.approx(manifest.threshold.value if threshold is None else threshold)
