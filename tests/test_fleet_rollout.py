@@ -16,7 +16,6 @@ from __future__ import annotations
 import base64
 import os
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.manifest import Manifest, write_manifest
-from tests.service_support import Server, copy_model, corrupt_model, model_dir, photo_subset, run_server
+from tests.service_support import Server, copy_model, corrupt_model, model_dir, photo_subset, run_server, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -99,21 +98,7 @@ class Load:
     def wait_for_more(self, requests: int) -> None:
         """Block until ``requests`` more answers arrived (the roll-out happens under load, not beside it)."""
         target = self.count() + requests
-        wait_until(lambda: self.count() >= target or not any(t.is_alive() for t in self.threads))
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 60.0) -> bool:
-    done = threading.Event()
-    deadline = threading.Timer(timeout, done.set)
-    deadline.start()
-    try:
-        while not done.is_set():
-            if condition():
-                return True
-            done.wait(0.05)
-        return condition()
-    finally:
-        deadline.cancel()
+        wait_for(lambda: self.count() >= target or not any(t.is_alive() for t in self.threads))
 
 
 def counter(server: Server, name: str, **labels: str) -> float:
@@ -173,7 +158,7 @@ def test_volume_swap_and_reload_under_load(tmp_path: Path, trashnet_dir: Path) -
             assert reloaded.status_code == 200 and reloaded.json()["model"]["version"] == new, reloaded.text
             load.wait_for_more(40)
             second.sighup()
-            assert wait_until(lambda: serving_version(second) == new), second.log()
+            assert wait_for(lambda: serving_version(second) == new), second.log()
             load.wait_for_more(40)
 
             # A broken version is refused by both; the fleet keeps serving the last good one.
@@ -183,7 +168,7 @@ def test_volume_swap_and_reload_under_load(tmp_path: Path, trashnet_dir: Path) -
             refused = httpx.post(f"{first.url}/admin/reload", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60)
             assert refused.status_code == 500 and refused.json()["error"]["code"] == "reload_failed"
             second.sighup()
-            assert wait_until(lambda: counter(second, "deepmad_reload_failures_total", trigger="sighup") == 1)
+            assert wait_for(lambda: counter(second, "deepmad_reload_failures_total", trigger="sighup") == 1)
             load.wait_for_more(40)
         answers, errors = load.answers, load.errors
 

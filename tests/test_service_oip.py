@@ -19,7 +19,7 @@ from tritonclient.utils import InferenceServerException
 
 from service.imaging import load_image
 from service.manifest import Manifest
-from tests.service_support import Server, huge_png, model_dir, photo_subset, run_server
+from tests.service_support import Server, huge_png, model_dir, photo_subset, run_server, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -116,6 +116,7 @@ def test_health_and_metadata(client: triton.InferenceServerClient, manifest: Man
         "nearest": ("INT64", [-1]),
         "nearest_class": ("BYTES", [-1]),
         "verdict": ("BYTES", [-1]),
+        "id": ("BYTES", [-1]),
     }
     assert client.get_model_metadata(manifest.name, model_version=manifest.version) == meta
 
@@ -131,6 +132,8 @@ def test_bytes_batch_binary_equals_classify(
     assert response["parameters"]["threshold"] == pytest.approx(manifest.threshold.value)
     verdicts = {v.decode() for v in result.as_numpy("verdict")}
     assert verdicts <= {"normal", "anomalous"}
+    ids = [value.decode() for value in result.as_numpy("id")]
+    assert len(set(ids)) == len(photos), "each item of a batch has its own id (for POST /feedback)"
 
 
 def test_bytes_as_json_base64_with_named_outputs(
@@ -216,9 +219,10 @@ def test_raw_http_error_shape_and_json_body(server: Server, manifest: Manifest, 
             assert isinstance(response.json()["error"], str)
         photo = base64.b64encode(photos[0].read_bytes()).decode()
         request = {"inputs": [{"name": "photo", "shape": [1, 1], "datatype": "BYTES", "data": [[photo]]}]}
-        response = http.post(url, json=request)
+        response = http.post(url, json=request, headers={"X-Request-ID": "bin-17-0042"})
         assert response.status_code == 200 and response.headers["content-type"] == "application/json"
         outputs = {o["name"]: o for o in response.json()["outputs"]}
+        assert outputs["id"]["data"] == ["bin-17-0042"] and response.headers["x-request-id"] == "bin-17-0042"
         assert outputs["verdict"]["data"][0] in ("normal", "anomalous")
         assert outputs["distances"]["shape"] == [1, len(manifest.class_names)]
         assert http.get("/v2/models/nope").json() == {"error": "unknown model 'nope'; this server serves 'trashnet'"}
@@ -243,3 +247,24 @@ def test_grey_png_and_request_json_are_parsed_by_the_service_image_function(
     score = result.as_numpy("score")
     assert score[0] == score[1]
     assert json.loads(json.dumps(result.get_response()))["outputs"]
+
+
+def test_photos_sent_over_v2_are_captured_for_labelling(tmp_path: Path, photos: list[Path]) -> None:
+    """With capture on, a v2 photo is kept under its answer's id, like a /classify upload."""
+    token = "oip-operator-token"
+    env = {
+        "DEEPMAD_CAPTURE_DIR": str(tmp_path / "captures"),
+        "DEEPMAD_CAPTURE_NORMAL_RATE": "1",
+        "DEEPMAD_OPERATOR_TOKEN": token,
+    }
+    photo = photos[0].read_bytes()
+    with run_server(model_dir(), tmp_path, **env) as running, running.client() as http:
+        client = triton.InferenceServerClient(url=running.url.removeprefix("http://"))
+        try:
+            result = client.infer("trashnet", [photo_input([photo, photos[1].read_bytes()])])
+        finally:
+            client.close()
+        ids = [value.decode() for value in result.as_numpy("id")]
+        auth = {"Authorization": f"Bearer {token}"}
+        assert wait_for(lambda: http.get(f"/captures/{ids[0]}/image", headers=auth).status_code == 200)
+        assert http.get(f"/captures/{ids[0]}/image", headers=auth).content == photo

@@ -17,8 +17,10 @@ request:
 
 N is at most the ``max_batch_items`` setting. Outputs: ``distances`` FP32 [N, k] (one column per
 class, in the manifest's order), ``score`` FP32 [N], ``nearest`` INT64 [N], ``nearest_class`` BYTES
-[N] and ``verdict`` BYTES [N] (``normal`` / ``anomalous``: score >= threshold); the response's
-``parameters.threshold`` is the threshold in use.
+[N], ``verdict`` BYTES [N] (``normal`` / ``anomalous``: score >= threshold) and ``id`` BYTES [N] (the
+answer's id for ``POST /feedback``: the request's X-Request-ID for one item, a new id per item of a
+batch, as ``/classify`` and ``/classify/batch``); the response's ``parameters.threshold`` is the
+threshold in use. Photos are offered to the capture writer like ``/classify``'s uploads.
 
 The binary tensor data extension is supported both ways (tritonclient uses it by default): the
 request header ``Inference-Header-Content-Length`` gives the JSON's length, the tensors follow it in
@@ -39,30 +41,32 @@ import math
 import struct
 from collections.abc import Callable, Coroutine
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any
+from typing import Annotated, Any
 
 import anyio
 import numpy as np
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from service.capture_store import new_id
 from service.classification import Pipeline, to_classifications
-from service.dependencies import ClassifierDep, MetricsDep, PipelineDep, SettingsDep
+from service.dependencies import CapturesDep, ClassifierDep, MetricsDep, PipelineDep, RequestIdDep, SettingsDep
 from service.errors import ApiError
 from service.imaging import ImageError
 from service.metrics import Metrics
 from service.middleware import VERDICT_KEY
 from service.model import Classifier, LoadedModel, Scores
+from service.schemas import Classification
 from service.settings import Settings
+from service.uploads import Upload
 
 SERVER_NAME = "deepmad-bin"
 EXTENSIONS = ["binary_tensor_data"]
 HEADER_LENGTH = "inference-header-content-length"
 PHOTO_INPUT, IMAGE_INPUT = "photo", "image"
-OUTPUTS = ("distances", "score", "nearest", "nearest_class", "verdict")
+OUTPUTS = ("distances", "score", "nearest", "nearest_class", "verdict", "id")
 # JSON envelope around a UINT8 batch: brackets, commas and up to three digits per value.
 JSON_BYTES_PER_VALUE = 4
 
@@ -288,6 +292,7 @@ def model_metadata_of(model: LoadedModel) -> ModelMetadata:
             TensorMetadata(name="nearest", datatype="INT64", shape=[-1]),
             TensorMetadata(name="nearest_class", datatype="BYTES", shape=[-1]),
             TensorMetadata(name="verdict", datatype="BYTES", shape=[-1]),
+            TensorMetadata(name="id", datatype="BYTES", shape=[-1]),
         ],
     )
 
@@ -307,6 +312,16 @@ async def model_version_metadata(classifier: ClassifierDep, name: str, model_ver
 # ---- inference ----
 
 
+class _Hooks:
+    """What an inference request feeds besides its answer: metrics, the capture writer, the request's id."""
+
+    def __init__(self, metrics: MetricsDep, captures: CapturesDep, request_id: RequestIdDep):
+        self.metrics, self.captures, self.request_id = metrics, captures, request_id
+
+
+Hooks = Annotated[_Hooks, Depends(_Hooks)]
+
+
 @router.post(
     "/models/{name}/infer",
     response_model=InferResponse,
@@ -314,10 +329,8 @@ async def model_version_metadata(classifier: ClassifierDep, name: str, model_ver
     openapi_extra=INFER_BODY,
     summary="Classify photos (BYTES) or ready model inputs (UINT8)",
 )
-async def infer(
-    request: Request, name: str, settings: SettingsDep, pipeline: PipelineDep, metrics: MetricsDep
-) -> Response:
-    return await _infer(request, settings, pipeline, metrics, name, None)
+async def infer(request: Request, name: str, settings: SettingsDep, pipeline: PipelineDep, hooks: Hooks) -> Response:
+    return await _infer(request, settings, pipeline, hooks, name, None)
 
 
 @router.post(
@@ -328,13 +341,13 @@ async def infer(
     summary="Classify with a named model version",
 )
 async def infer_version(
-    request: Request, name: str, model_version: str, settings: SettingsDep, pipeline: PipelineDep, metrics: MetricsDep
+    request: Request, name: str, model_version: str, settings: SettingsDep, pipeline: PipelineDep, hooks: Hooks
 ) -> Response:
-    return await _infer(request, settings, pipeline, metrics, name, model_version)
+    return await _infer(request, settings, pipeline, hooks, name, model_version)
 
 
 async def _infer(
-    request: Request, settings: Settings, pipeline: Pipeline, metrics: Metrics, name: str, model_version: str | None
+    request: Request, settings: Settings, pipeline: Pipeline, hooks: _Hooks, name: str, model_version: str | None
 ) -> Response:
     model = _named_model(pipeline.classifier, name, model_version)
     body = await _read_body(request, _body_limit(settings, model))
@@ -343,7 +356,13 @@ async def _infer(
     wanted = _requested_outputs(parsed)
     run = _score_photos if tensor.name == PHOTO_INPUT else _score_images
     scores = await anyio.to_thread.run_sync(run, pipeline, model, tensor.payload, limiter=pipeline.limiter)
-    results = _results(metrics, model, scores)
+    n = len(scores.score)
+    ids = [hooks.request_id] if n == 1 else [new_id() for _ in range(n)]  # batch items: own ids, as /classify/batch
+    answers = _answers(hooks.metrics, model, scores, ids)
+    if tensor.name == PHOTO_INPUT and hooks.captures is not None:  # photos worth labelling, as /classify
+        for photo, answer in zip(tensor.payload, answers, strict=True):
+            hooks.captures.offer(model, Upload(filename=None, content_type=None, data=photo), answer)
+    results = _results(scores, answers)
     request.scope[VERDICT_KEY] = results["verdict"][0] if len(results["verdict"]) == 1 else "batch"
     return _respond(model, parsed, wanted, results)
 
@@ -537,22 +556,34 @@ def _score_images(pipeline: Pipeline, model: LoadedModel, images: np.ndarray) ->
     return pipeline.classifier.score(model, images)
 
 
-def _results(metrics: Metrics, model: LoadedModel, scores: Scores) -> dict[str, np.ndarray]:
-    """The graph's outputs as they came, plus the verdict and class name; every item counted in the metrics."""
-    ids = [new_id() for _ in scores.score]  # OIP answers carry no per-item id; the rule needs one per row
-    answers = to_classifications(model, scores, ids)  # the product's one verdict rule (a non-finite score: 500)
+def _answers(metrics: Metrics, model: LoadedModel, scores: Scores, ids: list[str]) -> list[Classification]:
+    """The product's answers (one verdict rule; a non-finite score is a 500), each counted in the metrics."""
+    answers = to_classifications(model, scores, ids)
     for answer in answers:
         metrics.observe_result(answer.verdict, answer.nearest_class, answer.score, answer.threshold)
+    return answers
+
+
+def _results(scores: Scores, answers: list[Classification]) -> dict[str, np.ndarray]:
+    """The graph's outputs as they came, plus verdict, class name and id (for POST /feedback) per item."""
     return {
         "distances": np.asarray(scores.distances, dtype=np.float32),
         "score": np.asarray(scores.score, dtype=np.float32),
         "nearest": np.asarray(scores.nearest, dtype=np.int64),
         "nearest_class": np.asarray([answer.nearest_class for answer in answers], dtype=object),
         "verdict": np.asarray([answer.verdict for answer in answers], dtype=object),
+        "id": np.asarray([answer.id for answer in answers], dtype=object),
     }
 
 
-DATATYPES = {"distances": "FP32", "score": "FP32", "nearest": "INT64", "nearest_class": "BYTES", "verdict": "BYTES"}
+DATATYPES = {
+    "distances": "FP32",
+    "score": "FP32",
+    "nearest": "INT64",
+    "nearest_class": "BYTES",
+    "verdict": "BYTES",
+    "id": "BYTES",
+}
 LITTLE_ENDIAN = {"FP32": "<f4", "INT64": "<i8"}
 
 
