@@ -4,9 +4,9 @@ A ``LitAPI`` as LitServe's documentation shows: ``setup`` opens the session once
 ``decode_request`` turns the multipart form (LitServe parses it for an unannotated ``request``) into
 the model's input with the service's image function, ``batch`` stacks the inputs of up to
 ``max_batch_size`` requests that arrived within ``batch_timeout`` seconds, ``predict`` runs one ONNX
-Runtime call on the stack, ``unbatch`` splits it, ``encode_response`` makes the answer. LitServe runs the API in a worker process behind its own
-FastAPI/uvicorn front end. Run it with ``python -m bench.peers.litserve_ort --port 8000``
-(``DEEPMAD_MODEL_DIR`` picks the model).
+Runtime call on the stack, ``unbatch`` splits it, ``encode_response`` makes the answer. LitServe
+runs the API in a worker process behind its own FastAPI/uvicorn front end. Run it with
+``python -m bench.peers.litserve_ort --port 8000`` (``DEEPMAD_MODEL_DIR`` picks the model).
 """
 
 from __future__ import annotations
