@@ -20,7 +20,7 @@ Two references, both measured in this process before any load:
   process CPU seconds; the limit is ``os.cpu_count()`` / that cost, in images/s.
 
 ``--levers`` (on by default without --quick) starts the service with one thing changed at a time
-(micro-batching, worker processes, intra-op threads, HTTP server, the INT8 artifact) and compares it
+(micro-batching, worker processes, intra-op threads and spinning, HTTP server, the INT8 artifact) and compares it
 with the shipped configuration on the 512x384 JPEG, back to back; it also times, in process, what
 response encoding and the decode's hand-off to a worker thread cost per request.
 
@@ -358,6 +358,7 @@ def lever_specs(int8_dir: Path) -> list[tuple[str, ServerSpec, Path | None]]:
             None,
         ),
         ("intra-op threads 1", ours_spec({"DEEPMAD_INTRA_OP_THREADS": "1"}), None),
+        ("ORT thread spinning on (ORT default)", ours_spec({"DEEPMAD_ORT_SPINNING": "true"}), None),
         (
             "2 uvicorn workers, 1 thread each",
             ServerSpec("2 workers", [*launch, "--workers", "2"], "/readyz", {"DEEPMAD_INTRA_OP_THREADS": "1"}),
@@ -427,14 +428,14 @@ def print_levers(lever_rows, in_process: list[str], floor_ms: float) -> None:
     print()
     print(f"levers on/off: 512x384 JPEG, shipped vs one change, back to back   [{load_line()}]")
     header = (
-        f"{'lever':<34} {'conc':>4} | {'shipped req/s':>13} {'lever req/s':>11} | "
+        f"{'lever':<36} {'conc':>4} | {'shipped req/s':>13} {'lever req/s':>11} | "
         f"{'shipped p50':>11} {'lever p50':>9} | {'lever/shipped':>13}"
     )
     print(header)
     print("-" * len(header))
     for label, concurrency, shipped, lever in lever_rows:
         print(
-            f"{label:<34} {concurrency:>4} | {shipped.throughput:13.1f} {lever.throughput:11.1f} | "
+            f"{label:<36} {concurrency:>4} | {shipped.throughput:13.1f} {lever.throughput:11.1f} | "
             f"{ms(shipped.percentile(50)):>11} {ms(lever.percentile(50)):>9} | "
             f"{lever.throughput / shipped.throughput:13.2f}"
         )
@@ -450,6 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peers", default=",".join(PEERS), help=f"comma-separated subset of {', '.join(PEERS)}")
     parser.add_argument("--levers", action=argparse.BooleanOptionalAction, default=None, help="on/off table")
     parser.add_argument("--only-levers", action="store_true", help="skip the peer comparison")
+    parser.add_argument("--lever", action="append", help="only levers whose label contains this (repeatable)")
     parser.add_argument("--photo", type=Path, default=DEFAULT_PHOTO, help="a 512x384 TrashNet JPEG")
     parser.add_argument("--model-dir", type=Path, default=REPO_ROOT / "models" / "trashnet")
     parser.add_argument("--int8-dir", type=Path, default=DEFAULT_INT8_DIR, help="INT8 artifact for its lever row")
@@ -501,7 +503,10 @@ def main(argv: list[str] | None = None) -> int:
             photo = inputs[1]
             if photo.name not in floors:
                 floors[photo.name] = measure_floor((model, single), photo.data, 100)
-            for label, spec, model_dir in lever_specs(args.int8_dir):
+            chosen = [
+                lever for lever in lever_specs(args.int8_dir) if not args.lever or any(k in lever[0] for k in args.lever)
+            ]
+            for label, spec, model_dir in chosen:
                 with server(spec, model_dir or args.model_dir) as port:
                     both = {OURS: ports[OURS], label: port}
                     requests = {
