@@ -503,9 +503,8 @@ def main(argv: list[str] | None = None) -> int:
             photo = inputs[1]
             if photo.name not in floors:
                 floors[photo.name] = measure_floor((model, single), photo.data, 100)
-            chosen = [
-                lever for lever in lever_specs(args.int8_dir) if not args.lever or any(k in lever[0] for k in args.lever)
-            ]
+            wanted = args.lever or [""]
+            chosen = [lever for lever in lever_specs(args.int8_dir) if any(k in lever[0] for k in wanted)]
             for label, spec, model_dir in chosen:
                 with server(spec, model_dir or args.model_dir) as port:
                     both = {OURS: ports[OURS], label: port}
