@@ -478,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("BENTOML_HOME", str(tmp / "bentoml"))
         inputs = make_inputs(args.photo, tmp)
         measured = inputs[1:] if args.quick else inputs
-        for item in measured:
+        for item in [] if args.only_levers else measured:
             floors[item.name] = measure_floor((model, single), item.data, 100 if args.quick else 300)
             limits[item.name] = measure_limit(single, item.data, 64 if args.quick else 256)
         ports = {OURS: stack.enter_context(server(ours_spec(), args.model_dir))}
