@@ -1,33 +1,43 @@
-"""Serving benchmark: the real service vs a naive baseline, and both against the floor.
+"""Serving benchmark: the real service against the servers a user would pick instead, and against the limit.
 
-    .venv/bin/python -m bench.serve            # full run (a few minutes), with the on/off variants
-    .venv/bin/python -m bench.serve --quick    # the same comparison, short (under a minute)
+    .venv/bin/python -m bench.serve --quick    # 512x384 and 3008x2000 JPEGs, every peer, the summary (~2-3 min)
+    .venv/bin/python -m bench.serve            # every input, longer cells, then the levers' on/off table
 
-Starts the real service (``python -m service``, uvicorn on 127.0.0.1) and the naive baseline
-(``bench/naive_service.py``: FastAPI + torch eager on the same weights + full-size Pillow decode) as
-subprocesses, checks that they agree on a photo, then drives both with the same closed-loop load
-generator (``bench/loadgen.py``) at concurrency 1, 8 and 32 for three inputs: a 32x32 PNG, a 512x384
-TrashNet JPEG and a 3008x2000 JPEG (that photo upscaled, written to a temp dir at bench time). Ours
-and naive run back to back for each cell, alternating over ``--rounds``, so their ratio is fair on a
-shared, noisy machine even when absolute numbers drift.
+Starts the real service (``python -m service``, uvicorn on 127.0.0.1) and the peers of ``bench/peers/``
+(plain FastAPI + ONNX Runtime, FastAPI + torch, LitServe with batching, BentoML with a batchable API)
+as subprocesses, checks that every peer gives our answer on every input (same graph or weights, same
+image function), then drives each with the same closed-loop load generator (``bench/loadgen.py``) at
+concurrency 1, 8 and 32. Within a cell the servers take turns, in a rotated order every round, so drift
+on a shared machine hits all of them alike.
 
-The floor of an input is what no server can beat: the service's image function plus one ONNX Runtime
-call at batch 1, in this process, median of many repetitions, with the service's session options.
+Two references, both measured in this process before any load:
 
-``--variants`` (on by default without --quick) also starts the service with one optimisation turned
-off or on at a time (ORT session options, micro-batching) and compares each with the shipped defaults
-on the 512x384 JPEG at concurrency 1 and 8, back to back.
+* **floor** (latency): the service's image function plus one ONNX Runtime call at batch 1, wall clock,
+  median, with the service's session options or with one intra-op thread, whichever is faster. No
+  server answers one request faster.
+* **limit** (throughput): the CPU cost of one image, the image function plus its share of one ONNX
+  Runtime call (one intra-op thread) at the batch size that makes that share smallest (swept), in
+  process CPU seconds; the limit is ``os.cpu_count()`` / that cost, in images/s.
 
-The last line is machine-readable:
-``summary: throughput_ratio_c8=X p50_over_floor_512=Y p50_over_floor_3008=Z`` where X is ours/naive
-throughput at concurrency 8 on the 512x384 JPEG and Y, Z are ours' p50 at concurrency 1 over the floor.
+``--levers`` (on by default without --quick) starts the service with one thing changed at a time
+(micro-batching, worker processes, intra-op threads and spinning, HTTP server, the INT8 artifact) and compares it
+with the shipped configuration on the 512x384 JPEG, back to back; it also times, in process, what
+response encoding and the decode's hand-off to a worker thread cost per request.
+
+The last line is machine-readable: ``summary: best_peer=NAME ratio_c8=X ratio_c32=Y
+p50_over_floor_512=A p50_over_floor_3008=B fraction_of_limit_c32=F``; ratios are ours over the best
+peer's throughput on the 512x384 JPEG (the peer with the highest c8 + c32 throughput, same run), the
+p50s are ours at concurrency 1, the fraction is ours at concurrency 32 over the 512x384 limit.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
+import json
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -38,18 +48,23 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import anyio
 import httpx
 import numpy as np
+from fastapi.responses import JSONResponse
 from PIL import Image
 
 from bench.loadgen import LoadResult, multipart_request, run_load
-from service.imaging import load_image, open_image
+from service.imaging import load_image
 from service.model import load_model
 from service.settings import Settings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PHOTO = REPO_ROOT.parent / "shared" / "data" / "trashnet" / "glass" / "glass10.jpg"
+DEFAULT_INT8_DIR = REPO_ROOT / "models" / "trashnet-int8"
 CONCURRENCY = (1, 8, 32)
+LIMIT_BATCHES = (1, 2, 4, 8, 16, 32, 64)
+OURS = "ours"
 
 
 @dataclass
@@ -83,69 +98,118 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@dataclass
+class ServerSpec:
+    """How to start one server: ``command`` with ``{port}`` filled in, extra env, its readiness path."""
+
+    name: str
+    command: list[str]
+    ready_path: str
+    env: dict[str, str]
+
+    def argv(self, port: int) -> list[str]:
+        return [part.format(port=port) for part in self.command]
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """Stop the server and every process it started (LitServe and BentoML fork workers)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(15)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
 @contextlib.contextmanager
-def server(name: str, command: list[str], env: dict[str, str], port: int, ready_path: str) -> Iterator[int]:
-    """Start a server subprocess, wait until ``ready_path`` answers 200, stop it on exit."""
+def server(spec: ServerSpec, model_dir: Path) -> Iterator[int]:
+    """Start ``spec`` in its own process group, wait until its ready path answers 200, stop it on exit."""
+    port = free_port()
     log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in the finally below)
-    process = subprocess.Popen(command, cwd=REPO_ROOT, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "DEEPMAD_MODEL_DIR": str(model_dir), **spec.env}
+    process = subprocess.Popen(
+        spec.argv(port), cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     try:
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + 240
         while True:
             if process.poll() is not None:
                 log.seek(0)
-                raise RuntimeError(f"{name} exited with {process.returncode}:\n{log.read().decode(errors='replace')}")
+                tail = log.read().decode(errors="replace")[-3000:]
+                raise RuntimeError(f"{spec.name} exited with {process.returncode}:\n{tail}")
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"http://127.0.0.1:{port}{ready_path}", timeout=2).status_code == 200:
+                if httpx.get(f"http://127.0.0.1:{port}{spec.ready_path}", timeout=2).status_code == 200:
                     break
             if time.monotonic() > deadline:
-                raise RuntimeError(f"{name} did not become ready in 180 s")
-            time.sleep(0.2)
+                raise RuntimeError(f"{spec.name} did not become ready in 240 s")
+            time.sleep(0.3)
         yield port
     finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        _stop(process)
         log.close()
 
 
-def ours(model_dir: Path, env: dict[str, str] | None = None, name: str = "service"):
-    port = free_port()
-    command = [sys.executable, "-m", "service", "--model-dir", str(model_dir), "--port", str(port)]
-    return server(name, [*command, "--log-level", "warning"], env or {}, port, "/readyz")
+PY = sys.executable
+UVICORN = [PY, "-m", "uvicorn", "--host", "127.0.0.1", "--port", "{port}", "--log-level", "warning", "--no-access-log"]
 
 
-def naive(model_dir: Path):
-    port = free_port()
-    command = [sys.executable, "-m", "uvicorn", "bench.naive_service:app", "--port", str(port)]
-    command += ["--host", "127.0.0.1", "--log-level", "warning", "--no-access-log"]
-    return server("naive baseline", command, {"DEEPMAD_MODEL_DIR": str(model_dir)}, port, "/healthz")
+def ours_spec(env: dict[str, str] | None = None, name: str = OURS) -> ServerSpec:
+    command = [PY, "-m", "service", "--port", "{port}", "--log-level", "warning"]
+    return ServerSpec(name, command, "/readyz", env or {})
+
+
+PEERS = {
+    "fastapi-ort": ServerSpec("fastapi-ort", [*UVICORN, "bench.peers.fastapi_ort:app"], "/healthz", {}),
+    "fastapi-torch": ServerSpec("fastapi-torch", [*UVICORN, "bench.peers.torch_fastapi:app"], "/healthz", {}),
+    "litserve": ServerSpec("litserve", [PY, "-m", "bench.peers.litserve_ort", "--port", "{port}"], "/health", {}),
+    "bentoml": ServerSpec(
+        "bentoml",
+        [str(Path(PY).with_name("bentoml")), "serve", "bench.peers.bentoml_ort:TrashnetClassifier"]
+        + ["--host", "127.0.0.1", "--port", "{port}"],
+        "/readyz",
+        {"BENTOML_DO_NOT_TRACK": "true"},
+    ),
+}
 
 
 def classify(port: int, item: BenchInput) -> dict:
     files = {"file": (item.path.name, item.data, item.content_type)}
     response = httpx.post(f"http://127.0.0.1:{port}/classify", files=files, timeout=60)
     response.raise_for_status()
-    return response.json()
+    answer = response.json()
+    return answer[0] if isinstance(answer, list) else answer  # BentoML's batchable API answers a list
 
 
-def check_agreement(our_port: int, naive_port: int, inputs: list[BenchInput]) -> list[str]:
-    """Same weights: on the 32x32 PNG (no resize, no decoder choice) the answers must match; on the
-    photos the decoders differ (draft mode + bilinear vs full decode + bicubic), so report the gap."""
+def check_agreement(ports: dict[str, int], inputs: list[BenchInput]) -> list[str]:
+    """Every peer must give our nearest class and our distances (to 1e-3 relative) on every input."""
     lines = []
     for item in inputs:
-        a, b = classify(our_port, item), classify(naive_port, item)
-        gap = max(abs(a["distances"][k] - b["distances"][k]) for k in a["distances"])
-        lines.append(
-            f"  {item.name:<15} ours score {a['score']:.4f} ({a['nearest_class']}), "
-            f"naive {b['score']:.4f} ({b['nearest_class']}), max |distance gap| {gap:.2e}"
-        )
-        same = gap <= 1e-3 * max(1.0, abs(a["score"])) and a["nearest_class"] == b["nearest_class"]
-        if item.content_type == "image/png" and not same:
-            raise SystemExit(f"ours and naive disagree on {item.name}: the baseline's weights differ\n{lines[-1]}")
+        ours = classify(ports[OURS], item)
+        for name, port in ports.items():
+            if name == OURS:
+                continue
+            theirs = classify(port, item)
+            gap = max(abs(ours["distances"][k] - theirs["distances"][k]) for k in ours["distances"])
+            line = (
+                f"  {item.name:<15} {name:<14} score {theirs['score']:.4f} ({theirs['nearest_class']}) "
+                f"vs ours {ours['score']:.4f} ({ours['nearest_class']}), max |distance gap| {gap:.1e}"
+            )
+            lines.append(line)
+            if gap > 1e-3 * max(1.0, abs(ours["score"])) or theirs["nearest_class"] != ours["nearest_class"]:
+                raise SystemExit(f"{name} disagrees with ours on {item.name}: not the same model or decoding\n{line}")
     return lines
+
+
+def _median(fn, reps: int, clock=time.perf_counter) -> float:
+    """Median seconds of ``fn`` over ``reps`` calls after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(reps):
+        start = clock()
+        fn()
+        times.append(clock() - start)
+    return statistics.median(times)
 
 
 @dataclass
@@ -153,198 +217,325 @@ class Floor:
     decode_ms: float
     ort_ms: float
     total_ms: float
-    decode_no_draft_ms: float
 
 
-def _median_ms(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
-
-
-def _decode_without_draft(data: bytes) -> np.ndarray:
-    image = open_image(data)
-    image.load()  # full-size decode: what the image function avoids with Image.draft
-    return np.asarray(image.convert("RGB").resize((32, 32), Image.Resampling.BILINEAR))
-
-
-def measure_floor(model, item: BenchInput, reps: int) -> Floor:
-    height, width, channels = model.input_shape
-    data = item.data
+def measure_floor(models, data: bytes, reps: int) -> Floor:
+    """The faster of the service's session options and a one-thread session: both are ways to serve."""
+    height, width, channels = models[0].input_shape
     array = load_image(data, height, width, channels)[None]
-    decode = _median_ms(lambda: load_image(data, height, width, channels), reps)
-    ort_call = _median_ms(lambda: model.run(array), reps)
-    total = _median_ms(lambda: model.run(load_image(data, height, width, channels)[None]), reps)
-    no_draft = _median_ms(lambda: _decode_without_draft(data), max(3, reps // 10))
-    return Floor(decode, ort_call, total, no_draft)
+    decode = _median(lambda: load_image(data, height, width, channels), reps)
+    floors = []
+    for model in models:
+        ort_call = _median(lambda m=model: m.run(array), reps)
+        total = _median(lambda m=model: m.run(load_image(data, height, width, channels)[None]), reps)
+        floors.append(Floor(decode * 1e3, ort_call * 1e3, total * 1e3))
+    return min(floors, key=lambda f: f.total_ms)
+
+
+@dataclass
+class Limit:
+    decode_cpu_ms: float
+    ort_cpu_ms_per_image: dict[int, float]  # batch size -> CPU ms per image of one ORT call
+
+    @property
+    def best_batch(self) -> int:
+        return min(self.ort_cpu_ms_per_image, key=self.ort_cpu_ms_per_image.get)
+
+    @property
+    def image_cpu_ms(self) -> float:
+        return self.decode_cpu_ms + self.ort_cpu_ms_per_image[self.best_batch]
+
+    @property
+    def req_per_s(self) -> float:
+        return (os.cpu_count() or 1) * 1e3 / self.image_cpu_ms
+
+
+def measure_limit(single_thread_model, data: bytes, reps: int) -> Limit:
+    """CPU seconds (process_time: immune to waiting for a busy CPU) of decode and of ORT per image."""
+    height, width, channels = single_thread_model.input_shape
+    image = load_image(data, height, width, channels)
+    decode = _median(lambda: load_image(data, height, width, channels), reps, time.process_time)
+    per_image = {}
+    for batch in LIMIT_BATCHES:
+        stacked = np.repeat(image[None], batch, axis=0)
+        calls = max(3, reps // batch)
+        per_image[batch] = _median(lambda s=stacked: single_thread_model.run(s), calls, time.process_time) / batch
+    return Limit(decode * 1e3, {b: s * 1e3 for b, s in per_image.items()})
 
 
 def compare(
-    port_a: int,
-    port_b: int,
-    request_a: bytes,
-    request_b: bytes,
-    concurrency: int,
-    seconds: float,
-    rounds: int,
-    warm: bool,
-) -> tuple[LoadResult, LoadResult]:
-    """A and B back to back, alternating ``rounds`` times (B first on odd rounds), pooled."""
-    a = b = None
+    ports: dict[str, int], requests: dict[str, bytes], concurrency: int, seconds: float, rounds: int
+) -> dict[str, LoadResult]:
+    """Every server in turn, ``rounds`` times (order rotated each round), ``seconds / rounds`` each, pooled."""
+    names = list(ports)
+    results: dict[str, LoadResult] = {}
     for k in range(rounds):
-        order = [("a", port_a, request_a), ("b", port_b, request_b)]
-        if k % 2:
-            order.reverse()
-        for which, port, request in order:
-            if warm and k < 2:
-                run_load(port, request, concurrency, 0.0, max_requests=concurrency)  # one per connection
-            result = run_load(port, request, concurrency, seconds / rounds)
-            if which == "a":
-                a = result if a is None else a.merge(result)
-            else:
-                b = result if b is None else b.merge(result)
-    return a, b
+        for name in names[k % len(names) :] + names[: k % len(names)]:
+            if k == 0:  # one request per connection first: connections open, first-call costs paid
+                run_load(ports[name], requests[name], concurrency, 0.0, max_requests=concurrency)
+            result = run_load(ports[name], requests[name], concurrency, seconds / rounds)
+            results[name] = result if name not in results else results[name].merge(result)
+    return results
+
+
+def load_line() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f} {five:.2f} {fifteen:.2f} (1/5/15 min) on {os.cpu_count()} CPUs"
 
 
 def ms(seconds: float) -> str:
-    return f"{seconds * 1e3:8.2f}"
+    return f"{seconds * 1e3:.1f}"
+
+
+def print_tables(inputs, names, rows, floors, limits) -> None:
+    for item in inputs:
+        if (item.name, CONCURRENCY[0]) not in rows:
+            continue
+        print()
+        print(f"{item.name}: throughput req/s | p50 / p99 ms   [{load_line()}]")
+        width = 17
+        header = f"{'conc':>4} | " + " ".join(f"{n:>{width}}" for n in names) + f" | {'ours/best peer':>14}"
+        print(header)
+        print("-" * len(header))
+        for concurrency in CONCURRENCY:
+            cell = rows[item.name, concurrency]
+            peers = [n for n in names if n != OURS]
+            best = max(peers, key=lambda n: cell[n].throughput)
+            print(
+                f"{concurrency:>4} | "
+                + " ".join(f"{cell[n].throughput:>{width}.1f}" for n in names)
+                + f" | {cell[OURS].throughput / cell[best].throughput:>6.2f} ({best})"
+            )
+            print(
+                f"{'':>4} | "
+                + " ".join(f"{ms(cell[n].percentile(50)) + ' / ' + ms(cell[n].percentile(99)):>{width}}" for n in names)
+                + " |"
+            )
+        errors = {n: sum(rows[item.name, c][n].errors for c in CONCURRENCY) for n in names}
+        if any(errors.values()):
+            print(f"errors: {errors}")
+    print()
+    print(f"references, measured in this process before the load   [{load_line()}]")
+    print(
+        f"{'input':<15} | {'floor ms':>8} = {'decode':>6} + {'ORT b1':>6} | {'CPU ms/img':>10} = "
+        f"{'decode':>6} + {'ORT/img':>7} at b | {'limit req/s':>11} | {'ours p50 c1 / floor':>19} | "
+        f"{'ours c32 / limit':>16}"
+    )
+    for item in inputs:
+        if item.name not in floors:
+            continue
+        f, lim = floors[item.name], limits[item.name]
+        p50 = rows[item.name, 1][OURS].percentile(50) * 1e3
+        c32 = rows[item.name, 32][OURS].throughput
+        print(
+            f"{item.name:<15} | {f.total_ms:8.2f} = {f.decode_ms:6.2f} + {f.ort_ms:6.2f} | {lim.image_cpu_ms:10.2f} = "
+            f"{lim.decode_cpu_ms:6.2f} + {lim.ort_cpu_ms_per_image[lim.best_batch]:7.2f} at {lim.best_batch:<2}| "
+            f"{lim.req_per_s:11.1f} | {p50:8.2f} ms {p50 / f.total_ms:6.2f}x | {c32 / lim.req_per_s:16.2f}"
+        )
+    sweep = next(iter(limits.values())).ort_cpu_ms_per_image
+    print("ORT CPU ms per image by batch size: " + ", ".join(f"b{b} {v:.2f}" for b, v in sweep.items()))
+    print(
+        "floor: image function + one ORT call at batch 1 (service's options or 1 thread), wall-clock median; "
+        f"limit: {os.cpu_count()} CPUs / (decode + ORT per image at the best batch), CPU-time medians"
+    )
+
+
+# Each lever changes one thing from the shipped configuration (``python -m service`` with its defaults).
+def lever_specs(int8_dir: Path) -> list[tuple[str, ServerSpec, Path | None]]:
+    launch = [PY, "-m", "uvicorn", "--factory", "bench.launch:app", "--host", "127.0.0.1", "--port", "{port}"]
+    launch += ["--log-level", "warning", "--no-access-log"]
+    h11 = ServerSpec("h11", [*launch, "--http", "h11", "--loop", "asyncio"], "/readyz", {})
+    levers = [
+        ("micro-batch 8 items, 0 ms", ours_spec({"DEEPMAD_MICROBATCH_MAX_ITEMS": "8"}), None),
+        (
+            "micro-batch 8 items, 2 ms",
+            ours_spec({"DEEPMAD_MICROBATCH_MAX_ITEMS": "8", "DEEPMAD_MICROBATCH_WAIT_MS": "2"}),
+            None,
+        ),
+        (
+            "micro-batch 32 items, 5 ms",
+            ours_spec({"DEEPMAD_MICROBATCH_MAX_ITEMS": "32", "DEEPMAD_MICROBATCH_WAIT_MS": "5"}),
+            None,
+        ),
+        ("intra-op threads 1", ours_spec({"DEEPMAD_INTRA_OP_THREADS": "1"}), None),
+        ("ORT thread spinning on (ORT default)", ours_spec({"DEEPMAD_ORT_SPINNING": "true"}), None),
+        (
+            "2 uvicorn workers, 1 thread each",
+            ServerSpec("2 workers", [*launch, "--workers", "2"], "/readyz", {"DEEPMAD_INTRA_OP_THREADS": "1"}),
+            None,
+        ),
+        ("uvicorn h11 + asyncio", h11, None),
+        (
+            "granian",
+            ServerSpec(
+                "granian",
+                [str(Path(PY).with_name("granian")), "--interface", "asgi", "--factory", "--host", "127.0.0.1"]
+                + ["--port", "{port}", "--log-level", "warning", "bench.launch:app"],
+                "/readyz",
+                {},
+            ),
+            None,
+        ),
+        (
+            "hypercorn",
+            ServerSpec(
+                "hypercorn",
+                [str(Path(PY).with_name("hypercorn")), "--bind", "127.0.0.1:{port}", "bench.launch:app()"],
+                "/readyz",
+                {},
+            ),
+            None,
+        ),
+    ]
+    if (int8_dir / "model.onnx").is_file():
+        levers.append(("INT8 artifact (bench.quantize)", ours_spec(name="int8"), int8_dir))
+    return levers
+
+
+def measure_in_process_levers(model, data: bytes) -> list[str]:
+    """What response encoding and the decode's thread hand-off cost per request, against the request."""
+    height, width, channels = model.input_shape
+    scores = model.run(load_image(data, height, width, channels)[None])
+    names = model.manifest.class_names
+    answer = {
+        "verdict": "normal",
+        "score": float(scores.score[0]),
+        "threshold": model.threshold,
+        "probability": 0.1,
+        "nearest_class": names[int(scores.nearest[0])],
+        "distances": dict(zip(names, scores.distances[0].tolist(), strict=True)),
+        "model": {"name": model.manifest.name, "version": model.manifest.version},
+    }
+    render = _median(lambda: JSONResponse(answer).body, 2000)
+    compact = _median(lambda: json.dumps(answer, separators=(",", ":")).encode(), 2000)
+
+    async def hops(n: int) -> float:
+        await anyio.to_thread.run_sync(int)
+        start = time.perf_counter()
+        for _ in range(n):
+            await anyio.to_thread.run_sync(int)
+        return (time.perf_counter() - start) / n
+
+    hop = asyncio.run(hops(2000))
+    return [
+        f"  response encoding: JSONResponse render {render * 1e6:.1f} us, bare json.dumps {compact * 1e6:.1f} us "
+        "per answer",
+        f"  decode off the event loop: one anyio.to_thread hand-off {hop * 1e6:.1f} us per request",
+    ]
+
+
+def print_levers(lever_rows, in_process: list[str], floor_ms: float) -> None:
+    print()
+    print(f"levers on/off: 512x384 JPEG, shipped vs one change, back to back   [{load_line()}]")
+    header = (
+        f"{'lever':<36} {'conc':>4} | {'shipped req/s':>13} {'lever req/s':>11} | "
+        f"{'shipped p50':>11} {'lever p50':>9} | {'lever/shipped':>13}"
+    )
+    print(header)
+    print("-" * len(header))
+    for label, concurrency, shipped, lever in lever_rows:
+        print(
+            f"{label:<36} {concurrency:>4} | {shipped.throughput:13.1f} {lever.throughput:11.1f} | "
+            f"{ms(shipped.percentile(50)):>11} {ms(lever.percentile(50)):>9} | "
+            f"{lever.throughput / shipped.throughput:13.2f}"
+        )
+    print(f"in process (the 512x384 floor is {floor_ms:.2f} ms a request):")
+    print("\n".join(in_process))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.serve", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="short run (under a minute), no variants")
-    parser.add_argument("--seconds", type=float, help="measured seconds per cell and server (default 4, quick 0.6)")
-    parser.add_argument("--rounds", type=int, help="alternations of ours/naive per cell (default 6, quick 1)")
-    parser.add_argument("--variants", action=argparse.BooleanOptionalAction, default=None, help="on/off table")
-    parser.add_argument("--only-variants", action="store_true", help="skip the naive comparison (tuning)")
+    parser.add_argument("--quick", action="store_true", help="JPEG inputs only, short cells, no levers")
+    parser.add_argument("--seconds", type=float, help="measured seconds per cell and server (default 4, quick 1.5)")
+    parser.add_argument("--rounds", type=int, help="turns per cell and server (default 4, quick 3)")
+    parser.add_argument("--peers", default=",".join(PEERS), help=f"comma-separated subset of {', '.join(PEERS)}")
+    parser.add_argument("--levers", action=argparse.BooleanOptionalAction, default=None, help="on/off table")
+    parser.add_argument("--only-levers", action="store_true", help="skip the peer comparison")
+    parser.add_argument("--lever", action="append", help="only levers whose label contains this (repeatable)")
     parser.add_argument("--photo", type=Path, default=DEFAULT_PHOTO, help="a 512x384 TrashNet JPEG")
     parser.add_argument("--model-dir", type=Path, default=REPO_ROOT / "models" / "trashnet")
+    parser.add_argument("--int8-dir", type=Path, default=DEFAULT_INT8_DIR, help="INT8 artifact for its lever row")
     args = parser.parse_args(argv)
-    seconds = args.seconds or (0.6 if args.quick else 4.0)
-    rounds = args.rounds or (1 if args.quick else 6)
-    variants = (not args.quick) if args.variants is None else args.variants
+    seconds = args.seconds or (1.5 if args.quick else 4.0)
+    rounds = args.rounds or (3 if args.quick else 4)
+    levers = args.only_levers or ((not args.quick) if args.levers is None else args.levers)
+    peer_names = [name.strip() for name in args.peers.split(",") if name.strip()]
+    unknown = [name for name in peer_names if name not in PEERS]
+    if unknown or (not peer_names and not args.only_levers):
+        parser.error(f"--peers: choose from {', '.join(PEERS)} (got {args.peers!r})")
     began = time.perf_counter()
-    print(
-        f"bench.serve: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}, "
-        f"{seconds:g} s per cell and server in {rounds} round(s)",
-        flush=True,
-    )
+    print(f"bench.serve: {seconds:g} s per cell and server in {rounds} round(s); {load_line()}", flush=True)
 
-    settings = Settings(model_dir=args.model_dir)
-    model = load_model(args.model_dir, settings)
+    model = load_model(args.model_dir, Settings(model_dir=args.model_dir))
+    single = load_model(args.model_dir, Settings(model_dir=args.model_dir, intra_op_threads=1))
     floors: dict[str, Floor] = {}
-    rows: dict[tuple[str, int], tuple[LoadResult, LoadResult]] = {}
-    variant_rows = []
+    limits: dict[str, Limit] = {}
+    rows: dict[tuple[str, int], dict[str, LoadResult]] = {}
+    lever_rows = []
+    names = [OURS, *peer_names]
     with contextlib.ExitStack() as stack:
-        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="deepmad-bench-"))
-        inputs = make_inputs(args.photo, Path(tmp))
-        our_port = stack.enter_context(ours(args.model_dir))
-        if not args.only_variants:
-            naive_port = stack.enter_context(naive(args.model_dir))
-            print("agreement (same weights; photos differ only by the decoder):")
-            print("\n".join(check_agreement(our_port, naive_port, inputs)), flush=True)
-            for item in inputs:
-                floors[item.name] = measure_floor(model, item, 30 if args.quick else 200)
-                req_ours = multipart_request(our_port, "/classify", item.data, item.path.name, item.content_type)
-                req_naive = multipart_request(naive_port, "/classify", item.data, item.path.name, item.content_type)
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="deepmad-bench-")))
+        os.environ.setdefault("BENTOML_HOME", str(tmp / "bentoml"))
+        inputs = make_inputs(args.photo, tmp)
+        measured = inputs[1:] if args.quick else inputs
+        for item in [] if args.only_levers else measured:
+            floors[item.name] = measure_floor((model, single), item.data, 100 if args.quick else 300)
+            limits[item.name] = measure_limit(single, item.data, 64 if args.quick else 256)
+        ports = {OURS: stack.enter_context(server(ours_spec(), args.model_dir))}
+        if not args.only_levers:
+            peer_stack = stack.enter_context(contextlib.ExitStack())  # closed before the levers start
+            for name in peer_names:
+                ports[name] = peer_stack.enter_context(server(PEERS[name], args.model_dir))
+            print("agreement (the same graph or weights and the same image function on every input):")
+            print("\n".join(check_agreement(ports, measured)), flush=True)
+            for item in measured:
+                requests = {
+                    n: multipart_request(p, "/classify", item.data, item.path.name, item.content_type)
+                    for n, p in ports.items()
+                }
                 for concurrency in CONCURRENCY:
-                    rows[item.name, concurrency] = compare(
-                        our_port, naive_port, req_ours, req_naive, concurrency, seconds, rounds, warm=not args.quick
-                    )
+                    rows[item.name, concurrency] = compare(ports, requests, concurrency, seconds, rounds)
                     print(".", end="", flush=True)
             print()
-        if variants or args.only_variants:
+            peer_stack.close()
+            ports = {OURS: ports[OURS]}
+        if levers:
             photo = inputs[1]
-            req_o = multipart_request(our_port, "/classify", photo.data, photo.path.name, photo.content_type)
-            for label, env in VARIANTS:
-                with ours(args.model_dir, env, label) as port:
-                    req_v = multipart_request(port, "/classify", photo.data, photo.path.name, photo.content_type)
-                    for concurrency in (1, 8):
-                        shipped, variant = compare(our_port, port, req_o, req_v, concurrency, seconds, rounds, True)
-                        variant_rows.append((label, concurrency, shipped, variant))
+            if photo.name not in floors:
+                floors[photo.name] = measure_floor((model, single), photo.data, 100)
+            wanted = args.lever or [""]
+            chosen = [lever for lever in lever_specs(args.int8_dir) if any(k in lever[0] for k in wanted)]
+            for label, spec, model_dir in chosen:
+                with server(spec, model_dir or args.model_dir) as port:
+                    both = {OURS: ports[OURS], label: port}
+                    requests = {
+                        n: multipart_request(p, "/classify", photo.data, photo.path.name, photo.content_type)
+                        for n, p in both.items()
+                    }
+                    for concurrency in CONCURRENCY:
+                        cell = compare(both, requests, concurrency, seconds, rounds)
+                        lever_rows.append((label, concurrency, cell[OURS], cell[label]))
                 print(".", end="", flush=True)
             print()
+            in_process = measure_in_process_levers(model, photo.data)
 
     if rows:
-        print_table(inputs, rows, floors)
-    if variant_rows:
-        print_variants(variant_rows)
-    print(f"({time.perf_counter() - began:.0f} s, load average now {os.getloadavg()[0]:.1f})")
+        print_tables(measured, names, rows, floors, limits)
+    if lever_rows:
+        print_levers(lever_rows, in_process, floors[inputs[1].name].total_ms)
+    print(f"({time.perf_counter() - began:.0f} s; {load_line()})")
     if rows:
         photo, big = inputs[1].name, inputs[2].name
-        ratio = rows[photo, 8][0].throughput / rows[photo, 8][1].throughput
-        over_512 = rows[photo, 1][0].percentile(50) * 1e3 / floors[photo].total_ms
-        over_3008 = rows[big, 1][0].percentile(50) * 1e3 / floors[big].total_ms
+        cell8, cell32 = rows[photo, 8], rows[photo, 32]
+        best = max(peer_names, key=lambda n: cell8[n].throughput + cell32[n].throughput)
         print(
-            f"summary: throughput_ratio_c8={ratio:.2f} p50_over_floor_512={over_512:.2f} "
-            f"p50_over_floor_3008={over_3008:.2f}"
+            f"summary: best_peer={best} ratio_c8={cell8[OURS].throughput / cell8[best].throughput:.2f} "
+            f"ratio_c32={cell32[OURS].throughput / cell32[best].throughput:.2f} "
+            f"p50_over_floor_512={rows[photo, 1][OURS].percentile(50) * 1e3 / floors[photo].total_ms:.2f} "
+            f"p50_over_floor_3008={rows[big, 1][OURS].percentile(50) * 1e3 / floors[big].total_ms:.2f} "
+            f"fraction_of_limit_c32={cell32[OURS].throughput / limits[photo].req_per_s:.2f}"
         )
     return 0
-
-
-# Each variant changes one thing from the shipped defaults (env vars of the service's settings).
-VARIANTS = [
-    ("ORT defaults (threads 0, spinning)", {"DEEPMAD_INTRA_OP_THREADS": "0", "DEEPMAD_ORT_SPINNING": "true"}),
-    ("intra-op threads 1", {"DEEPMAD_INTRA_OP_THREADS": "1"}),
-    ("intra-op threads 2", {"DEEPMAD_INTRA_OP_THREADS": "2"}),
-    ("graph optimisation basic", {"DEEPMAD_GRAPH_OPTIMIZATION": "basic"}),
-    ("micro-batching 8 items, 0 ms", {"DEEPMAD_MICROBATCH_MAX_ITEMS": "8"}),
-    ("micro-batching 8 items, 2 ms", {"DEEPMAD_MICROBATCH_MAX_ITEMS": "8", "DEEPMAD_MICROBATCH_WAIT_MS": "2"}),
-]
-
-
-def print_table(inputs, rows, floors) -> None:
-    print()
-    header = (
-        f"{'input':<15} {'conc':>4} | {'ours req/s':>10} {'naive req/s':>11} {'ratio':>6} | "
-        f"{'ours p50':>8} {'p95':>8} {'p99':>8} | {'naive p50':>9} {'p95':>8} {'p99':>8} | {'errors':>6}"
-    )
-    print(header)
-    print("-" * len(header))
-    for item in inputs:
-        for concurrency in CONCURRENCY:
-            a, b = rows[item.name, concurrency]
-            print(
-                f"{item.name:<15} {concurrency:>4} | {a.throughput:10.1f} {b.throughput:11.1f} "
-                f"{a.throughput / b.throughput:6.2f} | {ms(a.percentile(50))} {ms(a.percentile(95))} "
-                f"{ms(a.percentile(99))} | {' ' + ms(b.percentile(50))} {ms(b.percentile(95))} "
-                f"{ms(b.percentile(99))} | {a.errors + b.errors:>6}"
-            )
-    print("latencies in ms; ratio = ours/naive throughput (same cell, back to back)")
-    print()
-    print(
-        f"{'input':<15} | {'floor ms':>8} = {'decode':>7} + {'ORT b1':>7} | {'no-draft decode':>15} | "
-        f"{'ours p50 c1':>11} {'/ floor':>7}"
-    )
-    for item in inputs:
-        f = floors[item.name]
-        p50 = rows[item.name, 1][0].percentile(50) * 1e3
-        print(
-            f"{item.name:<15} | {f.total_ms:8.2f} = {f.decode_ms:7.2f} + {f.ort_ms:7.2f} | "
-            f"{f.decode_no_draft_ms:15.2f} | {p50:11.2f} {p50 / f.total_ms:7.2f}"
-        )
-    print("floor: the service's image function + one ORT call at batch 1, in-process (median)")
-
-
-def print_variants(variant_rows) -> None:
-    print()
-    print("optimisations on/off: 512x384 JPEG, shipped defaults vs one change, back to back")
-    header = (
-        f"{'variant':<36} {'conc':>4} | {'shipped req/s':>13} {'variant req/s':>13} | "
-        f"{'shipped p50':>11} {'variant p50':>11} | {'variant/shipped':>15}"
-    )
-    print(header)
-    print("-" * len(header))
-    for label, concurrency, shipped, variant in variant_rows:
-        print(
-            f"{label:<36} {concurrency:>4} | {shipped.throughput:13.1f} {variant.throughput:13.1f} | "
-            f"{ms(shipped.percentile(50)):>11} {ms(variant.percentile(50)):>11} | "
-            f"{variant.throughput / shipped.throughput:15.2f}"
-        )
 
 
 if __name__ == "__main__":

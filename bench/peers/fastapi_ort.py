@@ -1,0 +1,45 @@
+"""Plain FastAPI + ONNX Runtime: what a competent engineer writes in an afternoon.
+
+FastAPI's ``UploadFile`` shape with a sync ``def`` route (FastAPI runs it in its thread pool, so the
+event loop never blocks), one ``InferenceSession`` with ONNX Runtime's default options, the service's
+image function for decoding, a dict for the answer. Run it with
+``DEEPMAD_MODEL_DIR=models/trashnet uvicorn bench.peers.fastapi_ort:app``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import onnxruntime as ort
+from fastapi import FastAPI, UploadFile
+
+from service.imaging import load_image
+
+MODEL_DIR = Path(os.environ.get("DEEPMAD_MODEL_DIR", Path(__file__).resolve().parents[2] / "models" / "trashnet"))
+manifest = json.loads((MODEL_DIR / "manifest.json").read_text())
+session = ort.InferenceSession(str(MODEL_DIR / "model.onnx"), providers=["CPUExecutionProvider"])
+class_names = manifest["class_names"]
+threshold = manifest["threshold"]["value"]
+spec = manifest["input"]
+
+app = FastAPI(title="FastAPI + ONNX Runtime peer")
+
+
+@app.post("/classify")
+def classify(file: UploadFile):
+    image = load_image(file.file.read(), spec["height"], spec["width"], spec["channels"])
+    distances, score, nearest = session.run(["distances", "score", "nearest"], {"image": image[None]})
+    return {
+        "verdict": "anomalous" if float(score[0]) >= threshold else "normal",
+        "score": float(score[0]),
+        "threshold": threshold,
+        "nearest_class": class_names[int(nearest[0])],
+        "distances": {name: float(d) for name, d in zip(class_names, distances[0], strict=True)},
+    }
+
+
+@app.get("/healthz")
+def healthz():
+    return {"status": "ok"}

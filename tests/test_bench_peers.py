@@ -1,0 +1,60 @@
+"""The benchmark's peers start as real processes and answer exactly as the service does; the INT8
+artifact ranks photos as the FP32 one does."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench.serve import OURS, PEERS, BenchInput, check_agreement, classify, make_inputs, ours_spec, server
+from service.imaging import load_image_file
+from service.model import load_model
+from service.settings import Settings
+from tests.conftest import SHIPPED_MODEL
+
+pytestmark = pytest.mark.slow
+INT8_MODEL = SHIPPED_MODEL.parent / "trashnet-int8"
+
+
+@pytest.fixture(scope="module")
+def inputs(trashnet_dir: Path, tmp_path_factory) -> list[BenchInput]:
+    made = make_inputs(trashnet_dir / "glass" / "glass10.jpg", tmp_path_factory.mktemp("bench-inputs"))
+    trash = BenchInput("trash jpeg", trashnet_dir / "trash" / "trash1.jpg", "image/jpeg")
+    return [*made, trash]
+
+
+@pytest.fixture(scope="module")
+def our_port():
+    with server(ours_spec(), SHIPPED_MODEL) as port:
+        yield port
+
+
+@pytest.mark.parametrize("peer", list(PEERS))
+def test_peer_answers_like_the_service(peer: str, our_port: int, inputs: list[BenchInput]):
+    with contextlib.ExitStack() as stack:
+        port = stack.enter_context(server(PEERS[peer], SHIPPED_MODEL))
+        lines = check_agreement({OURS: our_port, peer: port}, inputs)  # SystemExit on any disagreement
+        assert len(lines) == len(inputs)
+        glass, trash = classify(port, inputs[1]), classify(port, inputs[-1])
+    assert glass["nearest_class"] == "glass"
+    assert glass["score"] != pytest.approx(trash["score"], abs=1e-3)  # not one constant answer
+
+
+def test_int8_artifact_ranks_photos_like_fp32(trashnet_dir: Path):
+    fp32 = load_model(SHIPPED_MODEL, Settings())
+    int8 = load_model(INT8_MODEL, Settings())  # sha256 and signature checked on load
+    photos = [
+        path
+        for name in ("cardboard", "glass", "metal", "trash")
+        for path in sorted((trashnet_dir / name).glob("*.jpg"))[:12]
+    ]
+    batch = np.stack([load_image_file(path, 32, 32, 3) for path in photos])
+    a, b = fp32.run(batch), int8.run(batch)
+    assert np.std(b.score) > 0.5  # a collapsed graph would give every photo one score
+    ranks_a, ranks_b = np.argsort(np.argsort(a.score)), np.argsort(np.argsort(b.score))
+    assert np.corrcoef(ranks_a, ranks_b)[0, 1] > 0.95
+    assert np.mean(a.nearest == b.nearest) >= 0.9
+    assert int8.manifest.test_metrics.auc >= fp32.manifest.test_metrics.auc - 0.005
