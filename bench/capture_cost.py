@@ -69,6 +69,13 @@ def metric(port: int, name: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
 
 
+def drain(port: int, timeout: float = 120) -> None:
+    """Wait until the capture writer has written (or dropped) everything queued."""
+    deadline = time.monotonic() + timeout
+    while metric(port, "deepmad_capture_pending") > 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.capture_cost", description=__doc__)
     parser.add_argument("--model-dir", type=Path, default=REPO_ROOT / "models" / "trashnet")
@@ -94,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             for port in ports.values():  # warm-up, discarded
                 warm = multipart_request(port, "/classify", photos[0].read_bytes(), photos[0].name, "image/jpeg")
                 run_load(port, warm, 1, seconds=60, max_requests=20)
+            drain(on)
             for round_index in range(args.rounds):
                 photo = photos[round_index % len(photos)]
                 order = ("off", "on") if round_index % 2 == 0 else ("on", "off")
@@ -103,9 +111,7 @@ def main(argv: list[str] | None = None) -> int:
                     result = run_load(port, request, args.concurrency, seconds=600, max_requests=args.requests)
                     latencies[arm] += result.latencies
                     errors[arm] += result.errors
-            deadline = time.monotonic() + 60  # let the writer finish what is queued before reading its counters
-            while metric(on, "deepmad_capture_pending") > 0 and time.monotonic() < deadline:
-                time.sleep(0.1)
+                    drain(on)  # the writer's backlog must not run into the other arm's measurement
             written = metric(on, 'deepmad_captures_total{outcome="written"}')
             dropped = metric(on, "deepmad_captures_total") - written
             stored_bytes = metric(on, "deepmad_capture_bytes")

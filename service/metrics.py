@@ -98,6 +98,10 @@ class Metrics:
         for trigger in ("http", "sighup"):
             self.reloads.labels(trigger)
             self.reload_failures.labels(trigger)
+        self._add_capture_metrics(r)
+
+    def _add_capture_metrics(self, r: CollectorRegistry) -> None:
+        """The capture writer's counters and gauges (zero when capture is off)."""
         self.captures = Counter(
             f"{PREFIX}_captures",
             "Photos the capture policy kept, by outcome: written, or dropped (queue_full, budget_full: only "
