@@ -1,0 +1,73 @@
+"""bench.flywheel: the fixed TrashNet split it measures on, and one small end-to-end round."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench.flywheel import trashnet_splits
+from service.app import create_app
+from service.imaging import load_image_file
+from service.manifest import Manifest
+from service.settings import Settings
+from tests.conftest import REPO_ROOT
+from tests.service_support import model_dir
+from training.captures import iter_captures
+from training.data import load_dataset, make_task
+from training.data.folders import TRASHNET_NORMAL
+
+
+def test_the_split_is_the_shipped_models_test_split(trashnet_dir: Path):
+    splits = trashnet_splits(trashnet_dir)
+    counts = Manifest.load(model_dir()).training_data.counts
+    test = Counter(label for _, label in splits.test)
+    assert {k: test[k] for k in TRASHNET_NORMAL} == {k: counts["test"][k] for k in TRASHNET_NORMAL}
+    assert test["trash"] == counts["test"]["anomalous"] and len(splits.held_trash) == 60
+    assert len(splits.train) == sum(counts["train"][k] for k in TRASHNET_NORMAL)
+    streamed = {p for p, _ in splits.train + splits.val} | set(splits.held_trash)
+    assert not streamed & {p for p, _ in splits.test}
+    # Exactly the photos of training.fit's own test split, in its order (decoded through the cache).
+    task = make_task(load_dataset("trashnet", trashnet_dir), list(TRASHNET_NORMAL), None, 0, 0.5, True)
+    decoded = np.stack([load_image_file(path, 32, 32, 3) for path, _ in splits.test])
+    assert np.array_equal(decoded, task.test.images)
+    assert np.array_equal(np.array([label == "trash" for _, label in splits.test]), task.test_anomalous)
+
+
+def service_has_feedback() -> bool:
+    return any(getattr(route, "path", None) == "/feedback" for route in create_app(Settings()).routes)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not service_has_feedback(), reason="the service's capture and POST /feedback are not merged yet")
+def test_one_flywheel_round_end_to_end(tmp_path: Path, data_dir: Path):
+    out = tmp_path / "flywheel"
+    command = [
+        sys.executable, "-m", "bench.flywheel", "--out", str(out), "--data", str(data_dir / "trashnet"),
+        "--rounds", "1", "--per-round", "40", "--trash-share", "0.5", "--labels-per-round", "20",
+        "--capture-normal-rate", "1.0", "--seed-per-class", "20", "--ae-epochs", "1", "--epochs", "1",
+        "--max-train-per-class", "12", "--threads", "1",
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    summary = json.loads((out / "flywheel.json").read_text())
+    assert (out / "flywheel.png").stat().st_size > 0
+    assert summary["test_split"] == {"normal": 410, "trash": 59}
+    for order in ("uncertain", "random"):
+        start, first = summary["results"][order]
+        assert start["labelled"] == 0 and first["labelled"] == 20 and first["captures"] == 40
+        labelled = [c for c in iter_captures(out / order / "captures") if c.label is not None]
+        assert len(labelled) == 20 and {c.sidecar["label_source"] for c in labelled} == {"feedback"}
+        export = first["export"]
+        assert export["labelled"] == 20 and export["written"] + export["audit_written"] + export["duplicates"] == 20
+        assert first["gate"]["decision"] in {"promoted", "refused", "not judged"}  # half trash: retrained
+        assert first["candidate"]["score_std"] > 0 and 0.0 <= first["candidate"]["auc"] <= 1.0
+        if first["gate"]["decision"] == "promoted":
+            assert first["serving"]["version"] == first["candidate"]["version"] == "candidate-r1"
+        else:
+            assert first["serving"]["version"] == start["serving"]["version"] == "round0"
