@@ -11,11 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.flywheel import trashnet_splits
+from bench.flywheel import add_to_tree, trashnet_splits
 from service.app import create_app
 from service.imaging import load_image_file
 from service.manifest import Manifest
 from service.settings import Settings
+from tests.capture_support import open_model, write_capture
 from tests.conftest import REPO_ROOT
 from tests.service_support import model_dir
 from training.captures import iter_captures
@@ -37,6 +38,41 @@ def test_the_split_is_the_shipped_models_test_split(trashnet_dir: Path):
     decoded = np.stack([load_image_file(path, 32, 32, 3) for path, _ in splits.test])
     assert np.array_equal(decoded, task.test.images)
     assert np.array_equal(np.array([label == "trash" for _, label in splits.test]), task.test_anomalous)
+
+
+@pytest.mark.slow
+def test_exported_captures_retrain_with_outlier_exposure(tmp_path: Path, trashnet_dir: Path):
+    """Labelled trash captures, exported into a seeded tree, are the exposure pool of training.fit."""
+    splits = trashnet_splits(trashnet_dir)
+    tree, captures = tmp_path / "data", tmp_path / "captures"
+    add_to_tree(tree, [p for name in TRASHNET_NORMAL for p in [q for q in splits.train if q[1] == name][:15]])
+    model = open_model(model_dir())
+    for n, photo in enumerate(splits.held_trash[:8]):
+        write_capture(captures, model, photo, capture_id=f"trash{n}", label="trash")
+    export = subprocess.run(
+        [sys.executable, "-m", "training.captures", "export", "--captures", str(captures), "--out", str(tree),
+         "--audit-share", "0"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert export.returncode == 0, export.stderr
+    assert json.loads(export.stdout)["written"] == 8
+    out = tmp_path / "candidate"
+    fit = subprocess.run(
+        [
+            sys.executable, "-m", "training.fit", "--dataset", "folder", "--data", str(tree),
+            "--normal", ",".join(TRASHNET_NORMAL), "--anomaly-holdout", "0.5", "--outlier-exposure",
+            "--exposure-from-train", "6", "--ae-epochs", "1", "--epochs", "1", "--threads", "1", "--quiet",
+            "--out", str(out), "--checkpoint", str(tmp_path / "checkpoint.pt"),
+        ],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    manifest = Manifest.load(out)
+    assert manifest.class_names == list(TRASHNET_NORMAL)
+    assert manifest.training_data.anomaly_classes == ["trash"]
+    counts = manifest.training_data.counts
+    # 8 trash photos: 6 in the folder's training split (all exposure), 1 in validation (unused), 1 in test.
+    assert counts["train"]["outlier_exposure"] == 6 and counts["test"]["anomalous"] >= 1
 
 
 def service_has_feedback() -> bool:
