@@ -22,7 +22,7 @@ import torch
 
 from training.data import default_normal, load_dataset, make_task
 from training.fit import build_parser, config_from
-from training.methods import fit_method, prepare_task
+from training.methods import METHODS
 from training.metrics import roc_auc
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -70,11 +70,11 @@ def measure(variant: str, seed: int, flags: list[str], ae_epochs: int, epochs: i
     args = build_parser().parse_args([*argv, str(epochs), *flags, "--seed", str(seed), "--out", "unused"])
     dataset = load_dataset("trashnet", None, args.image_size, None)
     task = make_task(dataset, default_normal(dataset), None, seed, 0.5, args.outlier_exposure)
-    task = prepare_task("deepmad", task)
+    task = METHODS["deepmad"].prepare(task)
     checkpoint = REPO_ROOT / "runs" / "quality" / variant / f"checkpoint-seed{seed}.pt"
     if not checkpoint.exists():
         raise SystemExit(f"no checkpoint {checkpoint}: run bench/quality.py for this variant first")
-    scorer, _ = fit_method("deepmad", task, config_from(args), torch.device("cpu"), checkpoint, True, progress=False)
+    scorer, _ = METHODS["deepmad"].fit(task, config_from(args), torch.device("cpu"), checkpoint, True, progress=False)
     splits = {"val": task.val.images, "selection": task.selection.images, "test": task.test.images}
     cache: dict[tuple[str, str], np.ndarray] = {}
 

@@ -4,7 +4,7 @@
     .venv/bin/python -m bench.train --quick     # 1 + 1 epochs on 50 images per class
 
 Same data (TrashNet 5/1: the five recyclables normal, trash the anomaly; the training split of
-``make_task``), same epochs, batch size, optimiser and loss (``training.deepmad``): "together" is the
+``make_task``), same epochs, batch size, optimiser and loss (``training.methods.deepmad``): "together" is the
 ``GroupedAutoencoder`` with groups=m that ``fit_deepmad`` trains; "one after another" is m networks
 with groups=1, each run through the same phase functions on its own class (phase 1) and on all normal
 images with its class as positives and the rest as negatives (phase 2), each with its own optimiser and
@@ -39,10 +39,17 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from training import deepmad, networks
+from training import engine, networks
 from training.batches import Normaliser
 from training.data import default_normal, load_dataset, make_task
-from training.deepmad import DeepMADConfig, compute_centres, embed, pretrain_autoencoders, train_encoders
+from training.methods.deepmad import (
+    DeepMADConfig,
+    EncoderPhase,
+    compute_centres,
+    embed,
+    pretrain_autoencoders,
+    train_encoders,
+)
 from training.metrics import roc_auc
 from training.networks import GroupedAutoencoder
 
@@ -98,7 +105,7 @@ def train_together(task, config: DeepMADConfig, device: torch.device, name: str)
     pretrain_autoencoders(model, class_images, normaliser, config, ae_opt, generator, 0, _none)
     centres = compute_centres(model.encoder, class_images, normaliser)
     enc_opt = torch.optim.Adam(model.encoder.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    train_encoders(model.encoder, centres, images, labels, normaliser, config, enc_opt, generator, 0, _none)
+    train_encoders(EncoderPhase(model.encoder, centres, images, labels, normaliser, config, enc_opt, generator))
     _sync(device)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     scores = _distances(model.encoder, centres, test, normaliser).min(axis=1)
@@ -120,7 +127,7 @@ def train_one_after_another(task, config: DeepMADConfig, device: torch.device, n
         centre = compute_centres(model.encoder, [own], normaliser)
         enc_opt = torch.optim.Adam(model.encoder.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         one_vs_rest = torch.where(labels == i, 0, -1)  # -1: a negative for every encoder (here: the one)
-        train_encoders(model.encoder, centre, images, one_vs_rest, normaliser, config, enc_opt, generator, 0, _none)
+        train_encoders(EncoderPhase(model.encoder, centre, images, one_vs_rest, normaliser, config, enc_opt, generator))
         _sync(device)
         columns.append((model.encoder, centre))
         passes += _phase_images([len(own)], len(images), config)
@@ -138,7 +145,7 @@ def _as_plain_torch(channels_last: bool, retain_memory: bool) -> None:
     if not channels_last:
         networks._channels_last = lambda x: x
     if not retain_memory:
-        deepmad.retain_freed_memory = _none
+        engine.retain_freed_memory = _none
 
 
 def _tensors(task, device: torch.device):

@@ -8,9 +8,9 @@ Usage::
     curl -F files=@a.jpg -F files=@b.jpg http://127.0.0.1:8000/classify/batch
 
 Open http://127.0.0.1:8000/ for the upload page, /docs for the OpenAPI UI, /metrics for Prometheus.
-Settings are env vars ``DEEPMAD_*`` or flags (``python -m service --help``): MODEL_DIR, HOST, PORT,
-THRESHOLD, MAX_UPLOAD_BYTES, MAX_PIXELS, MAX_BATCH_ITEMS, INTRA_OP_THREADS, INTER_OP_THREADS,
-PROVIDERS, ADMIN_TOKEN, REQUIRE_MODEL. Reload the model folder with ``kill -HUP <pid>`` or
+Settings are env vars ``DEEPMAD_*`` or flags (``python -m service --help``; every field of
+``service.settings.Settings``). With ``--capture-dir`` the service keeps photos worth labelling;
+operators label them on /review (``DEEPMAD_OPERATOR_TOKEN``). Reload the model folder with ``kill -HUP <pid>`` or
 ``curl -X POST -H "Authorization: Bearer $DEEPMAD_ADMIN_TOKEN" http://127.0.0.1:8000/admin/reload``;
 a failed reload keeps the old model serving.
 """

@@ -1,5 +1,7 @@
 """``python -m service [flags]``: serve the model with uvicorn. Flags override DEEPMAD_* env vars.
 
+Every setting of ``service.settings.Settings`` is a flag (``--model-dir``, ``--threshold``, ...),
+generated from the class by pydantic-settings, so a new setting needs no CLI code.
 SIGHUP reloads the model folder (a failed reload keeps the old model serving).
 """
 
@@ -10,31 +12,40 @@ import logging
 import sys
 
 import uvicorn
+from pydantic import ValidationError
+from pydantic_settings import CliSettingsSource
 
 from service.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, sha256_file
 from service.settings import Settings
 
 
-def parse_args(argv: list[str] | None = None) -> dict[str, object]:
-    parser = argparse.ArgumentParser(prog="python -m service", description=__doc__)
-    parser.add_argument("--model-dir", help="folder with model.onnx + manifest.json (default: models/trashnet)")
-    parser.add_argument("--host", help="bind address (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, help="port (default 8000; 0 picks a free one)")
-    parser.add_argument("--threshold", type=float, help="override the manifest's threshold gamma")
-    parser.add_argument("--max-upload-bytes", type=int, help="largest image in bytes (default 10 MB)")
-    parser.add_argument("--max-pixels", type=int, help="largest image in width x height (default 50 M)")
-    parser.add_argument("--max-batch-items", type=int, help="most files in one batch request")
-    parser.add_argument("--intra-op-threads", type=int, help="ONNX Runtime intra-op threads (0: default)")
-    parser.add_argument("--inter-op-threads", type=int, help="ONNX Runtime inter-op threads (0: default)")
-    parser.add_argument("--ort-spinning", action=argparse.BooleanOptionalAction, help="ORT threads spin-wait")
-    parser.add_argument("--graph-optimization", choices=["disabled", "basic", "extended", "all"])
-    parser.add_argument("--microbatch-max-items", type=int, help="micro-batching: images per ORT call (1: off)")
-    parser.add_argument("--microbatch-wait-ms", type=float, help="micro-batching: wait for more, under load")
-    parser.add_argument("--providers", help="comma-separated ONNX Runtime providers (default: CUDA if any, CPU)")
-    parser.add_argument("--admin-token", help="token for POST /admin/reload (better: DEEPMAD_ADMIN_TOKEN)")
-    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
-    args = parser.parse_args(argv)
-    return {key: value for key, value in vars(args).items() if value is not None}
+def cli_source() -> CliSettingsSource[Settings]:
+    """The flags of every ``Settings`` field, kebab-case, booleans as ``--x/--no-x``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m service", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    return CliSettingsSource(
+        Settings,
+        root_parser=parser,
+        cli_kebab_case=True,
+        cli_implicit_flags=True,
+        cli_avoid_json=True,
+        cli_hide_none_type=True,
+        cli_enforce_required=False,
+    )
+
+
+def parse_settings(argv: list[str]) -> Settings:
+    """Settings from flags, then DEEPMAD_* env vars, then defaults; ValidationError on a bad value."""
+    return Settings(_cli_settings_source=cli_source()(args=argv))
+
+
+def describe_errors(exc: ValidationError) -> str:
+    parts = []
+    for error in exc.errors():
+        flag = "--" + "-".join(str(part) for part in error["loc"]).replace("_", "-")
+        parts.append(f"{flag}: {error['msg']} (got {error.get('input')!r})")
+    return "; ".join(parts)
 
 
 def check_model_dir(settings: Settings) -> str | None:
@@ -52,10 +63,29 @@ def check_model_dir(settings: Settings) -> str | None:
     return None
 
 
+def check_capture_dir(settings: Settings) -> str | None:
+    """The capture folder must be creatable and writable: one clear line at startup, not a traceback."""
+    if settings.capture_dir is None:
+        return None
+    try:
+        settings.capture_dir.mkdir(parents=True, exist_ok=True)
+        probe = settings.capture_dir / ".startup-check.tmp"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        return f"capture folder {settings.capture_dir} is not writable: {exc.strerror or exc}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    settings = Settings(**parse_args(argv))
+    try:
+        settings = parse_settings(sys.argv[1:] if argv is None else argv)
+    except ValidationError as exc:
+        print(f"error: {describe_errors(exc)}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if settings.require_model and (problem := check_model_dir(settings)):
+    problem = (check_model_dir(settings) if settings.require_model else None) or check_capture_dir(settings)
+    if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     from service.app import create_app

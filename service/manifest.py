@@ -1,25 +1,30 @@
 """The model artifact contract: ``models/<name>/model.onnx`` + ``manifest.json``.
 
-Training writes the manifest through these classes and the service reads it through them, so the two
-sides cannot drift apart. The ONNX graph takes ``image`` uint8 [N, H, W, C] and returns ``distances``
-float32 [N, k], ``score`` float32 [N] (higher = more anomalous) and ``nearest`` int64 [N].
+Training writes the artifact through these names and classes and the service reads it through them,
+so the two sides cannot drift apart. The ONNX graph takes ``image`` uint8 [N, H, W, C] and returns
+``distances`` float32 [N, k], ``score`` float32 [N] (higher = more anomalous) and ``nearest`` int64 [N].
+Every manifest field is typed; manifests written before a field was typed or dropped still load.
+This module imports neither torch nor onnxruntime.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from service.fileio import sha256_file, write_atomic
+
+__all__ = ["sha256_file"]  # the service checks an artifact's hash through the contract module
 
 FORMAT_VERSION = 1
 MODEL_FILE = "model.onnx"
 MANIFEST_FILE = "manifest.json"
+INPUT_NAME = "image"  # uint8 [N, H, W, C]
+OUTPUT_NAMES = ("distances", "score", "nearest")  # float32 [N, k], float32 [N], int64 [N]
 
 
 class InputSpec(BaseModel):
@@ -54,12 +59,21 @@ class Calibration(BaseModel):
 
 
 class TrainingData(BaseModel):
+    """The data's identity (source name, classes, counts, content hash), never a path on the training machine."""
+
+    model_config = ConfigDict(extra="forbid")
+
     source: str
-    root: str
     normal_classes: list[str]
     anomaly_classes: list[str]
     counts: dict[str, dict[str, int]] = Field(description="split -> class -> number of images")
     sha256: str = Field(description="hash of the decoded training arrays and labels")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_machine_path(cls, data: Any) -> Any:
+        """Manifests before format 1's data identity recorded the data folder (``root``): not kept."""
+        return _without(data, "root")
 
 
 class TestMetrics(BaseModel):
@@ -72,8 +86,34 @@ class TestMetrics(BaseModel):
     extra: dict[str, Any] = Field(default_factory=dict)
 
 
+class TrainingLog(BaseModel):
+    """Per-epoch losses by name (``autoencoder_mse``, ``encoder_loss``, DROCC's ``ce_loss`` and
+    ``adversarial_loss``), the measured training speed, and an ensemble's members' logs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    losses: dict[str, list[float]] = Field(default_factory=dict)
+    images_per_second: dict[str, float] = Field(default_factory=dict)
+    members: list[TrainingLog] = Field(default_factory=list)
+
+    def append(self, means: dict[str, float]) -> None:
+        """One epoch's mean losses, by name."""
+        for name, value in means.items():
+            self.losses.setdefault(name, []).append(value)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_losses(cls, data: Any) -> Any:
+        """Older manifests and checkpoints kept each loss list at the top level."""
+        if not isinstance(data, dict):
+            return data
+        known = {"losses", "images_per_second", "members"}
+        losses = {k: v for k, v in data.items() if k not in known}
+        return {**{k: v for k, v in data.items() if k in known}, "losses": {**data.get("losses", {}), **losses}}
+
+
 class Manifest(BaseModel):
-    model_config = ConfigDict(extra="allow", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     format_version: int = FORMAT_VERSION
     name: str
@@ -89,37 +129,25 @@ class Manifest(BaseModel):
     model_sha256: str
     created_at: str
     command: str = ""
+    detector_calibration: list[Calibration] = Field(
+        default_factory=list, description="per detector column: P_i({i}|x) for the Dempster-Shafer combination"
+    )
+    training_log: TrainingLog | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_derived(cls, data: Any) -> Any:
+        """``method_description`` (older manifests) is the method's description, derived from ``method``."""
+        return _without(data, "method_description")
 
     @classmethod
     def load(cls, model_dir: str | Path) -> Manifest:
         return cls.model_validate_json((Path(model_dir) / MANIFEST_FILE).read_text())
 
 
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def write_atomic(path: str | Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; an artifact is read by other users (containers)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _without(data: Any, key: str) -> Any:
+    """``data`` without ``key`` when it is a dict (what a before-validator gets), else unchanged."""
+    return {k: v for k, v in data.items() if k != key} if isinstance(data, dict) else data
 
 
 def write_manifest(model_dir: str | Path, manifest: Manifest) -> None:

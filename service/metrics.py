@@ -16,6 +16,8 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5,
 RATIO_BUCKETS = (0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0)
 SCORE_BUCKETS = tuple(round(0.001 * 2**i, 6) for i in range(21))  # 0.001 .. ~1049, log spaced
 
+CAPTURE_OUTCOMES = ("written", "queue_full", "budget_full", "duplicate_id", "write_error", "error")
+
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
 
 
@@ -95,6 +97,25 @@ class Metrics:
         for trigger in ("http", "sighup"):
             self.reloads.labels(trigger)
             self.reload_failures.labels(trigger)
+        self.captures = Counter(
+            f"{PREFIX}_captures",
+            "Photos the capture policy kept, by outcome: written, or dropped (queue_full, budget_full: only "
+            "labelled captures left, duplicate_id, write_error, error)",
+            ["outcome"],
+            registry=r,
+        )
+        for outcome in CAPTURE_OUTCOMES:
+            self.captures.labels(outcome)
+        self.capture_evictions = Counter(
+            f"{PREFIX}_capture_evictions",
+            "Unlabelled captures deleted to stay within the capture byte budget",
+            registry=r,
+        )
+        self.capture_bytes = Gauge(f"{PREFIX}_capture_bytes", "Bytes held by captures (images + sidecars)", registry=r)
+        self.captures_stored = Gauge(f"{PREFIX}_captures_stored", "Captures in the capture folder", registry=r)
+        self.capture_pending = Gauge(
+            f"{PREFIX}_capture_pending", "Captures queued or being written by the background writer", registry=r
+        )
 
     def set_model(self, model: LoadedModel | None) -> None:
         if model is None:

@@ -25,13 +25,11 @@ import numpy as np
 import onnxruntime as ort
 from pydantic import ValidationError
 
-from service.manifest import MANIFEST_FILE, MODEL_FILE, Manifest
+from service.manifest import INPUT_NAME, MANIFEST_FILE, MODEL_FILE, OUTPUT_NAMES, Calibration, Manifest
+from service.schemas import ModelRef
 from service.settings import Settings
 
 log = logging.getLogger("service.model")
-
-INPUT_NAME = "image"
-OUTPUT_NAMES = ("distances", "score", "nearest")
 
 
 class ModelLoadError(RuntimeError):
@@ -49,11 +47,15 @@ class Scores:
 
 @dataclass(frozen=True)
 class LoadedModel:
+    """One served artifact with the values in effect for it (threshold, calibration, reference)."""
+
     model_dir: Path
     manifest: Manifest
     session: ort.InferenceSession
     threshold: float
     threshold_overridden: bool
+    calibration: Calibration | None  # centred on ``threshold``: p >= 0.5 iff anomalous, override or not
+    ref: ModelRef  # {name, version}, as every response names the model
     providers: tuple[str, ...]
     loaded_at: str
 
@@ -136,13 +138,15 @@ def load_model(model_dir: str | Path, settings: Settings) -> LoadedModel:
         raise ModelLoadError(f"ONNX Runtime cannot load {model_path}: {exc}") from None
 
     _check_signature(session, manifest, model_path)
-    threshold = manifest.threshold.value if settings.threshold is None else settings.threshold
+    threshold = float(manifest.threshold.value if settings.threshold is None else settings.threshold)
     model = LoadedModel(
         model_dir=model_dir,
         manifest=manifest,
         session=session,
-        threshold=float(threshold),
+        threshold=threshold,
         threshold_overridden=settings.threshold is not None,
+        calibration=effective_calibration(manifest.calibration, threshold),
+        ref=ModelRef(name=manifest.name, version=manifest.version),
         providers=tuple(session.get_providers()),
         loaded_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     )
@@ -157,6 +161,17 @@ def load_model(model_dir: str | Path, settings: Settings) -> LoadedModel:
         model.threshold,
     )
     return model
+
+
+def effective_calibration(calibration: Calibration | None, threshold: float) -> Calibration | None:
+    """The manifest's logistic moved to the threshold in use, keeping its scale (its spread of scores).
+
+    The manifest centres it on its own gamma; with ``--threshold`` the verdict moves, so the centre moves
+    with it, or verdict and probability would disagree for every score between the two thresholds.
+    """
+    if calibration is None or calibration.center == threshold:
+        return calibration
+    return calibration.model_copy(update={"center": threshold})
 
 
 def _check_signature(session: ort.InferenceSession, manifest: Manifest, model_path: Path) -> None:

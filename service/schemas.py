@@ -6,6 +6,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from service.capture_store import ID_PATTERN, Sidecar
+
+REQUEST_ID_DOC = (
+    "request id (also the X-Request-ID header): a valid incoming X-Request-ID, else a new uuid4 hex; "
+    "the id a bin controller reports back with POST /feedback"
+)
+
 
 class ErrorDetail(BaseModel):
     code: str = Field(description="stable machine-readable reason, e.g. not_an_image, too_large")
@@ -24,6 +31,7 @@ class ModelRef(BaseModel):
 
 
 class Classification(BaseModel):
+    id: str = Field(description=REQUEST_ID_DOC)
     verdict: Literal["normal", "anomalous"] = Field(description="anomalous iff score >= threshold")
     score: float = Field(description="min over classes of the distance to the class centre; higher = more anomalous")
     threshold: float = Field(description="gamma in use (the manifest's, or the configured override)")
@@ -36,6 +44,7 @@ class Classification(BaseModel):
 
 
 class BatchItem(BaseModel):
+    id: str = Field(description="this item's own id (its capture's id; also in `result`)")
     index: int = Field(description="position of the file in the request")
     filename: str | None = None
     status: int = Field(description="HTTP status this item would have had on its own (200 or 4xx)")
@@ -44,6 +53,7 @@ class BatchItem(BaseModel):
 
 
 class BatchResponse(BaseModel):
+    id: str = Field(description="the request's id (also the X-Request-ID header)")
     results: list[BatchItem]
     model: ModelRef
 
@@ -89,3 +99,17 @@ class ReloadResponse(BaseModel):
     model: ModelRef
     previous: ModelRef | None = None
     model_sha256: str
+
+
+class FeedbackRequest(BaseModel):
+    id: str = Field(pattern=ID_PATTERN.pattern, description="the `id` of a /classify answer")
+    label: str = Field(description="one of the model's class names, or its anomaly label")
+
+
+class CaptureList(BaseModel):
+    total: int = Field(description="captures matching the filters")
+    offset: int
+    limit: int
+    labels: list[str] = Field(description="valid labels: the model's class names, then its anomaly label")
+    anomaly_labels: list[str] = Field(description="the label(s) meaning 'not a recyclable' (trash)")
+    items: list[Sidecar]

@@ -22,9 +22,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, protected_namespaces=(), extra="ignore")
 
     model_dir: Path = Field(DEFAULT_MODEL_DIR, description="folder holding model.onnx + manifest.json")
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
-    log_level: str = "info"
+    host: str = Field("127.0.0.1", description="bind address")
+    port: int = Field(8000, ge=0, le=65535, description="port (0 picks a free one)")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
 
     threshold: float | None = Field(None, description="override the manifest's gamma (score >= threshold -> anomalous)")
     max_upload_bytes: int = Field(10 * 1024 * 1024, gt=0, description="largest accepted image, in bytes")
@@ -66,6 +66,28 @@ class Settings(BaseSettings):
         True, description="fail at startup without a loadable model (false: start, 503 until a reload)"
     )
 
+    capture_dir: Path | None = Field(
+        None, description="keep photos for labelling and retraining in this folder; unset: capture is off"
+    )
+    capture_margin: float = Field(
+        0.5,
+        ge=0,
+        description="capture every item whose score lies within this distance of the threshold (score "
+        "units; 0.5 around the shipped model's gamma is probability 0.36-0.64)",
+    )
+    capture_normal_rate: float = Field(
+        0.05, ge=0, le=1, description="share of confident normal items captured (anomalous ones always are)"
+    )
+    capture_max_bytes: int = Field(
+        1 << 30, gt=0, description="byte budget of the capture folder; the oldest unlabelled captures go first"
+    )
+    capture_queue_size: int = Field(
+        256, gt=0, description="captures waiting for the background writer; beyond it they are dropped"
+    )
+    operator_token: str | None = Field(
+        None, description="token for POST /feedback, GET /captures and /review; unset disables them"
+    )
+
     @field_validator("providers", mode="before")
     @classmethod
     def _split_providers(cls, value: object) -> object:
@@ -77,7 +99,13 @@ class Settings(BaseSettings):
             return [part.strip() for part in text.split(",") if part.strip()]
         return value
 
-    @field_validator("admin_token", mode="before")
+    @field_validator("log_level", mode="before")
     @classmethod
-    def _empty_token_is_none(cls, value: object) -> object:
+    def _lower_log_level(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("admin_token", "operator_token", "capture_dir", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        # docker-compose passes `${DEEPMAD_OPERATOR_TOKEN:-}` as an empty string: unset, not "".
         return None if value == "" else value

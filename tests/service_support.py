@@ -59,6 +59,21 @@ def binomial_sf(k: int, n: int, p: float) -> float:
     return 1.0 - binomial_cdf(k - 1, n, p) if k > 0 else 1.0
 
 
+def wait_for(condition, timeout: float = 20.0) -> bool:
+    """Poll ``condition`` until it holds (True) or ``timeout`` seconds pass (False); not a timing assertion."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def without_id(answer: dict) -> dict:
+    """A /classify answer minus its per-request ``id``, to compare two answers for the same photo."""
+    return {key: value for key, value in answer.items() if key != "id"}
+
+
 # ---- bad inputs, each small in memory ----
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.analyze import ks_h, ks_table, main
+from training.evaluation.analysis import ks_h, ks_table, main
 
 
 def test_ks_h_counts_dimensions_whose_distributions_differ():

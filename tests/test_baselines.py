@@ -12,11 +12,11 @@ import torch
 
 from training.batches import Normaliser, to_float
 from training.data import load_dataset, make_task
-from training.deepmad import DeepMADConfig
-from training.deepsvdd import train_one_class_encoders
-from training.drocc import DROCCConfig, adversarial_search, learning_rate, project
 from training.export import check_parity, evaluate, export_onnx
-from training.methods import METHODS, fit_method, make_config, prepare_task
+from training.methods import METHODS
+from training.methods.deepmad import DeepMADConfig, EncoderPhase
+from training.methods.deepsvdd import train_one_class_encoders
+from training.methods.drocc import DROCCConfig, adversarial_search, learning_rate, project
 from training.metrics import roc_auc
 from training.networks import GroupedClassifier, GroupedEncoder
 
@@ -45,7 +45,7 @@ def test_projection_lands_between_r_and_gamma_r():
     far = x + 50 * torch.randn_like(x)
     near = x + 1e-3 * torch.randn_like(x)
     for start in (far, near):
-        h = project(x, start, radius=2.0, gamma=1.5) - x
+        h = project(x, start, radius=2.0, radius_factor=1.5) - x
         norms = h.pow(2).sum((2, 3, 4)).sqrt()
         assert torch.all(norms >= 2.0 - 1e-4) and torch.all(norms <= 3.0 + 1e-4)
 
@@ -54,7 +54,7 @@ def test_adversarial_search_raises_the_normal_logit_within_the_shell():
     torch.manual_seed(0)
     network = GroupedClassifier(2, 1, 28).train()
     x = torch.randn(16, 2, 1, 28, 28)
-    config = DROCCConfig(radius=4.0, gamma=2.0, ascent_step_size=0.5, ascent_steps=10)
+    config = DROCCConfig(radius=4.0, radius_factor=2.0, ascent_step_size=0.5, ascent_steps=10)
     generator = torch.Generator().manual_seed(0)
     searched = adversarial_search(network, x, config, generator)
     norms = (searched - x).pow(2).sum((2, 3, 4)).sqrt()
@@ -85,9 +85,7 @@ def test_one_class_detectors_are_independent(task):
         centres = torch.full((2, 16), 0.5)
         optimizer = torch.optim.Adam(encoder.parameters(), lr=1e-3)
         generator = torch.Generator().manual_seed(0)
-        train_one_class_encoders(
-            encoder, centres, x, labels, normaliser, config, optimizer, generator, 0, lambda *_: None
-        )
+        train_one_class_encoders(EncoderPhase(encoder, centres, x, labels, normaliser, config, optimizer, generator))
         return encoder.eval()
 
     a, b = train(False), train(True)
@@ -100,8 +98,8 @@ def test_one_class_detectors_are_independent(task):
 
 @pytest.mark.parametrize("method", ["deepsvdd", "deepsvdd-m", "drocc", "drocc-m"])
 def test_baseline_trains_to_varied_scores_and_exports_the_contract(method, task, tmp_path):
-    prepared = prepare_task(method, task)
-    scorer, _ = fit_method(method, prepared, make_config(method, {**TINY, "seed": 0}), torch.device("cpu"))
+    prepared = METHODS[method].prepare(task)
+    scorer, _ = METHODS[method].fit(prepared, METHODS[method].config({**TINY, "seed": 0}), torch.device("cpu"))
     result = evaluate(scorer, prepared, 0.05)
     scores = result.test_scores
     # Collapse guard: a detector mapping everything to one point (or one logit) gives near-constant scores.
@@ -125,8 +123,9 @@ def test_baseline_trains_to_varied_scores_and_exports_the_contract(method, task,
 
 
 def test_drocc_score_is_the_negated_logit_in_rank(task):
-    prepared = prepare_task("drocc", task)
-    scorer, _ = fit_method("drocc", prepared, make_config("drocc", {**TINY, "seed": 1}), torch.device("cpu"))
+    drocc = METHODS["drocc"]
+    prepared = drocc.prepare(task)
+    scorer, _ = drocc.fit(prepared, drocc.config({**TINY, "seed": 1}), torch.device("cpu"))
     images = torch.from_numpy(prepared.test.images[:64])
     with torch.no_grad():
         logits, _ = scorer.head(scorer.encoder.embed_shared(scorer.standardise(images)))

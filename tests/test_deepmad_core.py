@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from training.deepmad import CENTRE_EPS, deepmad_loss, guard_centres
+from training.methods.deepmad import CENTRE_EPS, deepmad_loss, guard_centres
 from training.metrics import calibrate, choose_threshold, rates_at, roc_auc
 from training.networks import GroupedAutoencoder, GroupedEncoder
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from service.manifest import Calibration
-from training.dempster_shafer import (
+from training.evaluation.dempster_shafer import (
     anomaly_probability,
     combined_anomaly_probability,
     conflict_normaliser,

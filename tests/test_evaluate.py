@@ -13,8 +13,8 @@ import pytest
 from tests.conftest import REPO_ROOT
 from training.errors import UserError
 from training.evaluate import main
-from training.protocol import parse_combos
-from training.report import claims, mean_ci
+from training.evaluation.protocol import parse_combos
+from training.evaluation.report import claims, mean_ci
 
 TINY = [
     "--dataset", "fmnist", "--n-normal", "2", "--combos", "0,8", "--seeds", "1", "--max-train-per-class", "30",

@@ -11,7 +11,7 @@ import pytest
 from training.data import load_dataset
 from training.errors import UserError
 from training.evaluate import build_parser, plan
-from training.protocol import drop_classes, load_for_runs
+from training.evaluation.protocol import drop_classes, load_for_runs
 
 
 def test_trashnet_4_in_1_out_leaves_trash_out_of_every_split(trashnet_dir: Path):

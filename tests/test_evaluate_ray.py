@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.test_evaluate import TINY, evaluate
-from training.protocol import RunSpec, run_one
+from training.evaluation.protocol import RunSpec, run_one
 
 pytest.importorskip("ray")
 

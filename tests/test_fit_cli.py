@@ -20,9 +20,9 @@ from service.manifest import Manifest, sha256_file
 from tests.conftest import REPO_ROOT
 from training.data import load_dataset, make_task
 from training.data.folders import TRASHNET_NORMAL
-from training.deepmad import DeepMADConfig
+from training.engine import RunOptions
 from training.export import check_parity, export_onnx
-from training.trainer import fit_deepmad
+from training.methods.deepmad import DeepMADConfig, fit_deepmad
 
 SMALL = ["--max-train-per-class", "40", "--batch-size", "64", "--quiet", "--threads", "2"]
 
@@ -95,9 +95,7 @@ def test_trash_scores_higher_than_recyclables_and_scores_are_not_collapsed(small
 def test_onnx_matches_torch_on_real_photos(tmp_path: Path, trashnet_dir: Path):
     """The exported graph against the torch scorer it came from, on photos through the image function."""
     task = make_task(load_dataset("trashnet", trashnet_dir), TRASHNET_NORMAL, max_train_per_class=30, seed=0)
-    scorer, _ = fit_deepmad(
-        task, DeepMADConfig(ae_epochs=1, epochs=1, batch_size=32), torch.device("cpu"), progress=False
-    )
+    scorer, _ = fit_deepmad(task, DeepMADConfig(ae_epochs=1, epochs=1, batch_size=32), RunOptions(torch.device("cpu")))
     export_onnx(scorer, tmp_path / "model.onnx")
     images = np.concatenate([_photos(trashnet_dir, k, 16) for k in ["glass", "trash", "paper", "metal"]])
     parity = check_parity(scorer, tmp_path / "model.onnx", images)
@@ -166,15 +164,53 @@ def test_resume_after_termination_gives_the_same_model(tmp_path: Path):
         (["--dataset", "trashnet", "--epochs", "-1"], "--epochs"),
         (["--dataset", "trashnet", "--resume", "--checkpoint", "/nonexistent/ckpt.pt"], "no checkpoint"),
         (["--dataset", "recycle", "--data", "/nonexistent/recycle.npz"], "not found"),
+        (["--dataset", "trashnet", "--threads", "-1"], "--threads must be at least 1"),
+        (["--dataset", "trashnet", "--seed", "-1"], "--seed must be at least 0"),
+        (["--dataset", "trashnet", "--max-train-per-class", "-5"], "--max-train-per-class must be at least 1"),
+        (["--dataset", "trashnet", "--image-size", "0"], "--image-size must be at least 8"),
+        (["--dataset", "trashnet", "--lr", "-1"], "--lr must be greater than 0"),
+        (["--dataset", "trashnet", "--ae-lr", "-0.1"], "--ae-lr must be greater than 0"),
+        (["--dataset", "trashnet", "--weight-decay", "-0.5"], "--weight-decay must be at least 0"),
+        (
+            ["--dataset", "trashnet", "--method", "drocc", "--radius-factor", "0.5"],
+            "--radius-factor must be at least 1",
+        ),
+        (["--dataset", "recycle", "--data", "{tmp}"], "is a folder without recycle_data_shuffled.tar.gz"),
+        (["--dataset", "trashnet", "--resume", "--checkpoint", "{tmp}/foreign.pt"], "not a training checkpoint"),
+        (["--dataset", "trashnet", "--resume", "--checkpoint", "{tmp}/drocc.pt"], "made with other settings"),
+        (["--dataset", "trashnet", "--out", "{tmp}/a-file"], "is a file"),
+        (["--dataset", "trashnet", "--anomaly-holdout", "0.01"], "leaves 0 selection"),
+        (["--dataset", "trashnet", "--anomaly-holdout", "0.999"], "and 0 test anomalies"),
     ],
 )
-def test_cli_errors_are_one_line_without_traceback(args: list[str], message: str, tmp_path: Path):
-    result = fit(*args, "--out", str(tmp_path / "out"), "--quiet", timeout=120)
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr
+def test_bad_input_stops_before_training(args: list[str], message: str, tmp_path: Path):
+    """Each bad input: one line, exit 2, no traceback, nothing written, and no epoch run."""
+    torch.save({"weights": [1.0]}, tmp_path / "foreign.pt")
+    torch.save({"config": {"radius": 8.0}, "model": {}}, tmp_path / "drocc.pt")
+    (tmp_path / "a-file").write_text("not a folder")
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    if "--out" not in args:
+        args += ["--out", str(tmp_path / "out")]
+    if "--checkpoint" not in args:
+        args += ["--checkpoint", str(tmp_path / "new.pt")]
+    result = fit(*args, "--quiet", timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and "train /" not in result.stderr  # stopped before the data summary
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(error_lines) == 1 and message in error_lines[0], result.stderr
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists() and not (tmp_path / "new.pt").exists()
+    assert (tmp_path / "a-file").read_text() == "not a folder"
+
+
+def test_recycle_as_written_names_the_download_offline(tmp_path: Path):
+    """`python -m training.fit --dataset recycle` needs no --out; offline it says what to fetch and where."""
+    unreachable = "http://127.0.0.1:9/recycle_data_shuffled.tar.gz"  # the discard port: nothing listens
+    env = {"DEEPMAD_RECYCLE_URL": unreachable, "DEEPMAD_CACHE_DIR": str(tmp_path / "cache")}
+    result = fit("--dataset", "recycle", env=env, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    (error,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert unreachable in error and str(tmp_path / "cache" / "recycle" / "recycle_data_shuffled.tar.gz") in error
 
 
 def test_cuda_request_without_cuda_is_a_clear_error(tmp_path: Path):

@@ -11,11 +11,11 @@ import torch
 from training.data import load_dataset, make_task, pool_task
 from training.data.composites import with_composites
 from training.data.folders import TRASHNET_NORMAL
-from training.deepmad import DeepMADConfig
-from training.ensemble import EnsembleScorer
+from training.engine import RunOptions, TrainingInputs
 from training.errors import UserError
 from training.export import check_parity, export_onnx
-from training.trainer import TrainingInputs, fit_deepmad
+from training.methods.deepmad import DeepMADConfig, fit_deepmad
+from training.methods.ensemble import EnsembleScorer
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,7 @@ def test_ensemble_with_mirror_view_exports_to_one_graph(trashnet, tmp_path: Path
     task = make_task(trashnet, TRASHNET_NORMAL, max_train_per_class=20, anomaly_holdout=0.5, outlier_exposure=True)
     members = [
         fit_deepmad(
-            task, DeepMADConfig(ae_epochs=1, epochs=1, batch_size=32, seed=seed), torch.device("cpu"), progress=False
+            task, DeepMADConfig(ae_epochs=1, epochs=1, batch_size=32, seed=seed), RunOptions(torch.device("cpu"))
         )[0]
         for seed in (0, 1)
     ]

@@ -28,6 +28,7 @@ from tests.service_support import (
     model_dir,
     photo_subset,
     service_env,
+    without_id,
 )
 
 TOKEN = "test-admin-token"
@@ -74,8 +75,9 @@ def test_classify_multipart_and_raw_agree(client: TestClient, manifest: Manifest
     raw = client.post("/classify", content=photo_bytes, headers={"content-type": "image/jpeg"})
     assert multipart.status_code == raw.status_code == 200
     body = multipart.json()
-    assert body == raw.json()
-    assert set(body) == {"verdict", "score", "threshold", "probability", "nearest_class", "distances", "model"}
+    assert without_id(body) == without_id(raw.json()) and body["id"] != raw.json()["id"]
+    assert set(body) == {"id", "verdict", "score", "threshold", "probability", "nearest_class", "distances", "model"}
+    assert multipart.headers["x-request-id"] == body["id"]
     assert list(body["distances"]) == manifest.class_names
     assert body["score"] == pytest.approx(min(body["distances"].values()), rel=1e-5)
     assert body["nearest_class"] == min(body["distances"], key=body["distances"].get)
@@ -291,7 +293,7 @@ def test_failed_reload_keeps_serving(model: Path, tmp_path: Path, photo_bytes: b
         assert sample(client, "deepmad_reload_failures_total", trigger="http") == 1
         assert client.get("/readyz").status_code == 200
         after = client.post("/classify", content=photo_bytes, headers={"content-type": "image/jpeg"}).json()
-        assert after == before
+        assert without_id(after) == without_id(before)
 
         # A good new version in place: the reload takes it.
         copy_model(model, live)
@@ -353,3 +355,25 @@ def test_other_image_kinds_are_served(client: TestClient, photo_bytes: bytes) ->
         image.convert(mode).save(buffer, format=fmt)
         response = client.post("/classify", files={"file": (f"x.{fmt.lower()}", buffer.getvalue(), "image/*")})
         assert response.status_code == 200, (mode, fmt, response.text)
+
+
+@pytest.mark.parametrize("threshold", [None, 2.0, 3.0, 4.5, 8.0])
+def test_probability_agrees_with_verdict_for_any_threshold(
+    model: Path, manifest: Manifest, trashnet_dir: Path, threshold: float | None
+) -> None:
+    """The calibration is centred on the threshold in use: anomalous iff probability >= 0.5."""
+    if manifest.calibration is None:
+        pytest.skip("the model under test has no calibration")
+    recyclable, trash = photo_subset(trashnet_dir, per_class=4, trash=10)
+    files = [("files", (p.name, p.read_bytes(), "image/jpeg")) for p in recyclable + trash]
+    with TestClient(create_app(Settings(model_dir=model, threshold=threshold))) as client:
+        results = [item["result"] for item in client.post("/classify/batch", files=files).json()["results"]]
+        single = client.post("/classify", files=[("file", files[0][1])]).json()
+    assert without_id(single) == without_id(results[0])
+    assert np.std([r["score"] for r in results]) > 0, "constant scores: the model is not looking at the image"
+    for result in results:
+        assert result["threshold"] == pytest.approx(manifest.threshold.value if threshold is None else threshold)
+        assert (result["verdict"] == "anomalous") == (result["probability"] >= 0.5), result
+    verdicts = {r["verdict"] for r in results}
+    if threshold in (3.0, 4.5):  # inside the photos' score range: both verdicts occur
+        assert verdicts == {"normal", "anomalous"}

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import sync_playwright
 
-from tests.service_support import model_dir, run_server
+from tests.service_support import model_dir, run_server, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
@@ -58,3 +58,63 @@ def test_upload_page_shows_verdict_and_bars(tmp_path: Path, trashnet_dir: Path) 
                 page.wait_for_selector("#error:has-text('400')", timeout=15_000)
             finally:
                 browser.close()
+
+
+def test_review_page_labels_survive_a_reload(tmp_path: Path, trashnet_dir: Path) -> None:
+    """Label three captures (a click, the anomaly key, a class key), reload: the labels are still there."""
+    if not Path(CHROMIUM).exists():
+        pytest.fail("Chromium not installed: `make system-deps` (Debian packages chromium, chromium-driver)")
+    token = "review-test-token"
+    photos = [
+        sorted((trashnet_dir / name).glob("*.jpg"))[3] for name in ("glass", "paper", "trash", "metal", "plastic")
+    ]
+    flags = ("--capture-dir", str(tmp_path / "captures"), "--operator-token", token, "--threshold", "0")
+    with run_server(model_dir(), tmp_path, *flags) as server, server.client() as client:
+        for photo in photos:
+            client.post("/classify", content=photo.read_bytes(), headers={"content-type": "image/jpeg"})
+        auth = {"Authorization": f"Bearer {token}"}
+        assert wait_for(lambda: client.get("/captures", headers=auth).json()["total"] == len(photos))
+        labels = client.get("/captures", headers=auth).json()["labels"]
+        anomaly = client.get("/captures", headers=auth).json()["anomaly_labels"][0]
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+            try:
+                page = browser.new_page()
+                errors: list[str] = []
+                page.on("pageerror", lambda exc: errors.append(str(exc)))
+                page.goto(server.url + "/review")
+                page.fill("#token", token)
+                page.click("#login button[type=submit]")
+                page.wait_for_selector(f".card >> nth={len(photos) - 1}", timeout=15_000)
+                ids = [card.get_attribute("data-id") for card in page.query_selector_all(".card")]
+                assert len(ids) == len(photos)
+                # Thumbnails load through the cookie the page set (an <img> sends no Authorization header).
+                page.wait_for_function(
+                    "[...document.querySelectorAll('.thumb')].every(img => img.complete && img.naturalWidth > 0)",
+                    timeout=15_000,
+                )
+
+                page.click(f".card[data-id='{ids[0]}'] button[data-label='{labels[1]}']")  # a click
+                page.wait_for_selector(f".card[data-id='{ids[0]}'][data-label='{labels[1]}']", timeout=15_000)
+                page.keyboard.press("t")  # the selection moved to the second card
+                page.wait_for_selector(f".card[data-id='{ids[1]}'][data-label='{anomaly}']", timeout=15_000)
+                page.keyboard.press("ArrowRight")  # skip the third
+                page.keyboard.press("1")
+                page.wait_for_selector(f".card[data-id='{ids[3]}'][data-label='{labels[0]}']", timeout=15_000)
+                expected = {ids[0]: labels[1], ids[1]: anomaly, ids[2]: "", ids[3]: labels[0], ids[4]: ""}
+
+                page.reload()  # the token is remembered for the tab: no second prompt
+                page.wait_for_selector(f".card >> nth={len(photos) - 1}", timeout=15_000)
+                assert page.is_hidden("#login")
+                shown = {
+                    card.get_attribute("data-id"): card.get_attribute("data-label")
+                    for card in page.query_selector_all(".card")
+                }
+                assert shown == expected
+                assert page.inner_text(f".card[data-id='{ids[1]}'] .current") == f"label: {anomaly}"
+                assert errors == []
+                page.screenshot(path=str(tmp_path / "review-page.png"), full_page=True)
+            finally:
+                browser.close()
+        on_server = {item["id"]: item["label"] or "" for item in client.get("/captures", headers=auth).json()["items"]}
+        assert on_server == expected

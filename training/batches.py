@@ -67,3 +67,10 @@ def class_batches(class_images: list[torch.Tensor], batch_size: int, generator: 
     for step in range(steps):
         window = torch.arange(step * batch_size, (step + 1) * batch_size)
         yield [x[order[window % len(x)]] for x, order in zip(class_images, orders, strict=True)]
+
+
+def shuffled_batches(count: int, batch_size: int, generator: torch.Generator):
+    """Index batches of one seeded permutation of ``count`` items (drawn when iteration starts)."""
+    order = torch.randperm(count, generator=generator)
+    for start in range(0, count, batch_size):
+        yield order[start : start + batch_size]

@@ -23,11 +23,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from training.data.base import check_anomaly_holdout
-from training.errors import UserError
-from training.executors import run_local, run_ray
-from training.methods import METHODS, parse_methods
-from training.protocol import RunSpec, load_for_runs, parse_combos, result_path, write_result
+from training.data.base import add_holdout_flags, check_anomaly_holdout
+from training.errors import UserError, run_command
+from training.evaluation.executors import run_local, run_ray
+from training.evaluation.protocol import RunSpec, load_for_runs, parse_combos, result_path, write_result
+from training.methods import METHODS, Method, parse_methods
 
 DEFAULT_METHODS = ",".join(METHODS)
 # Per-method settings the sweep may override; None keeps the method's default (paper tables 18-20).
@@ -62,23 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-train-per-class", type=int, help="fixed training subsample per class")
     parser.add_argument("--max-val-per-class", type=int, help="fixed validation subsample per class")
     parser.add_argument("--max-test-per-class", type=int, help="fixed test subsample per class")
-    parser.add_argument(
-        "--anomaly-holdout",
-        type=float,
-        default=0.0,
-        help="share of each anomaly class kept out of the test split: half for selection AUC, half as the "
-        "outlier-exposure pool (as in training.fit)",
-    )
-    parser.add_argument(
-        "--outlier-exposure", action="store_true", help="train on the exposure pool (needs --anomaly-holdout)"
-    )
-    parser.add_argument(
-        "--exposure-from-train",
-        type=int,
-        default=0,
-        metavar="N",
-        help="the exposure pool is N training images per anomaly class instead (as in training.fit)",
-    )
+    add_holdout_flags(parser)
     for name, text in OVERRIDES.items():
         flag, help_text = f"--{name.replace('_', '-')}", f"{text} (default: the method's)"
         if name == "augment":
@@ -103,6 +87,7 @@ def plan(args: argparse.Namespace) -> list[RunSpec]:
     # Checked up front, not once per run.
     check_anomaly_holdout(args.anomaly_holdout, args.outlier_exposure, args.exposure_from_train)
     methods = parse_methods(args.methods)
+    overrides = {method.name: method_overrides(args, method) for method in methods}
     exclude = tuple(c.strip() for c in args.exclude_classes.split(",") if c.strip())
     trash_dir = str(args.trash_dir) if args.trash_dir else None
     dataset = load_for_runs(args.dataset, str(args.data) if args.data else None, trash_dir, exclude)
@@ -115,18 +100,12 @@ def plan(args: argparse.Namespace) -> list[RunSpec]:
     for seed in range(args.seeds):
         for combo in combos:
             for method in methods:
-                overrides = {k: getattr(args, k) for k in OVERRIDES if getattr(args, k) is not None}
-                if method.startswith("drocc") and "drocc_epochs" in overrides:
-                    overrides["epochs"] = overrides["drocc_epochs"]
-                elif method.startswith("drocc"):
-                    overrides.pop("epochs", None)
-                overrides.pop("drocc_epochs", None)
                 spec = RunSpec(
                     dataset=args.dataset,
                     normal=combo,
-                    method=method,
+                    method=method.name,
                     seed=seed,
-                    overrides=overrides,
+                    overrides=dict(overrides[method.name]),
                     data=str(args.data) if args.data else None,
                     trash_dir=trash_dir,
                     exclude=exclude,
@@ -139,10 +118,25 @@ def plan(args: argparse.Namespace) -> list[RunSpec]:
                     exposure_from_train=args.exposure_from_train,
                 )
                 if args.save_models:
-                    model = args.out / "models" / method / f"{spec.combo}-seed{seed}.pt"
+                    model = args.out / "models" / method.name / f"{spec.combo}-seed{seed}.pt"
                     spec = RunSpec(**{**spec.__dict__, "save_model": str(model.resolve())})
                 specs.append(spec)
     return specs
+
+
+def method_overrides(args: argparse.Namespace, method: Method) -> dict:
+    """The sweep's settings as ``method`` reads them, checked by its configuration before any run starts.
+
+    A field with its own sweep flag (DROCC's epochs: --drocc-epochs) takes that flag's value only;
+    the other sweep-only flags are dropped.
+    """
+    given = {k: getattr(args, k) for k in OVERRIDES if getattr(args, k) is not None}
+    renamed = method.config_type.SWEEP_FLAGS
+    sweep_only = {flag for m in METHODS.values() for flag in m.config_type.SWEEP_FLAGS.values()}
+    overrides = {k: v for k, v in given.items() if k not in renamed and k not in sweep_only}
+    overrides.update({field: given[flag] for field, flag in renamed.items() if flag in given})
+    method.config(overrides)
+    return overrides
 
 
 def sweep(args: argparse.Namespace, specs: list[RunSpec]) -> list[tuple[str, str]]:
@@ -190,22 +184,19 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.out = args.out or Path("runs") / "evaluate" / f"{args.dataset}-{args.n_normal}"
     command = "python -m training.evaluate " + shlex.join(argv)
-    try:
+
+    def body() -> int:
         specs = plan(args)
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "command.txt").write_text(command + "\n")
         failures = [] if args.summary_only else sweep(args, specs)
-        from training.report import write_summary
+        from training.evaluation.report import write_summary
 
         summary = write_summary(args.out, [s.key for s in specs], command)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; finished runs are kept: rerun the same command to resume", file=sys.stderr)
-        return 130
-    print(json.dumps({**summary, "failures": failures}, indent=2))
-    return 1 if failures else 0
+        print(json.dumps({**summary, "failures": failures}, indent=2))
+        return 1 if failures else 0
+
+    return run_command(body, "interrupted; finished runs are kept: rerun the same command to resume")
 
 
 if __name__ == "__main__":

@@ -12,23 +12,25 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from service.fileio import sha256_file, write_atomic
 from service.manifest import (
+    INPUT_NAME,
     MODEL_FILE,
+    OUTPUT_NAMES,
+    Calibration,
     Manifest,
     TestMetrics,
+    Threshold,
     TrainingData,
-    sha256_file,
-    write_atomic,
+    TrainingLog,
     write_manifest,
 )
 from training.data import Task
-from training.dempster_shafer import combined_anomaly_probability
+from training.evaluation.dempster_shafer import combined_anomaly_probability
 from training.metrics import calibrate, choose_threshold, rates_at, roc_auc
 from training.scorer import BaseScorer
 
 OPSET = 17
-INPUT_NAME = "image"
-OUTPUT_NAMES = ["distances", "score", "nearest"]
 
 
 def export_onnx(scorer: BaseScorer, path: Path) -> None:
@@ -44,7 +46,7 @@ def export_onnx(scorer: BaseScorer, path: Path) -> None:
             (example,),
             buffer,
             input_names=[INPUT_NAME],
-            output_names=OUTPUT_NAMES,
+            output_names=list(OUTPUT_NAMES),
             dynamic_axes={name: {0: "batch"} for name in [INPUT_NAME, *OUTPUT_NAMES]},
             opset_version=OPSET,
             dynamo=False,
@@ -63,7 +65,7 @@ class Parity:
 def check_parity(scorer: BaseScorer, onnx_path: Path, images: np.ndarray) -> Parity:
     """ONNX Runtime vs torch (CPU, eval mode) on the same uint8 images."""
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    distances, score, nearest = session.run(OUTPUT_NAMES, {INPUT_NAME: images})
+    distances, score, nearest = session.run(list(OUTPUT_NAMES), {INPUT_NAME: images})
     with torch.no_grad():
         t_distances, t_score, t_nearest = scorer.cpu().eval()(torch.from_numpy(images))
     return Parity(
@@ -76,10 +78,10 @@ def check_parity(scorer: BaseScorer, onnx_path: Path, images: np.ndarray) -> Par
 
 @dataclass
 class Evaluation:
-    threshold: object
-    calibration: object
+    threshold: Threshold
+    calibration: Calibration
     metrics: TestMetrics
-    detector_calibrations: list = field(default_factory=list)
+    detector_calibrations: list[Calibration] = field(default_factory=list)
     test_scores: np.ndarray | None = None
     test_distances: np.ndarray | None = None
 
@@ -134,7 +136,7 @@ def write_artifact(
     method: str,
     hyperparameters: dict,
     command: str,
-    extra: dict | None = None,
+    training_log: TrainingLog | None = None,
 ) -> Manifest:
     """model.onnx first, then the manifest naming its sha256: a reader never pairs a manifest with another graph."""
     out.mkdir(parents=True, exist_ok=True)
@@ -152,7 +154,6 @@ def write_artifact(
         calibration=evaluation.calibration,
         training_data=TrainingData(
             source=task.dataset.name,
-            root=task.dataset.root,
             normal_classes=task.normal_classes,
             anomaly_classes=task.anomaly_classes,
             counts=task.counts(),
@@ -162,12 +163,8 @@ def write_artifact(
         model_sha256=sha256_file(model_path),
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         command=command,
-        **(
-            {"detector_calibration": [c.model_dump() for c in evaluation.detector_calibrations]}
-            if evaluation.detector_calibrations
-            else {}
-        ),
-        **(extra or {}),
+        detector_calibration=evaluation.detector_calibrations,
+        training_log=training_log,
     )
     write_manifest(out, manifest)
     return manifest

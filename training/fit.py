@@ -12,29 +12,29 @@ import argparse
 import dataclasses
 import json
 import shlex
-import signal
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
+from service.manifest import TrainingLog
 from training.data import SOURCES, default_normal, load_dataset, make_task, parse_class_selection
+from training.data.base import add_holdout_flags, check_anomaly_holdout
 from training.data.composites import with_composites
-from training.deepmad import DeepMADConfig
-from training.drocc import DROCCConfig
-from training.ensemble import EnsembleScorer
-from training.errors import UserError
+from training.engine import read_checkpoint, resolve_device
+from training.errors import UserError, run_command
 from training.export import check_parity, evaluate, write_artifact
-from training.methods import METHODS, fit_method, get_method, make_config, prepare_task
-from training.trainer import resolve_device
+from training.methods import CONFIG_TYPES, METHODS, Method, get_method
+from training.methods.config import add_config_flags
+from training.methods.ensemble import EnsembleScorer
+from training.networks import WIDTHS
 
 PARITY_IMAGES = 64
+MIN_IMAGE_SIZE = 2 ** len(WIDTHS)  # every 2x2 pooling of the encoder must keep a pixel
 
 
 def build_parser() -> argparse.ArgumentParser:
-    defaults = DeepMADConfig()
-    drocc = DROCCConfig()
     parser = argparse.ArgumentParser(
         prog="python -m training.fit",
         description=__doc__.splitlines()[0],
@@ -55,26 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     data.add_argument("--image-size", type=int, help="square input size (default: the source's, 32 or 28)")
     data.add_argument("--max-train-per-class", type=int, help="subsample each normal class (seeded)")
-    data.add_argument(
-        "--anomaly-holdout",
-        type=float,
-        default=0.0,
-        help="share of each anomaly class taken out of the test split (fixed seed): half for model selection "
-        "(reported as selection_auc), half as the outlier-exposure pool",
-    )
-    data.add_argument(
-        "--outlier-exposure",
-        action="store_true",
-        help="train on the held-out exposure pool as negatives for every encoder (needs --anomaly-holdout)",
-    )
-    data.add_argument(
-        "--exposure-from-train",
-        type=int,
-        default=0,
-        metavar="N",
-        help="draw the outlier-exposure pool from the anomaly classes' training split instead, N images per "
-        "class (sources with such a split: CIFAR-10, Fashion-MNIST); selection and test images are unchanged",
-    )
+    add_holdout_flags(data)
     data.add_argument(
         "--composites",
         type=int,
@@ -89,45 +70,18 @@ def build_parser() -> argparse.ArgumentParser:
         choices=list(METHODS),
         help="; ".join(f"{m.name}: {m.description}" for m in METHODS.values()),
     )
-    method.add_argument("--rep-dim", type=int, default=defaults.rep_dim)
-    method.add_argument("--eta", type=float, default=defaults.eta)
-    method.add_argument("--delta", type=float, default=defaults.delta)
-    method.add_argument("--lr", type=float, help=f"default {defaults.lr} (DROCC {drocc.lr})")
-    method.add_argument(
-        "--weight-decay", type=float, help=f"lambda; default {defaults.weight_decay} (DROCC {drocc.weight_decay})"
-    )
-    method.add_argument("--batch-size", type=int, help=f"default {defaults.batch_size} (DROCC {drocc.batch_size})")
-    method.add_argument("--ae-epochs", type=int, default=defaults.ae_epochs, help="autoencoder pretraining epochs")
-    method.add_argument("--ae-lr", type=float, default=defaults.ae_lr)
-    method.add_argument(
-        "--epochs",
-        type=int,
-        help=f"encoder epochs after pretraining, default {defaults.epochs} (DROCC: all epochs, {drocc.epochs})",
-    )
-    method.add_argument("--radius", type=float, default=drocc.radius, help="DROCC: r of N(r)")
-    method.add_argument("--gamma", type=float, default=drocc.gamma, help="DROCC: negatives at r..gamma*r")
-    method.add_argument("--mu", type=float, default=drocc.mu, help="DROCC: weight of the adversarial loss")
-    method.add_argument("--ascent-step-size", type=float, default=drocc.ascent_step_size, help="DROCC")
-    method.add_argument("--ascent-steps", type=int, default=drocc.ascent_steps, help="DROCC: gradient ascent steps")
-    method.add_argument("--only-ce-epochs", type=int, default=drocc.only_ce_epochs, help="DROCC: BCE-only epochs")
-    method.add_argument(
-        "--augment",
-        action=argparse.BooleanOptionalAction,
-        default=defaults.augment,
-        help="flips, +-4 px shifts, brightness jitter in both phases (not in the paper)",
-    )
-    method.add_argument("--seed", type=int, default=defaults.seed)
+    add_config_flags(method, CONFIG_TYPES)
     method.add_argument("--ensemble", type=int, default=1, help="train seeds seed..seed+N-1, export one graph")
     method.add_argument(
         "--flip-tta", action="store_true", help="average each image with its mirror image inside the graph"
     )
     run = parser.add_argument_group("run")
     run.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    run.add_argument("--threads", type=int, help="CPU threads for torch")
+    run.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's own choice)")
     run.add_argument(
         "--reject-rate", type=float, default=0.05, help="share of held-out normal items the threshold rejects"
     )
-    run.add_argument("--out", type=Path, required=True, help="artifact folder (model.onnx + manifest.json)")
+    run.add_argument("--out", type=Path, help="artifact folder (model.onnx + manifest.json); default: runs/<dataset>")
     run.add_argument("--name", help="model name (default: the output folder's name)")
     run.add_argument("--version", help="model version (default: UTC timestamp)")
     run.add_argument("--checkpoint", type=Path, help="checkpoint file (default: runs/<name>/checkpoint.pt)")
@@ -136,54 +90,79 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def config_from(args: argparse.Namespace) -> DeepMADConfig | DROCCConfig:
-    for flag in ("rep_dim", "batch_size", "ae_epochs", "epochs", "ascent_steps", "only_ce_epochs"):
-        value = getattr(args, flag)
-        if value is not None and value < (0 if flag.endswith(("epochs", "steps")) else 1):
-            raise UserError(f"--{flag.replace('_', '-')} must be positive, got {value}")
-    if args.delta <= 0 or args.eta < 0:
-        raise UserError("--delta must be > 0 and --eta >= 0")
-    if args.radius <= 0 or args.gamma < 1:
-        raise UserError("--radius must be > 0 and --gamma >= 1")
-    keys = [
-        "rep_dim", "eta", "delta", "lr", "weight_decay", "batch_size", "ae_epochs", "ae_lr", "epochs", "augment",
-        "seed", "radius", "gamma", "mu", "ascent_step_size", "ascent_steps", "only_ce_epochs",
-    ]  # fmt: skip
-    return make_config(args.method, {k: getattr(args, k) for k in keys})
+def config_from(args: argparse.Namespace):
+    """The chosen method's configuration from the flags (checked by the configuration itself)."""
+    return get_method(args.method).config(vars(args))
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Every check that needs no data, so a bad flag costs nothing (UserError, exit 2)."""
+    bounds = {"threads": 1, "max_train_per_class": 1, "ensemble": 1, "composites": 0}
+    for name, minimum in bounds.items():
+        value = getattr(args, name)
+        if value is not None and value < minimum:
+            raise UserError(f"--{name.replace('_', '-')} must be at least {minimum}, got {value}")
+    if args.image_size is not None and args.image_size < MIN_IMAGE_SIZE:
+        raise UserError(f"--image-size must be at least {MIN_IMAGE_SIZE} (three 2x2 poolings), got {args.image_size}")
+    if not 0.0 < args.reject_rate < 1.0:
+        raise UserError("--reject-rate must lie strictly between 0 and 1")
+    check_anomaly_holdout(args.anomaly_holdout, args.outlier_exposure, args.exposure_from_train)
+    if args.out.exists() and not args.out.is_dir():
+        raise UserError(f"--out {args.out} is a file; the artifact is a folder (model.onnx + manifest.json)")
+
+
+def member_checkpoints(args: argparse.Namespace, config) -> list[tuple[object, Path]]:
+    """(configuration, checkpoint path) per ensemble member: seeds seed..seed+N-1, one checkpoint each."""
+    checkpoint = args.checkpoint or Path("runs") / args.name / "checkpoint.pt"
+    if args.ensemble == 1 and not args.flip_tta:
+        return [(config, checkpoint)]
+    members = []
+    for offset in range(args.ensemble):
+        member = dataclasses.replace(config, seed=config.seed + offset)
+        members.append((member, checkpoint.with_name(f"{checkpoint.stem}-seed{member.seed}{checkpoint.suffix}")))
+    return members
+
+
+def check_resumable(members: list[tuple[object, Path]]) -> None:
+    """With --resume, every member's checkpoint must exist, be readable and hold these settings."""
+    for config, path in members:
+        state = read_checkpoint(path)
+        if "config" not in state:
+            raise UserError(f"checkpoint {path} is not a training checkpoint (it has no configuration)")
+        if state["config"] != config.as_dict():
+            raise UserError(f"checkpoint {path} was made with other settings; drop --resume or use them")
 
 
 def run(args: argparse.Namespace, command: str) -> dict:
-    if not 0.0 < args.reject_rate < 1.0:
-        raise UserError("--reject-rate must lie strictly between 0 and 1")
+    method = get_method(args.method)
+    args.out = args.out or Path("runs") / args.dataset
+    args.name = args.name or args.out.resolve().name
+    check_args(args)
     config = config_from(args)
+    members = member_checkpoints(args, config)
     device = resolve_device(args.device)
+    if args.resume:
+        check_resumable(members)
     if args.threads:
         torch.set_num_threads(args.threads)
     dataset = load_dataset(args.dataset, args.data, args.image_size, args.trash_dir)
     normal = parse_class_selection(args.normal, dataset.class_names, default_normal(dataset))
-    if args.ensemble < 1:
-        raise UserError("--ensemble must be at least 1")
-    task = prepare_task(
-        args.method,
-        make_task(
-            dataset,
-            normal,
-            args.max_train_per_class,
-            args.seed,
-            args.anomaly_holdout,
-            args.outlier_exposure,
-            args.exposure_from_train,
-        ),
+    task = make_task(
+        dataset,
+        normal,
+        args.max_train_per_class,
+        args.seed,
+        args.anomaly_holdout,
+        args.outlier_exposure,
+        args.exposure_from_train,
     )
-    task = with_composites(task, args.composites, args.seed)
-    name = args.name or args.out.resolve().name
-    checkpoint = args.checkpoint or Path("runs") / name / "checkpoint.pt"
+    task = with_composites(method.prepare(task), args.composites, args.seed)
     print(
         f"{dataset.name}: normal {normal}, anomalies {task.anomaly_classes}; "
         f"{len(task.train)} train / {len(task.val)} val / {len(task.test)} test images; device {device}",
         file=sys.stderr,
     )
-    scorer, log = fit_members(args, task, config, device, checkpoint)
+    scorer, log = fit_members(args, method, task, members, device)
     evaluation = evaluate(scorer, task, args.reject_rate)
     hyperparameters = {
         **config.as_dict(),
@@ -203,12 +182,12 @@ def run(args: argparse.Namespace, command: str) -> dict:
         scorer,
         task,
         evaluation,
-        name=name,
+        name=args.name,
         version=version,
-        method=args.method,
+        method=method.name,
         hyperparameters=hyperparameters,
         command=command,
-        extra={"training_log": log, "method_description": get_method(args.method).description},
+        training_log=log,
     )
     parity = check_parity(scorer, args.out / "model.onnx", task.test.images[:PARITY_IMAGES])
     metrics = manifest.test_metrics
@@ -219,49 +198,30 @@ def run(args: argparse.Namespace, command: str) -> dict:
         "fpr_at_threshold": metrics.fpr_at_threshold,
         "threshold": manifest.threshold.value,
         "parity_max_abs_score": parity.max_abs_score,
-        "images_per_second": log.get("images_per_second", {}),
+        "images_per_second": log.images_per_second,
     }
 
 
-def fit_members(args: argparse.Namespace, task, config, device, checkpoint: Path):
+def fit_members(args: argparse.Namespace, method: Method, task, members, device):
     """One model, or an ensemble over consecutive seeds (one checkpoint each), as one scorer."""
-    if args.ensemble == 1 and not args.flip_tta:
-        return fit_method(args.method, task, config, device, checkpoint, args.resume, progress=not args.quiet)
-    members, logs = [], []
-    for offset in range(args.ensemble):
-        member_config = dataclasses.replace(config, seed=config.seed + offset)
-        member_checkpoint = checkpoint.with_name(f"{checkpoint.stem}-seed{member_config.seed}{checkpoint.suffix}")
-        scorer, log = fit_method(
-            args.method, task, member_config, device, member_checkpoint, args.resume, progress=not args.quiet
-        )
-        members.append(scorer)
-        logs.append(log)
-    ensemble = EnsembleScorer.calibrated(members, task.val.images, args.flip_tta)
-    return ensemble, {"members": logs, "images_per_second": logs[0].get("images_per_second", {})}
+    fitted = [method.fit(task, config, device, path, args.resume, progress=not args.quiet) for config, path in members]
+    if len(fitted) == 1 and not args.flip_tta:
+        return fitted[0]
+    scorers, logs = zip(*fitted, strict=True)
+    ensemble = EnsembleScorer.calibrated(list(scorers), task.val.images, args.flip_tta)
+    return ensemble, TrainingLog(members=list(logs), images_per_second=logs[0].images_per_second)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     command = "python -m training.fit " + shlex.join(argv)
-    # `docker stop` and schedulers send SIGTERM: stop like Ctrl-C, with the last epoch checkpointed.
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    try:
-        summary = run(args, command)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; the last finished epoch is checkpointed: rerun with --resume", file=sys.stderr)
-        return 130
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    print(json.dumps(summary, indent=2))
-    return 0
 
+    def body() -> int:
+        print(json.dumps(run(args, command), indent=2))
+        return 0
 
-def _raise_interrupt(signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt(signal.Signals(signum).name)
+    return run_command(body, "interrupted; the last finished epoch is checkpointed: rerun with --resume")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 from dataclasses import dataclass, field
 
@@ -143,6 +144,30 @@ def parse_class_selection(spec: str | None, class_names: list[str], default: lis
     return chosen
 
 
+def add_holdout_flags(parser: argparse._ActionsContainer) -> None:
+    """The flags that set ``make_task``'s anomaly holdout and outlier exposure (training.fit and training.evaluate)."""
+    parser.add_argument(
+        "--anomaly-holdout",
+        type=float,
+        default=0.0,
+        help="share of each anomaly class taken out of the test split (fixed seed): half for model selection "
+        "(reported as selection_auc), half as the outlier-exposure pool",
+    )
+    parser.add_argument(
+        "--outlier-exposure",
+        action="store_true",
+        help="train on the held-out exposure pool as negatives for every encoder (needs --anomaly-holdout)",
+    )
+    parser.add_argument(
+        "--exposure-from-train",
+        type=int,
+        default=0,
+        metavar="N",
+        help="draw the outlier-exposure pool from the anomaly classes' training split instead, N images per "
+        "class (sources with such a split: CIFAR-10, Fashion-MNIST); selection and test images are unchanged",
+    )
+
+
 def check_anomaly_holdout(anomaly_holdout: float, outlier_exposure: bool, exposure_from_train: int = 0) -> None:
     """The holdout share is a fraction of each anomaly class; exposure trains on half of that holdout,
     or on ``exposure_from_train`` training images per anomaly class."""
@@ -219,6 +244,11 @@ def make_task(
         selection, exposure = test.subset(np.sort(order[:half])), test.subset(np.sort(order[half:]))
         keep = np.setdiff1d(np.arange(len(test)), chosen)
         test, anomalous = test.subset(keep), anomalous[keep]
+        if not len(selection) or not anomalous.any():
+            raise UserError(
+                f"--anomaly-holdout {anomaly_holdout} leaves {len(selection)} selection and "
+                f"{int(anomalous.sum())} test anomalies; choose a share that leaves at least one of each"
+            )
         if exposure_from_train:
             exposure = _training_anomalies(dataset, anomaly_classes, exposure_from_train)
         if outlier_exposure:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.manifest import write_atomic
+from service.fileio import write_atomic
 
 # Bump when service.imaging changes what it produces for the same file.
 IMAGE_FUNCTION_VERSION = "1"

@@ -28,6 +28,7 @@ from training.errors import UserError
 RECYCLE_URL = "http://web.cecs.pdx.edu/~singh/rcyc-web/recycle_data_shuffled.tar.gz"
 RECYCLE_CLASSES = ["boxes", "glass_bottles", "soda_cans", "crushed_soda_cans", "water_bottles"]
 NPZ_NAME = "recycle_data_shuffled.npz"
+ARCHIVE_NAME = "recycle_data_shuffled.tar.gz"
 ARRAYS = ("x_train", "y_train", "x_test", "y_test")
 
 
@@ -84,8 +85,8 @@ def _download(url: str, target: Path) -> None:
         os.replace(tmp, target)
     except (urllib.error.URLError, OSError, TimeoutError) as exc:
         raise UserError(
-            f"RECYCLE is not available offline and downloading {url} failed ({exc}); "
-            f"download it elsewhere and pass --data PATH (the .tar.gz or {NPZ_NAME})"
+            f"RECYCLE is not here and downloading {url} failed ({exc}); download that file elsewhere and "
+            f"put it at {target}, or pass --data PATH (the {ARCHIVE_NAME} or {NPZ_NAME})"
         ) from None
     finally:
         Path(tmp).unlink(missing_ok=True)
@@ -94,10 +95,15 @@ def _download(url: str, target: Path) -> None:
 def locate_recycle(data: Path | None) -> Path:
     """The archive to read: ``--data``, else the cached download, else a fresh download."""
     if data is not None:
+        if data.is_dir():
+            inside = [data / name for name in (ARCHIVE_NAME, NPZ_NAME) if (data / name).is_file()]
+            if not inside:
+                raise UserError(f"--data {data} is a folder without {ARCHIVE_NAME} or {NPZ_NAME}; name the file")
+            return inside[0]
         if not data.exists():
             raise UserError(f"RECYCLE file not found at {data}")
         return data
-    cached = cache_dir() / "recycle" / "recycle_data_shuffled.tar.gz"
+    cached = cache_dir() / "recycle" / ARCHIVE_NAME
     if not cached.exists():
         _download(recycle_url(), cached)
     return cached

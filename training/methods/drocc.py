@@ -6,7 +6,7 @@ Written from the DROCC paper and the behaviour of its published trainer (EdgeML'
 - x_adv starts at x + N(0, I) and takes ``ascent_steps`` steps of size ``ascent_step_size`` along the
   per-item normalised gradient that *raises* BCE(logit, 0), i.e. towards points the network calls
   normal; every 10 steps, and after the last one (so short searches are projected too), h = x_adv - x
-  is projected onto r <= ||h|| <= gamma * r;
+  is projected onto r <= ||h|| <= radius_factor * r (the paper's and EdgeML's gamma);
 - the first ``only_ce_epochs`` epochs use the BCE term alone; the learning rate is lr for the first
   40% of the remaining epochs, lr/10 to 80%, lr/100 after (the CIFAR example's schedule);
 - the search runs with the network in training mode (BatchNorm batch statistics), as the published
@@ -20,54 +20,52 @@ is DROCC(m) (Algorithm 1) and on the pooled task it is DROCC (Algorithm 2).
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from training.batches import to_float
-from training.checkpoint import load_checkpoint, save_checkpoint
+from service.manifest import TrainingLog
+from training.batches import class_batches, to_float
 from training.data import Task
-from training.deepmad import autocast
-from training.deepsvdd import class_batches
-from training.errors import UserError
+from training.engine import Checkpoint, RunOptions, TrainingInputs, autocast, progress_bar, run_epochs
+from training.methods.config import MethodConfig, setting
 from training.networks import GroupedClassifier
 from training.scorer import LogitScorer
-from training.trainer import TrainingInputs
 
 PROJECT_EVERY = 10
 
 
 @dataclass
-class DROCCConfig:
+class DROCCConfig(MethodConfig):
     """Paper table 18 (r 8, mu 1, Adam 1e-3, ascent step 1e-3) and EdgeML's CIFAR command (gamma 1, batch 256)."""
 
-    rep_dim: int = 128
-    radius: float = 8.0
-    gamma: float = 1.0
-    mu: float = 1.0
-    lr: float = 1e-3
-    ascent_step_size: float = 1e-3
-    ascent_steps: int = 50
-    only_ce_epochs: int = 0
-    batch_size: int = 256
-    epochs: int = 40
-    weight_decay: float = 0.0
-    augment: bool = False
-    seed: int = 0
+    LABEL = "DROCC"
+    SWEEP_FLAGS = {"epochs": "drocc_epochs"}
 
-    def as_dict(self) -> dict:
-        return asdict(self)
+    rep_dim: int = setting(128, "feature dimension of each encoder", minimum=1)
+    radius: float = setting(8.0, "r of N(r): negatives lie at least r from a training item", above=0)
+    radius_factor: float = setting(
+        1.0, "negatives lie at most radius_factor * r away (the paper's gamma)", minimum=1, aliases=("--gamma",)
+    )
+    mu: float = setting(1.0, "weight of the adversarial loss", minimum=0)
+    lr: float = setting(1e-3, "Adam learning rate", above=0)
+    ascent_step_size: float = setting(1e-3, "step of the adversarial search", above=0)
+    ascent_steps: int = setting(50, "gradient ascent steps of the adversarial search", minimum=0)
+    only_ce_epochs: int = setting(0, "BCE-only epochs before the adversarial term", minimum=0)
+    batch_size: int = setting(256, "batch size", minimum=1)
+    epochs: int = setting(40, "encoder epochs (DeepMAD/DeepSVDD: after pretraining; DROCC: all)", minimum=0)
+    weight_decay: float = setting(0.0, "lambda (Adam's weight decay)", minimum=0)
+    augment: bool = setting(False, "flips, +-4 px shifts, brightness jitter in training (not in the paper)")
+    seed: int = setting(0, "initialisation, batch order and augmentation seed", minimum=0)
 
 
-def project(x: torch.Tensor, x_adv: torch.Tensor, radius: float, gamma: float) -> torch.Tensor:
-    """Move each x_adv so that r <= ||x_adv - x|| <= gamma * r (norms over all but the first two dims)."""
+def project(x: torch.Tensor, x_adv: torch.Tensor, radius: float, radius_factor: float) -> torch.Tensor:
+    """Move each x_adv so that r <= ||x_adv - x|| <= radius_factor * r (norms over all but the first two dims)."""
     h = x_adv - x
     dims = tuple(range(2, h.dim()))
     norm = h.pow(2).sum(dims, keepdim=True).sqrt().clamp_min(1e-12)
-    return x + h * (norm.clamp(radius, gamma * radius) / norm)
+    return x + h * (norm.clamp(radius, radius_factor * radius) / norm)
 
 
 def adversarial_search(
@@ -86,9 +84,9 @@ def adversarial_search(
         with torch.no_grad():
             x_adv = x_adv + config.ascent_step_size * grad / norm
             if (step + 1) % PROJECT_EVERY == 0 or step == config.ascent_steps - 1:
-                x_adv = project(x, x_adv, config.radius, config.gamma)
+                x_adv = project(x, x_adv, config.radius, config.radius_factor)
     if config.ascent_steps == 0:
-        x_adv = project(x, x_adv, config.radius, config.gamma)
+        x_adv = project(x, x_adv, config.radius, config.radius_factor)
     return x_adv.detach()
 
 
@@ -118,65 +116,52 @@ def learning_rate(config: DROCCConfig, epoch: int) -> float:
     return config.lr * (0.1 if done <= 0.8 * total else 0.01)
 
 
-def fit_drocc(
-    task: Task,
-    config: DROCCConfig,
-    device: torch.device,
-    checkpoint: Path | None = None,
-    resume: bool = False,
-    progress=None,
-) -> tuple[LogitScorer, dict]:
+def fit_drocc(task: Task, config: DROCCConfig, run: RunOptions) -> tuple[LogitScorer, TrainingLog]:
     """Train one DROCC network per task column (per-class batches) and return the CPU scorer and a log."""
-    inputs = TrainingInputs.of(task, config.seed)
-    generator, class_images, normaliser = inputs.generator, inputs.class_images, inputs.normaliser
-    channels, height = inputs.channels, inputs.size
-    network = GroupedClassifier(task.n_normal, channels, height, config.rep_dim).to(device)
+    inputs, device = TrainingInputs.of(task, config.seed), run.device
+    generator = inputs.generator
+    network = GroupedClassifier(task.n_normal, inputs.channels, inputs.size, config.rep_dim).to(device)
     optimizer = torch.optim.Adam(network.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    log: dict = {"ce_loss": [], "adversarial_loss": []}
-    start = 0
-    if resume and checkpoint is not None:
-        state = load_checkpoint(checkpoint)
-        if state["config"] != config.as_dict() or state["classes"] != task.column_names:
-            raise UserError(f"checkpoint {checkpoint} was made with other settings; drop --resume or use them")
-        network.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        log, start = state["log"], state["epochs_done"]
-    device_normaliser = normaliser.to(device)
-    steps = math.ceil(max(len(x) for x in class_images) / config.batch_size)
-    for epoch in range(start, config.epochs):
-        network.train()
+    data_sha256 = task.content_sha256()
+    state = Checkpoint(
+        run.checkpoint,
+        identity={"config": config.as_dict(), "classes": task.column_names, "training_data": data_sha256},
+        parts={"model": network, "optimizer": optimizer},
+        generator=generator,
+        older_defaults={"training_data": data_sha256},
+    )
+    log, start = TrainingLog(), 0
+    if run.resume:
+        restored = state.restore(("log", "epochs_done"))
+        log, start = TrainingLog.model_validate(restored["log"]), restored["epochs_done"]
+    normaliser = inputs.normaliser.to(device)
+    adversarial = False
+
+    def before_epoch(epoch: int) -> None:
+        nonlocal adversarial
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(config, epoch)
         adversarial = epoch >= config.only_ce_epochs
-        ce_total = adv_total = 0.0
-        batches = class_batches(class_images, config.batch_size, generator)
-        bar = progress(batches, f"drocc {epoch + 1}/{config.epochs}") if progress else batches
-        for chosen in bar:
-            x = torch.stack(
-                [to_float(b.to(device), device_normaliser, config.augment, generator) for b in chosen], dim=1
-            )
-            loss, ce, adv = drocc_loss(network, x, config, generator, adversarial)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            ce_total, adv_total = ce_total + ce, adv_total + adv
-        log["ce_loss"].append(ce_total / steps)
-        log["adversarial_loss"].append(adv_total / steps)
-        if checkpoint is not None:
-            save_checkpoint(
-                checkpoint,
-                {
-                    "config": config.as_dict(),
-                    "classes": task.column_names,
-                    "model": network.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "generator": generator.get_state(),
-                    "torch_rng": torch.get_rng_state(),
-                    "log": log,
-                    "epochs_done": epoch + 1,
-                },
-            )
-    scorer = LogitScorer(network.cpu(), normaliser).eval()
-    return scorer, log
+
+    def step_loss(chosen: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        x = torch.stack([to_float(b.to(device), normaliser, config.augment, generator) for b in chosen], dim=1)
+        loss, ce, adv = drocc_loss(network, x, config, generator, adversarial)
+        return loss, {"ce_loss": ce, "adversarial_loss": adv}
+
+    def after_epoch(epoch: int, means: dict[str, float]) -> None:
+        log.append(means)
+        state.save(log=log.model_dump(), epochs_done=epoch + 1)
+
+    run_epochs(
+        network,
+        optimizer,
+        config.epochs,
+        start,
+        lambda: class_batches(inputs.class_images, config.batch_size, generator),
+        step_loss,
+        after_epoch,
+        progress_bar(run.progress),
+        "drocc",
+        before_epoch,
+    )
+    return LogitScorer(network.cpu(), inputs.normaliser).eval(), log

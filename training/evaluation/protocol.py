@@ -24,11 +24,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from service.manifest import write_atomic
+from service.fileio import write_atomic
 from training.data import DataSet, load_dataset, make_task
 from training.errors import UserError
 from training.export import evaluate
-from training.methods import fit_method, make_config, prepare_task
+from training.methods import get_method
 
 SUBSAMPLE_SEED = 0  # training subsample: the same for every method and seed
 EVAL_SUBSAMPLE_SEED = 1  # validation and test subsamples
@@ -158,10 +158,11 @@ def run_one(spec: RunSpec) -> dict:
         spec.outlier_exposure,
         spec.exposure_from_train,
     )
-    task = prepare_task(spec.method, task)
-    config = make_config(spec.method, {**spec.overrides, "seed": spec.seed})
+    method = get_method(spec.method)
+    task = method.prepare(task)
+    config = method.config({**spec.overrides, "seed": spec.seed})
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    scorer, log = fit_method(spec.method, task, config, device)
+    scorer, log = method.fit(task, config, device)
     trained = time.perf_counter()
     result = evaluate(scorer, task, REJECT_RATE)
     scores = result.test_scores
@@ -186,23 +187,13 @@ def run_one(spec: RunSpec) -> dict:
         "n_test": len(task.test),
         "n_test_anomalous": int(task.test_anomalous.sum()),
         "config": config.as_dict(),
-        "log": _jsonable(log),
+        "log": log.model_dump(),
         "train_seconds": trained - started,
         "total_seconds": time.perf_counter() - started,
         "device": str(device),
         "host": platform.node(),
         "pid": os.getpid(),
     }
-
-
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, float | int | str | bool) or value is None:
-        return value
-    return float(value)
 
 
 def result_path(out: Path, spec: RunSpec) -> Path:

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-from training.paper import RANGES_2, paper_auc
-from training.protocol import load_results
+from training.evaluation.paper import RANGES_2, paper_auc
+from training.evaluation.protocol import load_results
 
 METHOD_LABELS = {
     "deepmad": "DeepMAD",

@@ -13,9 +13,9 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
 from training.errors import UserError
-from training.protocol import RunSpec, run_one
+from training.evaluation.protocol import RunSpec, run_one
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_local(specs: list[RunSpec], workers: int) -> Iterator[tuple[RunSpec, dict | BaseException]]:

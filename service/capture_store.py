@@ -1,0 +1,354 @@
+"""The capture folder on disk (contract: ``capture-format.md``): write, label, list and evict captures.
+
+A capture is ``<root>/<YYYY-MM-DD>/<id>.<ext>`` (the upload's bytes, unchanged) plus ``<id>.json``
+(the sidecar), each written atomically (``.<name>.tmp``, fsync, ``os.replace``, fsync the folder),
+image first. A capture exists iff its sidecar exists; files starting with ``.`` and images without a
+sidecar are not captures (a ``kill -9`` can leave those; ``open`` removes them).
+
+``CaptureStore`` keeps an index of the sidecars in memory for the byte budget and for listing; it
+re-reads a sidecar from disk before evicting it, so a label written by another process (a Label Studio
+import) is never evicted. One lock orders writes, labels and evictions.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+import logging
+import os
+import re
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+log = logging.getLogger("service.captures")
+
+ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+SIDECAR_SUFFIX = ".json"
+IMAGE_EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "GIF": "gif", "TIFF": "tiff"}
+CONTENT_TYPES = {
+    "jpg": "image/jpeg",
+    "png": "image/png",
+    "webp": "image/webp",
+    "bmp": "image/bmp",
+    "gif": "image/gif",
+    "tiff": "image/tiff",
+    "bin": "application/octet-stream",
+}
+Verdict = Literal["normal", "anomalous"]
+Reason = Literal["anomalous", "uncertain", "sampled"]
+Order = Literal["newest", "oldest", "uncertain"]
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def valid_id(value: str | None) -> bool:
+    return bool(value) and ID_PATTERN.fullmatch(value) is not None
+
+
+def utc_timestamp(moment: dt.datetime) -> str:
+    """``2026-11-29T01:23:45.123456Z``: UTC, microseconds, sorts as text."""
+    return moment.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def image_extension(data: bytes) -> str:
+    """The file extension of the image format in ``data`` (header only), ``bin`` if unknown."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return IMAGE_EXTENSIONS.get(image.format or "", "bin")
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        return "bin"
+
+
+class CaptureModel(BaseModel):
+    name: str
+    version: str
+    sha256: str
+
+
+class Sidecar(BaseModel):
+    """The JSON beside each captured image (unknown fields are kept when a label is written)."""
+
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+    id: str = Field(pattern=ID_PATTERN.pattern)
+    time: str = Field(description="UTC ISO 8601 time of the classification")
+    image: str = Field(description="file name of the image in the same folder")
+    image_sha256: str
+    image_bytes: int
+    content_type: str | None
+    model: CaptureModel
+    score: float
+    threshold: float
+    verdict: Verdict
+    nearest_class: str
+    distances: dict[str, float]
+    reason: Reason
+    label: str | None = None
+    labelled_at: str | None = None
+    label_source: str | None = None
+
+    def to_bytes(self) -> bytes:
+        return (json.dumps(self.model_dump(mode="json"), indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(folder: Path, name: str, data: bytes) -> None:
+    """``.<name>.tmp`` in ``folder``, fsync, rename over ``name``, fsync the folder (the contract's steps)."""
+    tmp = folder / f".{name}.tmp"
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, folder / name)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_folder(folder)
+
+
+@dataclass
+class Entry:
+    """What the index keeps of one capture: enough to budget, filter and order without reading it."""
+
+    id: str
+    folder: Path
+    image: str
+    time: str
+    bytes: int  # image + sidecar on disk
+    labelled: bool
+    verdict: str
+    uncertainty: float  # |score - threshold|
+    mtime_ns: int  # of the sidecar, to notice rewrites by another process
+
+    @property
+    def sidecar_path(self) -> Path:
+        return self.folder / f"{self.id}{SIDECAR_SUFFIX}"
+
+    @property
+    def image_path(self) -> Path:
+        return self.folder / self.image
+
+
+class CaptureNotFoundError(KeyError):
+    pass
+
+
+class CaptureStore:
+    """The capture folder with a byte budget that evicts the oldest unlabelled captures first."""
+
+    def __init__(self, root: Path, max_bytes: int):
+        self.root, self.max_bytes = Path(root), max_bytes
+        self.used_bytes = 0
+        self.evictions = 0
+        self._index: dict[str, Entry] = {}  # oldest first
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def open(self) -> None:
+        """Create the root, clear what a killed writer left (temp files, images without a sidecar), index."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        probe = self.root / f".write-test-{os.getpid()}.tmp"
+        probe.write_bytes(b"")  # fail now, with the path in the message, if the folder is not writable
+        probe.unlink()
+        with self._lock:
+            for folder in self._day_folders():
+                for path in folder.iterdir():
+                    stem, _, suffix = path.name.rpartition(".")
+                    leftover = path.name.startswith(".") and path.name.endswith(".tmp")
+                    orphan = not path.name.startswith(".") and f".{suffix}" != SIDECAR_SUFFIX
+                    if leftover or (orphan and not (folder / f"{stem}{SIDECAR_SUFFIX}").exists()):
+                        path.unlink(missing_ok=True)
+            entries = [entry for path in self._sidecar_paths() if (entry := self._read_entry(path))]
+            entries.sort(key=lambda entry: entry.time)
+            self._index = {entry.id: entry for entry in entries}
+            self.used_bytes = sum(entry.bytes for entry in entries)
+        log.info("capture folder %s: %d captures, %d bytes", self.root, len(self._index), self.used_bytes)
+
+    def add(self, sidecar: Sidecar, image: bytes) -> Literal["written", "budget_full", "duplicate_id"]:
+        """Write one capture (image, then sidecar), evicting old unlabelled ones to stay in budget.
+
+        An id that is already captured (a client sending the same X-Request-ID twice) is not
+        overwritten: its label, if any, belongs to the first photo.
+        """
+        payload = sidecar.to_bytes()
+        size = len(image) + len(payload)
+        folder = self.root / sidecar.time[:10]
+        sidecar_path = folder / f"{sidecar.id}{SIDECAR_SUFFIX}"
+        with self._lock:
+            if sidecar.id in self._index or sidecar_path.exists():
+                return "duplicate_id"
+            if not self._make_room(size):
+                return "budget_full"
+            folder.mkdir(exist_ok=True)
+            write_atomic(folder, sidecar.image, image)
+            write_atomic(folder, sidecar_path.name, payload)
+            self._index[sidecar.id] = self._entry(sidecar, folder, size, sidecar_path.stat().st_mtime_ns)
+            self.used_bytes += size
+        return "written"
+
+    def get(self, capture_id: str) -> Sidecar:
+        entry = self._index.get(capture_id)
+        if entry is None:
+            raise CaptureNotFoundError(capture_id)
+        try:
+            return Sidecar.model_validate_json(entry.sidecar_path.read_bytes())
+        except FileNotFoundError:
+            raise CaptureNotFoundError(capture_id) from None
+
+    def image_path(self, capture_id: str) -> Path:
+        entry = self._index.get(capture_id)
+        if entry is None or not entry.image_path.is_file():
+            raise CaptureNotFoundError(capture_id)
+        return entry.image_path
+
+    def label(self, capture_id: str, label: str, source: str) -> Sidecar:
+        """Set (or replace) the label; returns once the rewritten sidecar is on disk (fsync)."""
+        with self._lock:
+            entry = self._index.get(capture_id)
+            if entry is None:
+                raise CaptureNotFoundError(capture_id)
+            try:
+                sidecar = Sidecar.model_validate_json(entry.sidecar_path.read_bytes())
+            except FileNotFoundError:
+                raise CaptureNotFoundError(capture_id) from None
+            sidecar = sidecar.model_copy(
+                update={
+                    "label": label,
+                    "labelled_at": utc_timestamp(dt.datetime.now(dt.timezone.utc)),
+                    "label_source": source,
+                }
+            )
+            payload = sidecar.to_bytes()
+            write_atomic(entry.folder, entry.sidecar_path.name, payload)
+            size = sidecar.image_bytes + len(payload)
+            self.used_bytes += size - entry.bytes
+            entry.bytes, entry.labelled = size, True
+            entry.mtime_ns = entry.sidecar_path.stat().st_mtime_ns
+            self._make_room(0)  # a label makes its sidecar longer: stay within budget if unlabelled ones allow
+        return sidecar
+
+    def list(
+        self,
+        *,
+        labelled: bool | None = None,
+        verdict: str | None = None,
+        order: Order = "newest",
+        limit: int = 50,
+        offset: int = 0,
+    ) -> tuple[int, list[Sidecar]]:
+        """(number matching, one page of sidecars); ``uncertain``: closest to the threshold first."""
+        with self._lock:
+            self._refresh()
+            entries = [
+                entry
+                for entry in self._index.values()
+                if (labelled is None or entry.labelled == labelled) and (verdict is None or entry.verdict == verdict)
+            ]
+        if order == "newest":
+            entries.reverse()
+        elif order == "uncertain":
+            entries.sort(key=lambda entry: (entry.uncertainty, entry.time))
+        page = []
+        for entry in entries[offset : offset + limit]:
+            try:
+                page.append(Sidecar.model_validate_json(entry.sidecar_path.read_bytes()))
+            except FileNotFoundError:  # evicted since
+                continue
+        return len(entries), page
+
+    # ---- internals (called with the lock held) ----
+
+    def _make_room(self, size: int) -> bool:
+        if size > self.max_bytes:
+            return False
+        candidates = (entry for entry in list(self._index.values()) if not entry.labelled)
+        while self.used_bytes + size > self.max_bytes:
+            entry = next(candidates, None)
+            if entry is None:
+                return False
+            fresh = self._read_entry(entry.sidecar_path)
+            if fresh is not None and fresh.labelled:  # labelled by another process since indexed: keep it
+                self._index[entry.id] = fresh
+                self.used_bytes += fresh.bytes - entry.bytes
+                continue
+            entry.sidecar_path.unlink(missing_ok=True)  # sidecar first: the capture is gone at once
+            entry.image_path.unlink(missing_ok=True)
+            del self._index[entry.id]
+            self.used_bytes -= entry.bytes
+            self.evictions += 1
+        return True
+
+    def _refresh(self) -> None:
+        """Pick up sidecars written, rewritten or removed by another process (cheap: one stat each)."""
+        seen = set()
+        for path in self._sidecar_paths():
+            capture_id = path.name[: -len(SIDECAR_SUFFIX)]
+            seen.add(capture_id)
+            entry = self._index.get(capture_id)
+            try:
+                mtime_ns = path.stat().st_mtime_ns
+            except FileNotFoundError:
+                continue
+            if entry is not None and entry.mtime_ns == mtime_ns:
+                continue
+            fresh = self._read_entry(path)
+            if fresh is None:
+                continue
+            self.used_bytes += fresh.bytes - (entry.bytes if entry else 0)
+            self._index[capture_id] = fresh
+        for capture_id in [key for key in self._index if key not in seen]:
+            self.used_bytes -= self._index.pop(capture_id).bytes
+
+    def _day_folders(self) -> Iterator[Path]:
+        return (path for path in sorted(self.root.iterdir()) if path.is_dir() and not path.name.startswith("."))
+
+    def _sidecar_paths(self) -> Iterator[Path]:
+        for folder in self._day_folders():
+            for path in folder.iterdir():
+                if path.name.endswith(SIDECAR_SUFFIX) and not path.name.startswith("."):
+                    yield path
+
+    def _read_entry(self, path: Path) -> Entry | None:
+        try:
+            stat = path.stat()
+            sidecar = Sidecar.model_validate_json(path.read_bytes())
+        except FileNotFoundError:
+            return None
+        except (ValidationError, ValueError, OSError) as exc:
+            log.warning("skipping unreadable capture sidecar %s: %s", path, exc)
+            return None
+        return self._entry(sidecar, path.parent, sidecar.image_bytes + stat.st_size, stat.st_mtime_ns)
+
+    @staticmethod
+    def _entry(sidecar: Sidecar, folder: Path, size: int, mtime_ns: int) -> Entry:
+        return Entry(
+            id=sidecar.id,
+            folder=folder,
+            image=sidecar.image,
+            time=sidecar.time,
+            bytes=size,
+            labelled=sidecar.label is not None,
+            verdict=sidecar.verdict,
+            uncertainty=abs(sidecar.score - sidecar.threshold),
+            mtime_ns=mtime_ns,
+        )

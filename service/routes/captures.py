@@ -1,0 +1,142 @@
+"""Operator routes behind the operator token: label captures, list them, fetch their photos; the review page.
+
+Auth: ``Authorization: Bearer <DEEPMAD_OPERATOR_TOKEN>`` (separate from the admin token). The read-only
+GET routes also accept the cookie ``deepmad_operator_token`` so that the review page's ``<img>`` tags
+load photos: the page sets it with ``Path=/captures; SameSite=Strict`` (never sent cross-site, never
+sent to other routes) after asking for the token once; POST /feedback takes the header only, so a
+cookie can never label anything. Without a capture folder these routes answer 403 ``capture_disabled``,
+without an operator token 403 ``operator_disabled`` (as admin routes do without an admin token).
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Annotated, Literal
+from urllib.parse import unquote
+
+import anyio
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import HTMLResponse, Response
+
+from service.capture import CaptureWriter
+from service.capture_store import CONTENT_TYPES, CaptureNotFoundError, Order, Sidecar
+from service.dependencies import CapturesDep, ClassifierDep, ModelDep, SettingsDep
+from service.errors import ApiError, error_doc
+from service.labels import anomaly_labels, valid_labels
+from service.routes.admin import bearer_or_header
+from service.routes.operations import static_page
+from service.schemas import CaptureList, FeedbackRequest
+
+router = APIRouter(tags=["captures"])
+
+OPERATOR_COOKIE = "deepmad_operator_token"
+OPERATOR_ERRORS = {
+    401: error_doc("missing or wrong operator token (code: unauthorized)"),
+    403: error_doc(
+        "disabled: no capture folder (code: capture_disabled) or no operator token configured (code: operator_disabled)"
+    ),
+}
+
+
+def _check_operator(
+    request: Request, settings: SettingsDep, captures: CapturesDep, allow_cookie: bool
+) -> CaptureWriter:
+    if captures is None:
+        raise ApiError(403, "capture_disabled", "capture is off: set DEEPMAD_CAPTURE_DIR (or --capture-dir)")
+    if not settings.operator_token:
+        raise ApiError(403, "operator_disabled", "operator actions are disabled: set DEEPMAD_OPERATOR_TOKEN")
+    given = bearer_or_header(request, "x-operator-token")
+    if not given and allow_cookie:
+        given = unquote(request.cookies.get(OPERATOR_COOKIE, ""))
+    if not secrets.compare_digest(given.encode(), settings.operator_token.encode()):
+        raise ApiError(401, "unauthorized", "missing or wrong operator token", headers={"WWW-Authenticate": "Bearer"})
+    return captures
+
+
+def operator(request: Request, settings: SettingsDep, captures: CapturesDep) -> CaptureWriter:
+    """The capture writer, for a request carrying the operator token in a header."""
+    return _check_operator(request, settings, captures, allow_cookie=False)
+
+
+def operator_reader(request: Request, settings: SettingsDep, captures: CapturesDep) -> CaptureWriter:
+    """The capture writer, for a read-only request with the token in a header or the review page's cookie."""
+    return _check_operator(request, settings, captures, allow_cookie=True)
+
+
+Operator = Annotated[CaptureWriter, Depends(operator)]
+OperatorReader = Annotated[CaptureWriter, Depends(operator_reader)]
+
+
+@router.post(
+    "/feedback",
+    response_model=Sidecar,
+    responses={
+        400: error_doc("the body is not JSON (code: invalid_body)"),
+        **OPERATOR_ERRORS,
+        404: error_doc("no capture has this id (code: unknown_id)"),
+        422: error_doc("a label outside the model's classes and anomaly label, or a malformed body"),
+    },
+    summary="Label a captured photo (relabelling overwrites); 200 once the label is on disk",
+)
+async def feedback(body: FeedbackRequest, captures: Operator, model: ModelDep) -> Sidecar:
+    labels = valid_labels(model.manifest)
+    if body.label not in labels:
+        raise ApiError(422, "invalid_label", f"label {body.label!r} is not one of {labels}")
+    try:
+        return await anyio.to_thread.run_sync(captures.store.label, body.id, body.label, "feedback")
+    except CaptureNotFoundError:
+        raise ApiError(404, "unknown_id", f"no capture with id {body.id!r} (not captured, or evicted)") from None
+
+
+@router.get(
+    "/captures",
+    response_model=CaptureList,
+    responses=OPERATOR_ERRORS,
+    summary="List captures: filters, `order=uncertain` (closest to the threshold first), paging",
+)
+async def list_captures(
+    captures: OperatorReader,
+    classifier: ClassifierDep,
+    labelled: bool | None = None,
+    verdict: Literal["normal", "anomalous"] | None = None,
+    order: Order = "newest",
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> CaptureList:
+    total, items = await anyio.to_thread.run_sync(
+        lambda: captures.store.list(labelled=labelled, verdict=verdict, order=order, limit=limit, offset=offset)
+    )
+    model = classifier.model
+    return CaptureList(
+        total=total,
+        offset=offset,
+        limit=limit,
+        labels=valid_labels(model.manifest) if model else [],
+        anomaly_labels=anomaly_labels(model.manifest) if model else [],
+        items=items,
+    )
+
+
+@router.get(
+    "/captures/{capture_id}/image",
+    response_class=Response,
+    responses={
+        **OPERATOR_ERRORS,
+        200: {"content": {"image/*": {"schema": {"type": "string", "format": "binary"}}}},
+        404: error_doc("no capture has this id (code: unknown_id)"),
+    },
+    summary="The captured photo, as uploaded",
+)
+async def capture_image(capture_id: str, captures: OperatorReader) -> Response:
+    try:
+        path = captures.store.image_path(capture_id)
+        data = await anyio.Path(path).read_bytes()  # whole, so an eviction mid-response cannot cut it short
+    except (CaptureNotFoundError, FileNotFoundError):
+        raise ApiError(404, "unknown_id", f"no capture with id {capture_id!r}") from None
+    media_type = CONTENT_TYPES.get(path.suffix.lstrip("."), "application/octet-stream")
+    return Response(data, media_type=media_type, headers={"Cache-Control": "private, max-age=86400"})
+
+
+@router.get("/review", response_class=HTMLResponse, summary="Review page: label captures", tags=["ui"])
+async def review() -> HTMLResponse:
+    return HTMLResponse(static_page("review.html"), headers={"Cache-Control": "no-cache"})

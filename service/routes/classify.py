@@ -1,0 +1,108 @@
+"""``POST /classify`` (one photo) and ``POST /classify/batch`` (several, per-item results and errors).
+
+Both answer with ids (the request's, from ``RequestIdMiddleware``; batch items get their own) and
+offer each answered photo to the capture writer, which decides and queues without waiting.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from service.capture import CaptureWriter
+from service.dependencies import CapturesDep, ModelDep, PipelineDep, RequestIdDep, SettingsDep
+from service.errors import ERRORS
+from service.middleware import VERDICT_KEY
+from service.model import LoadedModel
+from service.schemas import BatchResponse, Classification
+from service.uploads import Upload, batch_uploads, single_upload
+
+router = APIRouter(tags=["classify"])
+
+BINARY = {"type": "string", "format": "binary"}
+SINGLE_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "one image: multipart field `file`, or the raw bytes with an image/* content type",
+        "content": {
+            "multipart/form-data": {
+                "schema": {"type": "object", "required": ["file"], "properties": {"file": BINARY}},
+            },
+            "image/jpeg": {"schema": BINARY},
+            "image/png": {"schema": BINARY},
+            "application/octet-stream": {"schema": BINARY},
+        },
+    }
+}
+BATCH_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "several images, each a multipart field `files` (or `file`)",
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["files"],
+                    "properties": {"files": {"type": "array", "items": BINARY, "minItems": 1}},
+                },
+            },
+        },
+    }
+}
+ID_HEADER = {"X-Request-ID": {"description": "the request's id", "schema": {"type": "string"}}}
+
+
+def offer_captures(
+    captures: CaptureWriter | None, model: LoadedModel, answered: list[tuple[Upload, Classification]]
+) -> None:
+    if captures is not None:
+        for upload, result in answered:
+            captures.offer(model, upload, result)
+
+
+@router.post(
+    "/classify",
+    response_model=Classification,
+    responses={200: {"headers": ID_HEADER}, **ERRORS},
+    openapi_extra=SINGLE_BODY,
+    summary="Classify one photo",
+)
+async def classify(
+    request: Request,
+    model: ModelDep,
+    pipeline: PipelineDep,
+    settings: SettingsDep,
+    captures: CapturesDep,
+    result_id: RequestIdDep,
+) -> Classification:
+    upload = await single_upload(request, settings)
+    result = await pipeline.classify(model, upload, result_id)
+    offer_captures(captures, model, [(upload, result)])
+    request.scope[VERDICT_KEY] = result.verdict
+    return result
+
+
+@router.post(
+    "/classify/batch",
+    response_model=BatchResponse,
+    responses={200: {"headers": ID_HEADER}, **ERRORS},
+    openapi_extra=BATCH_BODY,
+    summary="Classify several photos; per-item results and errors",
+)
+async def classify_batch(
+    request: Request,
+    model: ModelDep,
+    pipeline: PipelineDep,
+    settings: SettingsDep,
+    captures: CapturesDep,
+    batch_id: RequestIdDep,
+) -> BatchResponse:
+    items = await batch_uploads(request, settings)
+    results = await pipeline.classify_batch(model, items)
+    answered = [
+        (upload, item.result)
+        for upload, item in zip(items, results, strict=True)
+        if isinstance(upload, Upload) and item.result is not None
+    ]
+    offer_captures(captures, model, answered)
+    request.scope[VERDICT_KEY] = "batch"
+    return BatchResponse(id=batch_id, results=results, model=model.ref)

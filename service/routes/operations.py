@@ -1,0 +1,92 @@
+"""Operations: liveness, readiness, the model being served, Prometheus metrics, the upload page."""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+
+from fastapi import APIRouter
+from fastapi.responses import HTMLResponse, Response
+
+from service.dependencies import MetricsDep, ModelDep
+from service.errors import ERRORS
+from service.metrics import CONTENT_TYPE_LATEST
+from service.schemas import Health, InputInfo, ModelInfo, Readiness
+
+STATIC_DIR = Path(__file__).resolve().parents[1] / "static"
+
+router = APIRouter()
+
+
+@cache
+def static_page(name: str) -> str:
+    return (STATIC_DIR / name).read_text(encoding="utf-8")
+
+
+@router.get("/healthz", response_model=Health, summary="The process is alive", tags=["ops"])
+async def healthz() -> Health:
+    return Health()
+
+
+@router.get(
+    "/readyz",
+    response_model=Readiness,
+    responses={503: ERRORS[503]},
+    summary="A model is loaded and warmed up",
+    tags=["ops"],
+)
+async def readyz(model: ModelDep) -> Readiness:
+    return Readiness(status="ready", model=model.ref, detail=None)
+
+
+@router.get(
+    "/model",
+    response_model=ModelInfo,
+    responses={503: ERRORS[503]},
+    summary="The model being served (manifest subset)",
+    tags=["ops"],
+)
+async def model_info(model: ModelDep) -> ModelInfo:
+    manifest = model.manifest
+    data = manifest.training_data
+    return ModelInfo(
+        name=manifest.name,
+        version=manifest.version,
+        method=manifest.method,
+        class_names=manifest.class_names,
+        input=InputInfo(**manifest.input.model_dump()),
+        threshold=model.threshold,
+        threshold_source="override" if model.threshold_overridden else "manifest",
+        manifest_threshold=manifest.threshold.value,
+        threshold_rule=manifest.threshold.rule,
+        calibrated=model.calibration is not None,
+        hyperparameters=manifest.hyperparameters,
+        test_metrics=manifest.test_metrics.model_dump(mode="json"),
+        training_data={
+            "source": data.source,
+            "normal_classes": data.normal_classes,
+            "anomaly_classes": data.anomaly_classes,
+            "counts": data.counts,
+            "sha256": data.sha256,
+        },
+        model_sha256=manifest.model_sha256,
+        created_at=manifest.created_at,
+        loaded_at=model.loaded_at,
+        providers=list(model.providers),
+    )
+
+
+@router.get(
+    "/metrics",
+    response_class=Response,
+    summary="Prometheus metrics",
+    tags=["ops"],
+    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+)
+async def prometheus_metrics(metrics: MetricsDep) -> Response:
+    return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/", response_class=HTMLResponse, summary="Upload page", tags=["ui"])
+async def index() -> HTMLResponse:
+    return HTMLResponse(static_page("index.html"), headers={"Cache-Control": "no-cache"})

@@ -1,0 +1,88 @@
+"""Method configurations whose fields carry their command-line help and bounds.
+
+A configuration checks its values when it is made, so a bad value from ``training.fit``'s flags, a
+sweep's overrides or a test is refused with one line (UserError) before any training starts; the CLIs
+build their flags from these fields, so a new setting needs one line here and nothing in the CLIs.
+
+Example:
+    >>> @dataclass
+    ... class MyConfig(MethodConfig):
+    ...     lr: float = setting(1e-3, "Adam learning rate", above=0)
+    >>> MyConfig(lr=-1)  # UserError: --lr must be greater than 0, got -1
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Iterable, Mapping
+from typing import Any, ClassVar
+
+from training.errors import UserError
+
+
+def setting(default: Any, help: str, *, minimum: float | None = None, above: float | None = None, aliases=()):
+    """A configuration field: its default, its flag's help, and its bounds (``minimum`` <= value, value > ``above``)."""
+    return dataclasses.field(
+        default=default, metadata={"help": help, "minimum": minimum, "above": above, "aliases": tuple(aliases)}
+    )
+
+
+def flag_name(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+@dataclasses.dataclass
+class MethodConfig:
+    LABEL: ClassVar[str] = ""  # how help texts name the methods using this configuration
+    # Sweep flags that set a field under another name (DROCC's epochs come from --drocc-epochs).
+    SWEEP_FLAGS: ClassVar[dict[str, str]] = {}
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, bool):
+                continue
+            minimum, above = field.metadata.get("minimum"), field.metadata.get("above")
+            if minimum is not None and not value >= minimum:
+                raise UserError(f"{flag_name(field.name)} must be at least {minimum}, got {value}")
+            if above is not None and not value > above:
+                raise UserError(f"{flag_name(field.name)} must be greater than {above}, got {value}")
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_values(cls, values: Mapping[str, Any]):
+        """The defaults (paper tables 18-20) with the values that apply to this configuration (None: default)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names and v is not None})
+
+
+def add_config_flags(parser: argparse._ArgumentGroup, config_types: Iterable[type[MethodConfig]]) -> None:
+    """One flag per configuration field, its destination the field's name (what ``from_values`` reads).
+
+    A field that several configurations share with different defaults gets no flag default (each
+    method keeps its own) and a help text naming each default.
+    """
+    config_types = list(config_types)
+    names: list[str] = []
+    for config_type in config_types:
+        for field in dataclasses.fields(config_type):
+            if field.name in names:
+                continue
+            names.append(field.name)
+            owners = [(c, f) for c in config_types for f in dataclasses.fields(c) if f.name == field.name]
+            defaults = {f.default for _, f in owners}
+            help_text = field.metadata["help"]
+            if len(defaults) > 1:
+                help_text += "; default " + ", ".join(f"{f.default} ({c.LABEL})" for c, f in owners)
+            elif len(owners) < len(config_types):
+                help_text = f"{'/'.join(c.LABEL for c, _ in owners)}: {help_text}"
+            default = field.default if len(defaults) == 1 else None
+            flags = [flag_name(field.name), *field.metadata["aliases"]]
+            if isinstance(field.default, bool):
+                parser.add_argument(*flags, dest=field.name, action=argparse.BooleanOptionalAction, default=default,
+                                    help=help_text)  # fmt: skip
+            else:
+                parser.add_argument(*flags, dest=field.name, type=type(field.default), default=default, help=help_text)

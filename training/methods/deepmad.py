@@ -1,0 +1,291 @@
+"""DeepMAD (paper Algorithm 3): autoencoder pretraining per class, centres, then the contrastive loss.
+
+L(theta_i) = 1/N sum_{x in X_i} ||E_i(x) - c_i||^2
+           + eta/N sum_{x in X_j, j != i} max(0, delta - ||E_i(x) - c_i||)^2 + lambda/2 sum ||W||^2
+
+Every encoder sees every normal training image in phase 2 (its own class as positives, the others as
+negatives), so the m encoders share each batch and train as one grouped network. lambda is Adam's
+weight decay (it adds lambda * W to the gradient, the derivative of lambda/2 ||W||^2).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from service.manifest import TrainingLog
+from training.batches import Normaliser, class_batches, shuffled_batches, to_float
+from training.data import Task
+from training.engine import (
+    Checkpoint,
+    EpochCallback,
+    Progress,
+    RunOptions,
+    Timer,
+    TrainingInputs,
+    autocast,
+    progress_bar,
+    run_epochs,
+)
+from training.methods.config import MethodConfig, setting
+from training.networks import GroupedAutoencoder, GroupedEncoder
+from training.scorer import Scorer
+
+CENTRE_EPS = 0.1  # DeepSVDD: a centre component near 0 is pushed to +-eps (a zero unit is trivially matched)
+
+
+@dataclass
+class DeepMADConfig(MethodConfig):
+    """Paper tables 18-20 for DeepMAD (DeepSVDD shares it: eta and delta are unused without negatives)."""
+
+    LABEL = "DeepMAD/DeepSVDD"
+
+    rep_dim: int = setting(128, "feature dimension of each encoder", minimum=1)
+    eta: float = setting(1.0, "weight of the negatives' term", minimum=0)
+    delta: float = setting(8.2, "margin: negatives are pushed past this distance from a centre", above=0)
+    lr: float = setting(1e-4, "Adam learning rate", above=0)
+    weight_decay: float = setting(1e-6, "lambda (Adam's weight decay)", minimum=0)
+    batch_size: int = setting(128, "batch size", minimum=1)
+    ae_epochs: int = setting(20, "autoencoder pretraining epochs", minimum=0)
+    ae_lr: float = setting(1e-4, "autoencoder learning rate", above=0)
+    epochs: int = setting(30, "encoder epochs (DeepMAD/DeepSVDD: after pretraining; DROCC: all)", minimum=0)
+    augment: bool = setting(False, "flips, +-4 px shifts, brightness jitter in training (not in the paper)")
+    seed: int = setting(0, "initialisation, batch order and augmentation seed", minimum=0)
+
+
+def deepmad_loss(
+    embeddings: torch.Tensor, centres: torch.Tensor, labels: torch.Tensor, eta: float, delta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch estimate of the sum over encoders of L(theta_i), without the weight-decay term.
+
+    embeddings [B, m, D]; centres [m, D]; labels [B] in 0..m-1 (or -1: negative for every encoder).
+    Returns (total, per-encoder [m]). Dividing by the batch size is the batch estimate of 1/N.
+    """
+    squared = (embeddings - centres.unsqueeze(0)).pow(2).sum(-1)  # [B, m]
+    positive = labels.unsqueeze(1) == torch.arange(centres.shape[0], device=labels.device).unsqueeze(0)
+    distance = torch.sqrt(squared + 1e-12)
+    pull = torch.where(positive, squared, torch.zeros_like(squared))
+    push = torch.where(positive, torch.zeros_like(squared), torch.relu(delta - distance).pow(2))
+    per_encoder = (pull + eta * push).mean(0)
+    return per_encoder.sum(), per_encoder
+
+
+def guard_centres(centres: torch.Tensor, eps: float = CENTRE_EPS) -> torch.Tensor:
+    near_zero = centres.abs() < eps
+    return torch.where(
+        near_zero & (centres < 0),
+        torch.full_like(centres, -eps),
+        torch.where(near_zero, torch.full_like(centres, eps), centres),
+    )
+
+
+@torch.no_grad()
+def compute_centres(
+    encoder: GroupedEncoder, class_images: list[torch.Tensor], normaliser: Normaliser, batch_size: int = 512
+) -> torch.Tensor:
+    """c_i = mean of E_i(X_i) (eval mode), guarded against near-zero components. Returns [m, D]."""
+    encoder.eval()
+    device = next(encoder.parameters()).device
+    centres = []
+    for group, images in enumerate(class_images):
+        total = torch.zeros(encoder.rep_dim, device=device, dtype=torch.float64)
+        for start in range(0, len(images), batch_size):
+            x = to_float(images[start : start + batch_size].to(device), normaliser)
+            total += encoder.embed_shared(x)[:, group].double().sum(0)
+        centres.append(total / len(images))
+    return guard_centres(torch.stack(centres).float())
+
+
+@torch.no_grad()
+def embed(encoder: GroupedEncoder, images: torch.Tensor, normaliser: Normaliser, batch_size: int = 512) -> torch.Tensor:
+    """Eval-mode embeddings [N, m, D] of uint8 NHWC images."""
+    encoder.eval()
+    device = next(encoder.parameters()).device
+    out = [
+        encoder.embed_shared(to_float(images[s : s + batch_size].to(device), normaliser)).float().cpu()
+        for s in range(0, len(images), batch_size)
+    ]
+    return torch.cat(out)
+
+
+def pretrain_autoencoders(
+    autoencoder: GroupedAutoencoder,
+    class_images: list[torch.Tensor],
+    normaliser: Normaliser,
+    config: DeepMADConfig,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    start_epoch: int,
+    on_epoch: EpochCallback,
+    progress: Progress | None = None,
+) -> None:
+    """Phase 1: autoencoder A_i on X_i only, MSE. Each step gives group i a batch of class i.
+
+    An epoch is ceil(max_i |X_i| / batch) steps; smaller classes wrap around within the epoch, so every
+    image of every class is seen at least once per epoch. ``on_epoch`` gets ``{"autoencoder_mse": ...}``.
+    """
+    device = next(autoencoder.parameters()).device
+
+    def step_loss(chosen: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        batch = torch.stack(
+            [to_float(x.to(device), normaliser, config.augment, generator) for x in chosen], dim=1
+        )  # [B, m, C, H, W]
+        with autocast(device):
+            reconstruction = autoencoder(batch)
+        # Mean squared error per autoencoder, summed over the m independent autoencoders.
+        loss = (reconstruction.float() - batch).pow(2).mean(dim=(0, 2, 3, 4)).sum()
+        return loss, {"autoencoder_mse": loss.item() / len(chosen)}
+
+    run_epochs(
+        autoencoder,
+        optimizer,
+        config.ae_epochs,
+        start_epoch,
+        lambda: class_batches(class_images, config.batch_size, generator),
+        step_loss,
+        on_epoch,
+        progress,
+        "autoencoders",
+    )
+
+
+def _ignore_epoch(epoch: int, means: dict[str, float]) -> None:
+    """The default ``on_epoch``: no log, no checkpoint."""
+
+
+@dataclass
+class EncoderPhase:
+    """Phase 2's inputs: the grouped encoder, trained against fixed centres on the training tensors.
+
+    A phase-2 function (``train_encoders`` for DeepMAD, ``deepsvdd.train_one_class_encoders`` for
+    DeepSVDD(m)) takes one of these, chooses its batches and its loss, and calls ``run``.
+    """
+
+    encoder: GroupedEncoder
+    centres: torch.Tensor  # [m, D], moved to the encoder's device by ``device_centres``
+    images: torch.Tensor  # uint8 [N, H, W, C]
+    labels: torch.Tensor  # [N]: the class column, or -1 (a negative for every encoder)
+    normaliser: Normaliser  # on the encoder's device
+    config: DeepMADConfig
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator
+    start_epoch: int = 0
+    on_epoch: EpochCallback = _ignore_epoch
+    progress: Progress | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.encoder.parameters()).device
+
+    def device_centres(self) -> torch.Tensor:
+        return self.centres.to(self.device)
+
+    def to_input(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images -> the standardised (and, with ``augment``, augmented) float batch on the device."""
+        return to_float(images.to(self.device), self.normaliser, self.config.augment, self.generator)
+
+    def run(self, batches, step_loss, label: str) -> None:
+        run_epochs(
+            self.encoder,
+            self.optimizer,
+            self.config.epochs,
+            self.start_epoch,
+            batches,
+            step_loss,
+            self.on_epoch,
+            self.progress,
+            label,
+        )
+
+
+PhaseTwo = Callable[[EncoderPhase], None]
+
+
+def train_encoders(phase: EncoderPhase) -> None:
+    """Phase 2: every encoder on every normal image with the contrastive loss (labels: class column)."""
+    centres, images, labels, config = phase.device_centres(), phase.images, phase.labels, phase.config
+
+    def step_loss(chosen: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        x = phase.to_input(images[chosen])
+        with autocast(phase.device):
+            z = phase.encoder.embed_shared(x)
+        loss, _ = deepmad_loss(z.float(), centres, labels[chosen].to(phase.device), config.eta, config.delta)
+        return loss, {"encoder_loss": loss.item()}
+
+    phase.run(lambda: shuffled_batches(len(images), config.batch_size, phase.generator), step_loss, "encoders")
+
+
+def fit_deepmad(
+    task: Task, config: DeepMADConfig, run: RunOptions, encoder_phase: PhaseTwo = train_encoders
+) -> tuple[Scorer, TrainingLog]:
+    """Train the m encoders of ``task`` together (phase 1, centres, phase 2) and return the eval-mode
+    scorer on the CPU with its log. ``encoder_phase`` is DeepMAD's contrastive ``train_encoders`` by
+    default, or ``deepsvdd.train_one_class_encoders`` for m independent one-class detectors."""
+    inputs, device = TrainingInputs.of(task, config.seed), run.device
+    model = GroupedAutoencoder(task.n_normal, inputs.channels, inputs.size, config.rep_dim).to(device)
+    ae_optimizer = torch.optim.Adam(model.parameters(), lr=config.ae_lr, weight_decay=config.weight_decay)
+    enc_optimizer = torch.optim.Adam(model.encoder.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    data_sha256 = task.content_sha256()  # outlier exposure or another subsample changes the data, not the config
+    state = Checkpoint(
+        run.checkpoint,
+        identity={
+            "config": config.as_dict(),
+            "classes": task.column_names,
+            "training_data": data_sha256,
+            "encoder_phase": encoder_phase.__name__,
+        },
+        parts={"model": model, "ae_optimizer": ae_optimizer, "enc_optimizer": enc_optimizer},
+        generator=inputs.generator,
+        older_defaults={"training_data": data_sha256, "encoder_phase": train_encoders.__name__},
+    )
+    log, centres, ae_start, enc_start = TrainingLog(), None, 0, 0
+    if run.resume:
+        restored = state.restore(("centres", "log", "ae_epochs_done", "enc_epochs_done"))
+        centres, log = restored["centres"], TrainingLog.model_validate(restored["log"])
+        ae_start, enc_start = restored["ae_epochs_done"], restored["enc_epochs_done"]
+
+    def save(ae_done: int, enc_done: int) -> None:
+        state.save(centres=centres, log=log.model_dump(), ae_epochs_done=ae_done, enc_epochs_done=enc_done)
+
+    def after_ae_epoch(epoch: int, means: dict[str, float]) -> None:
+        log.append(means)
+        save(epoch + 1, 0)
+
+    def after_enc_epoch(epoch: int, means: dict[str, float]) -> None:
+        log.append(means)
+        # The rate so far goes into every checkpoint, so a re-export of a finished run still reports it.
+        log.images_per_second["encoders"] = timer.rate((epoch + 1 - enc_start) * len(inputs.images) * task.n_normal)
+        save(config.ae_epochs, epoch + 1)
+
+    bar = progress_bar(run.progress)
+    normaliser = inputs.normaliser.to(device)
+    timer = Timer(device)
+    pretrain_autoencoders(
+        model, inputs.class_images, normaliser, config, ae_optimizer, inputs.generator, ae_start, after_ae_epoch, bar
+    )
+    steps = -(-max(len(x) for x in inputs.class_images) // config.batch_size)
+    seen = (config.ae_epochs - ae_start) * task.n_normal * config.batch_size * steps
+    if seen:  # a run resumed after this phase keeps the rate it measured
+        log.images_per_second["autoencoders"] = timer.rate(seen)
+    if centres is None:
+        centres = compute_centres(model.encoder, inputs.class_images, normaliser).cpu()
+        save(config.ae_epochs, 0)
+    timer = Timer(device)
+    encoder_phase(
+        EncoderPhase(
+            encoder=model.encoder,
+            centres=centres,
+            images=inputs.images,
+            labels=inputs.labels,
+            normaliser=normaliser,
+            config=config,
+            optimizer=enc_optimizer,
+            generator=inputs.generator,
+            start_epoch=enc_start,
+            on_epoch=after_enc_epoch,
+            progress=bar,
+        )
+    )
+    return Scorer(model.encoder.cpu(), centres, inputs.normaliser).eval(), log
