@@ -61,7 +61,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 OPERATOR_TOKEN = "flywheel-operator"
 ADMIN_TOKEN = "flywheel-admin"
 ORDERS = ("uncertain", "random")
-MIN_TRASH_TO_TRAIN = 3  # the folder source puts 20% of a class in its test split; it needs one trash there
 
 
 def data_root() -> Path:
@@ -157,6 +156,21 @@ def fit(out: Path, args: argparse.Namespace, *data_args: object) -> None:
     )  # fmt: skip
     if result.returncode != 0:
         raise RuntimeError(f"training.fit failed for {out}:\n{result.stderr[-2000:]}")
+
+
+def folder_exposure(n_trash: int) -> tuple[float, int] | None:
+    """``--anomaly-holdout`` and ``--exposure-from-train`` for a class-folder tree holding ``n_trash`` trash.
+
+    ``--dataset folder`` splits the trash folder like every class (70/10/20, training.data.folders);
+    the training share is the exposure pool, and the holdout must leave at least one selection and
+    one test photo of the test share. None when the tree has too few trash photos for that (< 12).
+    """
+    train = int(round(FOLDER_SPLIT[0] * n_trash))
+    test = n_trash - train - int(round(FOLDER_SPLIT[1] * n_trash))
+    if test < 3 or train < 1:
+        return None
+    picked = min(test - 1, max(2, test // 2))  # selection = picked // 2 >= 1, test keeps >= 1
+    return (picked + 0.25) / test, train
 
 
 def free_port() -> int:
@@ -292,14 +306,16 @@ def run_order(order: str, args: argparse.Namespace, splits: Splits, round0: Path
             record["export"] = json.loads(exported.stdout)
             n_trash = len(image_files(tree / TRASHNET_ANOMALY)) if (tree / TRASHNET_ANOMALY).is_dir() else 0
             record["candidate"] = None
-            if n_trash < MIN_TRASH_TO_TRAIN:
+            record["trash_in_tree"] = n_trash
+            split = folder_exposure(n_trash)
+            if split is None:
                 record["gate"] = {"decision": "no retraining", "reason": f"{n_trash} trash photos in the tree"}
             else:
                 candidate = work / f"candidate-r{round_number}"
-                exposure = int(round(FOLDER_SPLIT[0] * n_trash))
+                holdout, exposure = split
                 fit(
                     candidate, args, "--dataset", "folder", "--data", tree, "--normal", ",".join(TRASHNET_NORMAL),
-                    "--anomaly-holdout", "0.5", "--outlier-exposure", "--exposure-from-train", exposure,
+                    "--anomaly-holdout", f"{holdout:.4f}", "--outlier-exposure", "--exposure-from-train", exposure,
                 )  # fmt: skip
                 record["candidate"] = test.evaluate(candidate)
                 gate = run_module(
@@ -382,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--per-round", type=int, default=200, help="photos the bin classifies per round")
     parser.add_argument("--trash-share", type=float, default=0.1, help="share of trash in the stream")
-    parser.add_argument("--labels-per-round", type=int, default=20, help="k: captures labelled per round")
+    parser.add_argument("--labels-per-round", type=int, default=30, help="k: captures labelled per round")
     parser.add_argument(
         "--capture-normal-rate", type=float, help="the bin's share of confident normals kept (default: the service's)"
     )

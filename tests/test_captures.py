@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from service.labels import valid_labels
 from service.manifest import Manifest
 from tests.capture_support import open_model, tree_files, write_capture
 from tests.conftest import REPO_ROOT
@@ -22,7 +23,6 @@ from training.captures import (
     in_audit,
     labeling_config,
     read_capture,
-    valid_labels,
 )
 from training.data.folders import load_folder
 

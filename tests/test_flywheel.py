@@ -11,11 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.flywheel import add_to_tree, trashnet_splits
-from service.app import create_app
+from bench.flywheel import add_to_tree, folder_exposure, trashnet_splits
 from service.imaging import load_image_file
 from service.manifest import Manifest
-from service.settings import Settings
 from tests.capture_support import open_model, write_capture
 from tests.conftest import REPO_ROOT
 from tests.service_support import model_dir
@@ -47,7 +45,9 @@ def test_exported_captures_retrain_with_outlier_exposure(tmp_path: Path, trashne
     tree, captures = tmp_path / "data", tmp_path / "captures"
     add_to_tree(tree, [p for name in TRASHNET_NORMAL for p in [q for q in splits.train if q[1] == name][:15]])
     model = open_model(model_dir())
-    for n, photo in enumerate(splits.held_trash[:8]):
+    assert folder_exposure(11) is None  # too few to leave selection and test trash in the folder's split
+    holdout, exposure = folder_exposure(12)
+    for n, photo in enumerate(splits.held_trash[:12]):
         write_capture(captures, model, photo, capture_id=f"trash{n}", label="trash")
     export = subprocess.run(
         [sys.executable, "-m", "training.captures", "export", "--captures", str(captures), "--out", str(tree),
@@ -55,13 +55,13 @@ def test_exported_captures_retrain_with_outlier_exposure(tmp_path: Path, trashne
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert export.returncode == 0, export.stderr
-    assert json.loads(export.stdout)["written"] == 8
+    assert json.loads(export.stdout)["written"] == 12
     out = tmp_path / "candidate"
     fit = subprocess.run(
         [
             sys.executable, "-m", "training.fit", "--dataset", "folder", "--data", str(tree),
-            "--normal", ",".join(TRASHNET_NORMAL), "--anomaly-holdout", "0.5", "--outlier-exposure",
-            "--exposure-from-train", "6", "--ae-epochs", "1", "--epochs", "1", "--threads", "1", "--quiet",
+            "--normal", ",".join(TRASHNET_NORMAL), "--anomaly-holdout", str(holdout), "--outlier-exposure",
+            "--exposure-from-train", str(exposure), "--ae-epochs", "1", "--epochs", "1", "--threads", "1", "--quiet",
             "--out", str(out), "--checkpoint", str(tmp_path / "checkpoint.pt"),
         ],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
@@ -71,21 +71,18 @@ def test_exported_captures_retrain_with_outlier_exposure(tmp_path: Path, trashne
     assert manifest.class_names == list(TRASHNET_NORMAL)
     assert manifest.training_data.anomaly_classes == ["trash"]
     counts = manifest.training_data.counts
-    # 8 trash photos: 6 in the folder's training split (all exposure), 1 in validation (unused), 1 in test.
-    assert counts["train"]["outlier_exposure"] == 6 and counts["test"]["anomalous"] >= 1
-
-
-def service_has_feedback() -> bool:
-    return any(getattr(route, "path", None) == "/feedback" for route in create_app(Settings()).routes)
+    # 12 trash photos: 8 in the folder's training split (all exposure), 1 in validation (unused), 3 in its
+    # test split: 2 held out (1 of them for selection) and 1 left for its own test AUC.
+    assert exposure == 8 and counts["train"]["outlier_exposure"] == 8
+    assert counts["selection"]["anomalous"] >= 1 and counts["test"]["anomalous"] >= 1
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not service_has_feedback(), reason="the service's capture and POST /feedback are not merged yet")
 def test_one_flywheel_round_end_to_end(tmp_path: Path, data_dir: Path):
     out = tmp_path / "flywheel"
     command = [
         sys.executable, "-m", "bench.flywheel", "--out", str(out), "--data", str(data_dir / "trashnet"),
-        "--rounds", "1", "--per-round", "40", "--trash-share", "0.5", "--labels-per-round", "20",
+        "--rounds", "1", "--per-round", "60", "--trash-share", "0.5", "--labels-per-round", "40",
         "--capture-normal-rate", "1.0", "--seed-per-class", "20", "--ae-epochs", "1", "--epochs", "1",
         "--max-train-per-class", "12", "--threads", "1",
     ]  # fmt: skip
@@ -96,11 +93,11 @@ def test_one_flywheel_round_end_to_end(tmp_path: Path, data_dir: Path):
     assert summary["test_split"] == {"normal": 410, "trash": 59}
     for order in ("uncertain", "random"):
         start, first = summary["results"][order]
-        assert start["labelled"] == 0 and first["labelled"] == 20 and first["captures"] == 40
+        assert start["labelled"] == 0 and first["labelled"] == 40 and first["captures"] == 60
         labelled = [c for c in iter_captures(out / order / "captures") if c.label is not None]
-        assert len(labelled) == 20 and {c.sidecar["label_source"] for c in labelled} == {"feedback"}
+        assert len(labelled) == 40 and {c.sidecar["label_source"] for c in labelled} == {"feedback"}
         export = first["export"]
-        assert export["labelled"] == 20 and export["written"] + export["audit_written"] + export["duplicates"] == 20
+        assert export["labelled"] == 40 and export["written"] + export["audit_written"] + export["duplicates"] == 40
         assert first["gate"]["decision"] in {"promoted", "refused", "not judged"}  # half trash: retrained
         assert first["candidate"]["score_std"] > 0 and 0.0 <= first["candidate"]["auc"] <= 1.0
         if first["gate"]["decision"] == "promoted":

@@ -40,7 +40,9 @@ from xml.sax.saxutils import quoteattr
 
 from pydantic import ValidationError
 
-from service.manifest import Manifest, write_atomic
+from service.fileio import write_atomic
+from service.labels import anomaly_labels, valid_labels
+from service.manifest import Manifest
 from training.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -50,7 +52,6 @@ DAY_FOLDER = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 SHA_PREFIX = 16  # hex digits of the image sha256 in an exported file name (64 bits)
 AUDIT_SALT = b"deepmad-audit-v1:"
 DEFAULT_AUDIT_SHARE = 0.2
-FALLBACK_ANOMALY_LABEL = "anomaly"
 # Names shared by the labeling config (docs/label-studio.xml), the tasks and the importer.
 LS_IMAGE = "image"  # <Image name="image" value="$image"/>
 LS_CHOICES = "label"  # <Choices name="label" toName="image">
@@ -82,15 +83,9 @@ class Capture:
         return abs(float(self.sidecar["score"]) - float(self.sidecar["threshold"]))
 
 
-def valid_labels(manifest: Manifest) -> list[str]:
-    """A model's labels: its class names, then its anomaly classes (``anomaly`` when it names none)."""
-    anomaly = list(manifest.training_data.anomaly_classes) or [FALLBACK_ANOMALY_LABEL]
-    return [*manifest.class_names, *anomaly]
-
-
 def anomaly_label(manifest: Manifest) -> str:
     """The label a verdict "anomalous" maps to (TrashNet: ``trash``)."""
-    return valid_labels(manifest)[len(manifest.class_names)]
+    return anomaly_labels(manifest)[0]
 
 
 def load_manifest(model_dir: Path) -> Manifest:

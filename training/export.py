@@ -98,7 +98,7 @@ def evaluate(scorer: BaseScorer, task: Task, reject_rate: float) -> Evaluation:
     auc = roc_auc(test_scores, task.test_anomalous)
     tpr, fpr = rates_at(test_scores, task.test_anomalous, threshold.value)
     extra = {"test_score_std": float(np.std(test_scores)), "outlier_exposure": task.outlier_exposure}
-    if task.selection is not None and len(task.selection):  # a folder with a few anomalies may leave none
+    if task.selection is not None:
         # Validation normals against the held-out selection anomalies: what settings are chosen on.
         _, selection_scores = scorer.score_arrays(task.selection.images)
         extra["selection_auc"] = roc_auc(

@@ -26,7 +26,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from service.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, sha256_file, write_atomic
+from service.fileio import sha256_file, write_atomic
+from service.manifest import MANIFEST_FILE, MODEL_FILE, Manifest
 from training.errors import UserError
 
 ARTIFACT_FILES = (MODEL_FILE, MANIFEST_FILE)

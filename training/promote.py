@@ -35,9 +35,9 @@ from typing import Any
 import numpy as np
 
 from service.imaging import ImageError, load_image_file
+from service.labels import valid_labels
 from service.model import LoadedModel, ModelLoadError, load_model
 from service.settings import Settings
-from training.captures import valid_labels
 from training.data.folders import image_files
 from training.errors import UserError
 from training.metrics import roc_auc
