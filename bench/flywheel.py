@@ -410,6 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-train-per-class", type=int, default=100)
     parser.add_argument("--min-gain", type=float, default=0.0, help="the gate's --min-gain")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--round0", type=Path, help="start both bins from this model folder instead of training round 0"
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch threads for training")
     return parser
 
@@ -428,9 +431,10 @@ def main(argv: list[str] | None = None) -> int:
     splits = trashnet_splits(root)
     test = TestSplit(splits.test)
     args.out.mkdir(parents=True, exist_ok=True)
-    round0 = args.out / "round0"
-    shutil.rmtree(round0, ignore_errors=True)
-    fit(round0, args, "--dataset", "trashnet", "--data", root)
+    round0 = args.round0 or args.out / "round0"
+    if args.round0 is None:
+        shutil.rmtree(round0, ignore_errors=True)
+        fit(round0, args, "--dataset", "trashnet", "--data", root)
     results = {order: run_order(order, args, splits, round0, test) for order in orders}
     summary = {
         "command": "python -m bench.flywheel " + " ".join(sys.argv[1:] if argv is None else argv),
