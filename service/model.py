@@ -104,8 +104,12 @@ def session_options(settings: Settings) -> ort.SessionOptions:
 
 
 def load_model(model_dir: str | Path, settings: Settings) -> LoadedModel:
-    """Read, verify, open and warm up ``model_dir``; raise ModelLoadError with a one-line reason."""
-    model_dir = Path(model_dir)
+    """Read, verify, open and warm up ``model_dir``; raise ModelLoadError with a one-line reason.
+
+    A symlinked ``model_dir`` (``training.promote`` switches versions by replacing a symlink) is resolved
+    once, so the manifest and the graph of one load always come from the same version folder.
+    """
+    model_dir = Path(model_dir).resolve()
     manifest_path, model_path = model_dir / MANIFEST_FILE, model_dir / MODEL_FILE
     if not model_dir.is_dir():
         raise ModelLoadError(f"model folder {model_dir} does not exist (set DEEPMAD_MODEL_DIR or --model-dir)")

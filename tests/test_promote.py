@@ -1,0 +1,195 @@
+"""training.promote on real artifacts: a worse model is refused, a good one is swapped in, reloaded
+into a running service without a failed request, and rolled back."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+
+from service.manifest import Manifest, write_manifest
+from tests.capture_support import tree_files
+from tests.conftest import REPO_ROOT
+from tests.service_support import copy_model, corrupt_model, model_dir, photo_subset, run_server
+
+TOKEN = "promote-test-token"
+
+
+def promote(*args: object, token: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DEEPMAD_") or k == "DEEPMAD_DATA_ROOT"}
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    if token:
+        env["DEEPMAD_ADMIN_TOKEN"] = token
+    return subprocess.run(
+        [sys.executable, "-m", "training.promote", *map(str, args)],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+@pytest.fixture(scope="module")
+def audit(tmp_path_factory, trashnet_dir: Path) -> Path:
+    """An audit class-folder tree of real photos: 8 per recyclable class, 16 trash."""
+    root = tmp_path_factory.mktemp("audit")
+    recyclable, trash = photo_subset(trashnet_dir, per_class=8, trash=16)
+    for photo in recyclable + trash:
+        (root / photo.parent.name).mkdir(exist_ok=True)
+        shutil.copyfile(photo, root / photo.parent.name / photo.name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def untrained(tmp_path_factory) -> Path:
+    """A really worse model: the same recipe stopped after 1 autoencoder epoch and 0 encoder epochs."""
+    out = tmp_path_factory.mktemp("untrained") / "model"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "training.fit",
+            "--dataset",
+            "trashnet",
+            "--max-train-per-class",
+            "30",
+            "--ae-epochs",
+            "1",
+            "--epochs",
+            "0",
+            "--threads",
+            "1",
+            "--quiet",
+            "--version",
+            "0.0.1-untrained",
+            "--out",
+            str(out),
+            "--checkpoint",
+            str(out.parent / "checkpoint.pt"),
+        ],  # fmt: skip
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def relabelled_copy(source: Path, target: Path, version: str) -> Path:
+    """The current graph under a new version: exactly as good, so the gate (not worse) lets it through."""
+    copy_model(source, target)
+    manifest = Manifest.load(target)
+    write_manifest(target, manifest.model_copy(update={"version": version}))
+    return target
+
+
+def test_a_worse_candidate_is_refused_and_nothing_changes(tmp_path: Path, audit: Path, untrained: Path):
+    models = tmp_path / "models"
+    current = copy_model(model_dir(), models / "trashnet")
+    before = tree_files(models)
+    result = promote("--candidate", untrained, "--current", current, "--audit", audit)
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "refused: AUC" in result.stdout
+    for row in ("AUC (recyclables vs trash)", "TPR at normal-reject", "routing accuracy", "trash (n=16)"):
+        assert row in result.stdout
+    after = tree_files(models)
+    records = [name for name in after if name.startswith("trashnet.decisions/")]
+    assert len(records) == 1 and records[0].endswith("-refused.json")
+    assert {k: v for k, v in after.items() if k not in records} == before  # byte-identical, no version made
+    assert not current.is_symlink()
+    record = json.loads(after[records[0]])
+    metrics = record["metrics"]
+    assert record["decision"] == "refused" and record["reason"].startswith("AUC")
+    assert metrics["current"]["auc"] > 0.75 and metrics["candidate"]["auc"] < metrics["current"]["auc"] - 0.1
+    assert metrics["current"]["score_std"] > 0.1  # not a collapsed model
+    assert metrics["current"]["routing_accuracy"] > metrics["candidate"]["routing_accuracy"]
+    assert metrics["candidate"]["n_reject_matched"] == metrics["current"]["n_reject_matched"]
+
+
+def test_promotion_reload_and_rollback_against_a_running_service(tmp_path: Path, audit: Path):
+    shipped = model_dir()
+    current = copy_model(shipped, tmp_path / "models" / "trashnet")
+    original = tree_files(current)
+    candidate = relabelled_copy(shipped, tmp_path / "candidate", "9.9.9-candidate")
+    photo = next((audit / "glass").iterdir()).read_bytes()
+    with run_server(current, tmp_path, DEEPMAD_ADMIN_TOKEN=TOKEN) as server, server.client() as client:
+        version = Manifest.load(shipped).version
+        assert client.get("/model").json()["version"] == version
+        # A bin keeps classifying all through the promotion and the rollback: no request may fail.
+        statuses: list[int] = []
+        stop = threading.Event()
+
+        def classify_until_stopped() -> None:
+            with httpx.Client(base_url=server.url, timeout=30) as bin_client:
+                while not stop.is_set() and len(statuses) < 5000:
+                    answer = bin_client.post("/classify", files={"file": ("item.jpg", photo, "image/jpeg")})
+                    statuses.append(answer.status_code)
+
+        traffic = threading.Thread(target=classify_until_stopped)
+        traffic.start()
+        try:
+            result = promote(
+                "--candidate", candidate, "--current", current, "--audit", audit, "--reload-url", server.url,
+                token=TOKEN,
+            )  # fmt: skip
+            assert result.returncode == 0, result.stdout + result.stderr
+            assert client.get("/model").json()["version"] == "9.9.9-candidate"
+            assert current.is_symlink() and os.readlink(current) == "trashnet.versions/0002"
+            assert tree_files(tmp_path / "models" / "trashnet.versions" / "0001") == original
+
+            back = promote("--current", current, "--rollback", "--reload-url", server.url, token=TOKEN)
+            assert back.returncode == 0, back.stdout + back.stderr
+            assert client.get("/model").json()["version"] == version
+            assert os.readlink(current) == "trashnet.versions/0001" and tree_files(current) == original
+        finally:
+            stop.set()
+            traffic.join(timeout=60)
+        assert statuses and set(statuses) == {200}
+
+        again = promote("--current", current, "--rollback", "--reload-url", server.url, token=TOKEN)
+        assert again.returncode == 2 and "no previous version" in again.stderr
+    records = sorted((tmp_path / "models" / "trashnet.decisions").glob("*.json"))
+    decisions = [json.loads(path.read_text()) for path in records]
+    assert [d["decision"] for d in decisions] == ["promoted", "rolled-back"]
+    promoted, rolled_back = decisions
+    assert promoted["reload"]["ok"] and promoted["reload"]["serving"] == "9.9.9-candidate"
+    assert promoted["previous_version"] == "0001" and promoted["new_version"] == "0002"
+    assert promoted["metrics"]["candidate"]["auc"] == promoted["metrics"]["current"]["auc"]
+    assert rolled_back["to_version"] == "0001" and rolled_back["reload"]["serving"] == version
+    assert not [p for p in (tmp_path / "models").rglob(".*") if p.name != ".trashnet.lock"]  # no temp left behind
+
+
+def test_bad_input_exits_2(tmp_path: Path, audit: Path):
+    current = copy_model(model_dir(), tmp_path / "models" / "trashnet")
+    broken = copy_model(model_dir(), tmp_path / "broken")
+    corrupt_model(broken)
+    cases = [
+        (("--candidate", broken, "--current", current, "--audit", audit), None, "sha256"),
+        (("--candidate", current, "--current", current, "--audit", audit), None, "current model folder"),
+        (("--candidate", model_dir(), "--current", current, "--audit", tmp_path / "none"), None, "does not exist"),
+        (
+            ("--candidate", model_dir(), "--current", current, "--audit", audit, "--reload-url", "http://x"),
+            None,
+            "TOKEN",
+        ),
+        (("--current", current, "--rollback"), None, "no previous version"),
+    ]
+    for args, token, message in cases:
+        result = promote(*args, token=token)
+        assert result.returncode == 2, (args, result.stdout, result.stderr)
+        assert message in result.stderr and result.stderr.count("\n") == 1
+    only_trash = tmp_path / "only-trash" / "trash"
+    only_trash.mkdir(parents=True)
+    shutil.copyfile(next((audit / "trash").iterdir()), only_trash / "t.jpg")
+    result = promote("--candidate", model_dir(), "--current", current, "--audit", only_trash.parent)
+    assert result.returncode == 2 and "needs normal and trash photos" in result.stderr
+    assert not current.is_symlink() and not (tmp_path / "models" / "trashnet.versions").exists()

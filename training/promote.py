@@ -1,0 +1,322 @@
+"""``python -m training.promote``: score a candidate model against the current one on the audit photos,
+swap it in only when it is not worse, reload the running service, and roll back on request.
+
+Both artifacts are scored with ONNX Runtime through the service's own loader and image function (no
+torch), on the same audit class-folder tree (``training.captures export --audit-out``: photos neither
+model was trained on). Printed side by side: AUC (recyclables vs the anomaly label), TPR at the current
+model's normal-reject rate (each model thresholded at the score that rejects as many audit normals as
+the current model's gamma does), TPR and reject rate at each model's own gamma, routing accuracy (the
+nearest class of normal items), and per class.
+
+The rule (RULE below): the candidate is promoted only when it serves the same classes, its scores are
+not constant, its AUC >= the current AUC + --min-gain, and its routing accuracy >= the current one -
+--routing-tolerance. Exit 0 promoted (or rolled back), 3 refused (the reason is printed), 2 bad input,
+1 when the swap happened but the service's reload failed (the service keeps its old model).
+
+Example:
+    python -m training.promote --candidate runs/bin-candidate --current models/trashnet \\
+        --audit data/bin-audit --reload-url http://127.0.0.1:8000
+    python -m training.promote --current models/trashnet --rollback --reload-url http://127.0.0.1:8000
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import sys
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from service.imaging import ImageError, load_image_file
+from service.labels import valid_labels
+from service.model import LoadedModel, ModelLoadError, load_model
+from service.settings import Settings
+from training.data.folders import image_files
+from training.errors import UserError
+from training.metrics import roc_auc
+from training.model_store import ModelStore, check_artifact
+
+EXIT_PROMOTED, EXIT_RELOAD_FAILED, EXIT_BAD_INPUT, EXIT_REFUSED = 0, 1, 2, 3
+BATCH = 64
+RULE = (
+    "promote iff same class names and anomaly label, non-constant audit scores, "
+    "AUC >= current AUC + min_gain, and routing accuracy >= current routing accuracy - routing_tolerance"
+)
+
+
+@dataclass(frozen=True)
+class AuditSet:
+    """The audit photos: file, label, and whether the label is the anomaly label."""
+
+    files: list[Path]
+    labels: list[str]
+    anomalous: np.ndarray
+
+    @classmethod
+    def read(cls, root: Path, normal: list[str], anomaly: list[str]) -> AuditSet:
+        if not root.is_dir():
+            raise UserError(f"audit folder {root} does not exist (training.captures export --audit-out)")
+        folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        unknown = [p.name for p in folders if p.name not in normal + anomaly]
+        if unknown:
+            raise UserError(f"audit folders {unknown} are not labels of the current model ({normal + anomaly})")
+        files, labels = [], []
+        for folder in folders:
+            found = image_files(folder)
+            files += found
+            labels += [folder.name] * len(found)
+        anomalous = np.isin(labels, anomaly)
+        if not anomalous.any() or anomalous.all():
+            raise UserError(
+                f"{root} needs normal and {'/'.join(anomaly)} photos to compare models; it has {len(files)}"
+            )
+        return cls(files, labels, anomalous)
+
+    def counts(self) -> dict[str, int]:
+        names, counts = np.unique(self.labels, return_counts=True)
+        return {str(n): int(c) for n, c in zip(names, counts, strict=True)}
+
+
+def open_model(folder: Path) -> LoadedModel:
+    """The artifact as the service would load it (sha256-checked, warmed up), on the CPU."""
+    settings = Settings(model_dir=folder, threshold=None, providers=["CPUExecutionProvider"])
+    try:
+        return load_model(folder, settings)
+    except ModelLoadError as exc:
+        raise UserError(str(exc)) from None
+
+
+def score(model: LoadedModel, files: list[Path]) -> tuple[np.ndarray, np.ndarray]:
+    """(score, nearest class index) for every file, through the service's image function."""
+    height, width, channels = model.input_shape
+    scores, nearest = [], []
+    for start in range(0, len(files), BATCH):
+        chunk = files[start : start + BATCH]
+        try:
+            batch = np.stack([load_image_file(path, height, width, channels) for path in chunk])
+        except ImageError as exc:
+            raise UserError(f"an audit photo cannot be read: {exc.message}") from None
+        result = model.run(batch)
+        scores.append(result.score)
+        nearest.append(result.nearest)
+    return np.concatenate(scores).astype(np.float64), np.concatenate(nearest)
+
+
+def threshold_rejecting(normal_scores: np.ndarray, n_reject: int) -> float:
+    """The lowest threshold at which exactly ``n_reject`` normal scores lie at or above it (ties aside)."""
+    ordered = np.sort(normal_scores)[::-1]
+    return float(ordered[n_reject - 1]) if n_reject > 0 else float(np.nextafter(ordered[0], np.inf))
+
+
+def audit_metrics(model: LoadedModel, audit: AuditSet, n_reject: int | None) -> dict[str, Any]:
+    """The gate's numbers for one model; ``n_reject``: audit normals to reject (None: as this model's gamma)."""
+    scores, nearest = score(model, audit.files)
+    names = model.manifest.class_names
+    normal = ~audit.anomalous
+    gamma = model.threshold
+    if n_reject is None:
+        n_reject = int((scores[normal] >= gamma).sum())
+    matched = threshold_rejecting(scores[normal], n_reject)
+    routed = np.array([names[i] if 0 <= i < len(names) else "" for i in nearest])
+    labels = np.asarray(audit.labels)
+    per_class = {}
+    for label in sorted(set(audit.labels)):
+        rows = labels == label
+        entry = {"n": int(rows.sum()), "flagged_at_gamma": float((scores[rows] >= gamma).mean())}
+        if not audit.anomalous[rows][0]:
+            entry["routing_accuracy"] = float((routed[rows] == label).mean())
+        per_class[label] = entry
+    return {
+        "model": {
+            "name": model.manifest.name,
+            "version": model.manifest.version,
+            "sha256": model.manifest.model_sha256,
+        },
+        "auc": roc_auc(scores, audit.anomalous),
+        "gamma": gamma,
+        "normal_reject_rate_at_gamma": float((scores[normal] >= gamma).mean()),
+        "tpr_at_gamma": float((scores[audit.anomalous] >= gamma).mean()),
+        "n_reject_matched": n_reject,
+        "threshold_matched": matched,
+        "tpr_at_matched_reject": float((scores[audit.anomalous] >= matched).mean()),
+        "routing_accuracy": float((routed[normal] == labels[normal]).mean()),
+        "score_std": float(scores.std()),
+        "per_class": per_class,
+    }
+
+
+def decide(current: dict, candidate: dict, same_labels: bool, min_gain: float, tolerance: float) -> str | None:
+    """None when the candidate may be promoted, else the reason it is refused."""
+    if not same_labels:
+        return "the candidate's class names or anomaly label differ from the current model's"
+    if candidate["score_std"] < 1e-6:
+        return "the candidate gives every audit photo the same score"
+    if candidate["auc"] < current["auc"] + min_gain:
+        return f"AUC {candidate['auc']:.4f} < current {current['auc']:.4f} + min gain {min_gain:g}"
+    if candidate["routing_accuracy"] < current["routing_accuracy"] - tolerance:
+        return (
+            f"routing accuracy {candidate['routing_accuracy']:.4f} < current "
+            f"{current['routing_accuracy']:.4f} - tolerance {tolerance:g}"
+        )
+    return None
+
+
+def table(current: dict, candidate: dict, audit: AuditSet, anomaly: str) -> str:
+    n_normal = int((~audit.anomalous).sum())
+    rate = current["n_reject_matched"] / n_normal
+    rows = [
+        ("model", f"{current['model']['name']} {current['model']['version']}", None),
+        ("AUC (recyclables vs " + anomaly + ")", "auc", "{:.4f}"),
+        (f"TPR at normal-reject {rate:.3f}", "tpr_at_matched_reject", "{:.3f}"),
+        ("  its threshold", "threshold_matched", "{:.4g}"),
+        ("routing accuracy", "routing_accuracy", "{:.3f}"),
+        ("gamma", "gamma", "{:.4g}"),
+        ("  normal-reject rate at gamma", "normal_reject_rate_at_gamma", "{:.3f}"),
+        ("  TPR at gamma", "tpr_at_gamma", "{:.3f}"),
+    ]
+    lines = [f"{'':38}{'current':>16}{'candidate':>16}"]
+    for title, key, fmt in rows:
+        if fmt is None:
+            left = f"{current['model']['version']}"
+            right = f"{candidate['model']['version']}"
+            lines.append(f"{'model version':38}{left:>16}{right:>16}")
+            continue
+        lines.append(f"{title:38}{fmt.format(current[key]):>16}{fmt.format(candidate[key]):>16}")
+    for label, entry in current["per_class"].items():
+        other = candidate["per_class"][label]
+        if "routing_accuracy" in entry:
+            name = f"{label} (n={entry['n']}) routed / rejected"
+            left = f"{entry['routing_accuracy']:.2f} / {entry['flagged_at_gamma']:.2f}"
+            right = f"{other['routing_accuracy']:.2f} / {other['flagged_at_gamma']:.2f}"
+        else:
+            name = f"{label} (n={entry['n']}) flagged at gamma"
+            left, right = f"{entry['flagged_at_gamma']:.2f}", f"{other['flagged_at_gamma']:.2f}"
+        lines.append(f"{name:38}{left:>16}{right:>16}")
+    return "\n".join(lines)
+
+
+def reload_service(url: str, expected_version: str) -> dict[str, Any]:
+    """POST /admin/reload with DEEPMAD_ADMIN_TOKEN; the service must answer with ``expected_version``."""
+    token = os.environ.get("DEEPMAD_ADMIN_TOKEN", "")
+    endpoint = url.rstrip("/")
+    if not endpoint.endswith("/admin/reload"):
+        endpoint += "/admin/reload"
+    request = urllib.request.Request(endpoint, method="POST", data=b"", headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            body = json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode(errors="replace")[:300]
+        return {"ok": False, "url": endpoint, "status": exc.code, "error": detail}
+    except (urllib.error.URLError, OSError, json.JSONDecodeError) as exc:
+        return {"ok": False, "url": endpoint, "error": str(exc)}
+    version = (body.get("model") or {}).get("version")
+    return {"ok": version == expected_version, "url": endpoint, "status": 200, "serving": version}
+
+
+def base_record(decision: str, args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "decision": decision,
+        "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "current": str(args.current),
+        "command": "python -m training.promote " + " ".join(sys.argv[1:]),
+    }
+
+
+def run_rollback(args: argparse.Namespace, store: ModelStore) -> int:
+    with store.locked():
+        rolled_from, rolled_to = store.rollback()
+    manifest = check_artifact(store.current)
+    record = {**base_record("rolled-back", args), "from_version": rolled_from, "to_version": rolled_to}
+    record["model"] = {"name": manifest.name, "version": manifest.version, "sha256": manifest.model_sha256}
+    print(f"rolled back {store.current}: version folder {rolled_from} -> {rolled_to} ({manifest.version})")
+    return finish(args, store, record, manifest.version)
+
+
+def finish(args: argparse.Namespace, store: ModelStore, record: dict[str, Any], version: str) -> int:
+    code = EXIT_PROMOTED
+    if args.reload_url:
+        record["reload"] = reload_service(args.reload_url, version)
+        if record["reload"]["ok"]:
+            print(f"reloaded {record['reload']['url']}: serving {version}")
+        else:
+            print(f"error: reload failed, the service keeps its old model: {record['reload']}", file=sys.stderr)
+            code = EXIT_RELOAD_FAILED
+    print(f"decision record: {store.record(record)}")
+    return code
+
+
+def run(args: argparse.Namespace) -> int:
+    store = ModelStore(args.current)
+    if args.reload_url and not os.environ.get("DEEPMAD_ADMIN_TOKEN"):
+        raise UserError("--reload-url needs the service's admin token in DEEPMAD_ADMIN_TOKEN")
+    if args.rollback:
+        return run_rollback(args, store)
+    if args.candidate is None or args.audit is None:
+        raise UserError("--candidate and --audit are required (or --rollback)")
+    if args.candidate.resolve() == args.current.resolve():
+        raise UserError("--candidate is the current model folder")
+    current_model, candidate_model = open_model(args.current), open_model(args.candidate)
+    labels = valid_labels(current_model.manifest)
+    normal, anomaly = (
+        labels[: len(current_model.manifest.class_names)],
+        labels[len(current_model.manifest.class_names) :],
+    )
+    audit = AuditSet.read(args.audit, normal, anomaly)
+    current = audit_metrics(current_model, audit, None)
+    candidate = audit_metrics(candidate_model, audit, current["n_reject_matched"])
+    print(f"audit {args.audit}: {audit.counts()}")
+    print(table(current, candidate, audit, "/".join(anomaly)))
+    same = valid_labels(candidate_model.manifest) == labels
+    reason = decide(current, candidate, same, args.min_gain, args.routing_tolerance)
+    record = {
+        **base_record("refused" if reason else "promoted", args),
+        "candidate": str(args.candidate),
+        "audit": {"folder": str(args.audit), "counts": audit.counts()},
+        "rule": RULE,
+        "min_gain": args.min_gain,
+        "routing_tolerance": args.routing_tolerance,
+        "metrics": {"current": current, "candidate": candidate},
+    }
+    if reason:
+        record["reason"] = reason
+        print(f"refused: {reason}")
+        print(f"decision record: {store.record(record)}")
+        return EXIT_REFUSED
+    with store.locked():
+        previous, new = store.promote(args.candidate)
+    record.update(previous_version=previous, new_version=new)
+    print(f"promoted {candidate['model']['version']} to {store.current} (version folder {new}; previous {previous})")
+    return finish(args, store, record, candidate_model.manifest.version)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m training.promote", description=__doc__.splitlines()[0])
+    parser.add_argument("--candidate", type=Path, help="the new model folder (model.onnx + manifest.json)")
+    parser.add_argument("--current", type=Path, required=True, help="the folder the service serves (--model-dir)")
+    parser.add_argument("--audit", type=Path, help="audit class-folder tree (training.captures export --audit-out)")
+    parser.add_argument("--reload-url", help="the running service (base URL or .../admin/reload)")
+    parser.add_argument("--min-gain", type=float, default=0.0, help="AUC the candidate must gain")
+    parser.add_argument("--routing-tolerance", type=float, default=0.02, help="routing accuracy the candidate may lose")
+    parser.add_argument("--rollback", action="store_true", help="switch back to the previous version")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())
