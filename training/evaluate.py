@@ -27,20 +27,14 @@ from training.data.base import add_holdout_flags, check_anomaly_holdout
 from training.errors import UserError, run_command
 from training.evaluation.executors import run_local, run_ray
 from training.evaluation.protocol import RunSpec, load_for_runs, parse_combos, result_path, write_result
-from training.methods import METHODS, Method, parse_methods
+from training.methods import CONFIG_TYPES, METHODS, Method, parse_methods
+from training.methods.config import add_config_flags
 
 DEFAULT_METHODS = ",".join(METHODS)
-# Per-method settings the sweep may override; None keeps the method's default (paper tables 18-20).
-OVERRIDES = {
-    "ae_epochs": "autoencoder pretraining epochs (deepmad, deepsvdd, deepsvdd-m)",
-    "epochs": "encoder epochs after pretraining (deepmad, deepsvdd, deepsvdd-m)",
-    "drocc_epochs": "DROCC epochs (drocc, drocc-m)",
-    "ascent_steps": "DROCC gradient ascent steps",
-    "batch_size": "batch size for every method",
-    "rep_dim": "feature dimension for every method",
-    "delta": "DeepMAD's delta",
-    "augment": "flips, shifts and brightness jitter in training",
-}
+# Per-method settings the sweep may override (flags from the method configurations; None keeps the
+# method's default, paper tables 18-20). DROCC's epochs come from --drocc-epochs (DROCCConfig.SWEEP_FLAGS).
+SWEEP_FIELDS = ("ae_epochs", "epochs", "ascent_steps", "batch_size", "rep_dim", "delta", "augment")
+OVERRIDES: list[str] = []  # the flags' destinations, set by build_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,12 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-val-per-class", type=int, help="fixed validation subsample per class")
     parser.add_argument("--max-test-per-class", type=int, help="fixed test subsample per class")
     add_holdout_flags(parser)
-    for name, text in OVERRIDES.items():
-        flag, help_text = f"--{name.replace('_', '-')}", f"{text} (default: the method's)"
-        if name == "augment":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
-        else:
-            parser.add_argument(flag, type=float if name == "delta" else int, help=help_text)
+    overrides = parser.add_argument_group("method settings for every method of the sweep (None: each method's own)")
+    OVERRIDES[:] = add_config_flags(overrides, CONFIG_TYPES, only=SWEEP_FIELDS, sweep=True)
     parser.add_argument("--executor", choices=["local", "ray"], default="local")
     parser.add_argument("--workers", type=int, default=1, help="runs at once")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per run")

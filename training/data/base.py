@@ -234,21 +234,9 @@ def make_task(
     test = LabeledImages(dataset.test.images, test_labels)
     selection = exposure = None
     if anomaly_holdout > 0.0:
-        held = np.flatnonzero(anomalous)
-        picked, _ = split_per_class(
-            dataset.test.labels[held], (anomaly_holdout, 1.0 - anomaly_holdout), ANOMALY_SPLIT_SEED
+        selection, exposure, test, anomalous = _hold_out_anomalies(
+            test, anomalous, dataset.test.labels, anomaly_holdout
         )
-        chosen = held[picked]
-        half = len(chosen) // 2
-        order = np.random.default_rng(ANOMALY_SPLIT_SEED).permutation(chosen)
-        selection, exposure = test.subset(np.sort(order[:half])), test.subset(np.sort(order[half:]))
-        keep = np.setdiff1d(np.arange(len(test)), chosen)
-        test, anomalous = test.subset(keep), anomalous[keep]
-        if not len(selection) or not anomalous.any():
-            raise UserError(
-                f"--anomaly-holdout {anomaly_holdout} leaves {len(selection)} selection and "
-                f"{int(anomalous.sum())} test anomalies; choose a share that leaves at least one of each"
-            )
         if exposure_from_train:
             exposure = _training_anomalies(dataset, anomaly_classes, exposure_from_train)
         if outlier_exposure:
@@ -268,6 +256,26 @@ def make_task(
         exposure=exposure,
         outlier_exposure=outlier_exposure,
     )
+
+
+def _hold_out_anomalies(
+    test: LabeledImages, anomalous: np.ndarray, class_labels: np.ndarray, share: float
+) -> tuple[LabeledImages, LabeledImages, LabeledImages, np.ndarray]:
+    """(selection, exposure, remaining test, its anomaly mask): ``share`` of each anomaly class (by its
+    data set label in ``class_labels``) leaves the test split, half for selection and half for exposure."""
+    held = np.flatnonzero(anomalous)
+    picked, _ = split_per_class(class_labels[held], (share, 1.0 - share), ANOMALY_SPLIT_SEED)
+    chosen = held[picked]
+    half = len(chosen) // 2
+    order = np.random.default_rng(ANOMALY_SPLIT_SEED).permutation(chosen)
+    selection, exposure = test.subset(np.sort(order[:half])), test.subset(np.sort(order[half:]))
+    keep = np.setdiff1d(np.arange(len(test)), chosen)
+    if not len(selection) or not anomalous[keep].any():
+        raise UserError(
+            f"--anomaly-holdout {share} leaves {len(selection)} selection and "
+            f"{int(anomalous[keep].sum())} test anomalies; choose a share that leaves at least one of each"
+        )
+    return selection, exposure, test.subset(keep), anomalous[keep]
 
 
 def _training_anomalies(dataset: DataSet, anomaly_classes: list[str], per_class: int) -> LabeledImages:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any, ClassVar
 
 from training.errors import UserError
@@ -59,30 +59,54 @@ class MethodConfig:
         return cls(**{k: v for k, v in values.items() if k in names and v is not None})
 
 
-def add_config_flags(parser: argparse._ArgumentGroup, config_types: Iterable[type[MethodConfig]]) -> None:
-    """One flag per configuration field, its destination the field's name (what ``from_values`` reads).
+def add_config_flags(
+    parser: argparse._ActionsContainer,
+    config_types: Iterable[type[MethodConfig]],
+    only: Collection[str] | None = None,
+    sweep: bool = False,
+) -> list[str]:
+    """One flag per configuration field (``only``: these fields), its destination the field's name (what
+    ``from_values`` reads); returns the destinations.
 
     A field that several configurations share with different defaults gets no flag default (each
-    method keeps its own) and a help text naming each default.
+    method keeps its own) and a help text naming each default. With ``sweep``, no flag has a default
+    (every method keeps its own unless the flag is given) and ``SWEEP_FLAGS`` add their own flags.
     """
     config_types = list(config_types)
     names: list[str] = []
     for config_type in config_types:
         for field in dataclasses.fields(config_type):
-            if field.name in names:
+            if field.name in names or (only is not None and field.name not in only):
                 continue
             names.append(field.name)
-            owners = [(c, f) for c in config_types for f in dataclasses.fields(c) if f.name == field.name]
+            owners = [
+                (c, f)
+                for c in config_types
+                for f in dataclasses.fields(c)
+                if f.name == field.name and not (sweep and f.name in c.SWEEP_FLAGS)
+            ]
             defaults = {f.default for _, f in owners}
             help_text = field.metadata["help"]
-            if len(defaults) > 1:
+            if len(defaults) > 1 and not sweep:
                 help_text += "; default " + ", ".join(f"{f.default} ({c.LABEL})" for c, f in owners)
-            elif len(owners) < len(config_types):
+            if len(owners) < len(config_types):
                 help_text = f"{'/'.join(c.LABEL for c, _ in owners)}: {help_text}"
-            default = field.default if len(defaults) == 1 else None
-            flags = [flag_name(field.name), *field.metadata["aliases"]]
-            if isinstance(field.default, bool):
-                parser.add_argument(*flags, dest=field.name, action=argparse.BooleanOptionalAction, default=default,
-                                    help=help_text)  # fmt: skip
-            else:
-                parser.add_argument(*flags, dest=field.name, type=type(field.default), default=default, help=help_text)
+            default = field.default if len(defaults) == 1 and not sweep else None
+            _add_flag(
+                parser, [flag_name(field.name), *field.metadata["aliases"]], field.name, field, default, help_text
+            )
+    for config_type in config_types if sweep else []:
+        for field in dataclasses.fields(config_type):
+            if field.name in config_type.SWEEP_FLAGS:
+                flag = config_type.SWEEP_FLAGS[field.name]
+                help_text = f"{config_type.LABEL}: {field.metadata['help']}"
+                _add_flag(parser, [flag_name(flag)], flag, field, None, help_text)
+                names.append(flag)
+    return names
+
+
+def _add_flag(parser, flags: list[str], dest: str, field: dataclasses.Field, default: Any, help_text: str) -> None:
+    if isinstance(field.default, bool):
+        parser.add_argument(*flags, dest=dest, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+    else:
+        parser.add_argument(*flags, dest=dest, type=type(field.default), default=default, help=help_text)

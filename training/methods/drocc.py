@@ -54,7 +54,7 @@ class DROCCConfig(MethodConfig):
     ascent_steps: int = setting(50, "gradient ascent steps of the adversarial search", minimum=0)
     only_ce_epochs: int = setting(0, "BCE-only epochs before the adversarial term", minimum=0)
     batch_size: int = setting(256, "batch size", minimum=1)
-    epochs: int = setting(40, "encoder epochs (DeepMAD/DeepSVDD: after pretraining; DROCC: all)", minimum=0)
+    epochs: int = setting(40, "training epochs", minimum=0)
     weight_decay: float = setting(0.0, "lambda (Adam's weight decay)", minimum=0)
     augment: bool = setting(False, "flips, +-4 px shifts, brightness jitter in training (not in the paper)")
     seed: int = setting(0, "initialisation, batch order and augmentation seed", minimum=0)
