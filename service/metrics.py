@@ -98,6 +98,7 @@ class Metrics:
         for trigger in ("http", "sighup"):
             self.reloads.labels(trigger)
             self.reload_failures.labels(trigger)
+        self.drift = ScoreDrift(drift_window)
         self._add_capture_metrics(r)
 
     def _add_capture_metrics(self, r: CollectorRegistry) -> None:
@@ -124,7 +125,6 @@ class Metrics:
 
         # Drift of the recent scores against the manifest's held-out normal quantiles (service/drift.py),
         # computed when Prometheus scrapes.
-        self.drift = ScoreDrift(drift_window)
         drift_gauges = {
             "score_drift_psi": ("Population stability index of the last scores vs held-out normal scores", "psi"),
             "score_drift_ks": ("Kolmogorov-Smirnov distance of the last scores vs held-out normal scores", "ks"),
