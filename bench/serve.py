@@ -20,7 +20,8 @@ Two references, both measured in this process before any load:
   process CPU seconds; the limit is ``os.cpu_count()`` / that cost, in images/s.
 
 ``--levers`` (on by default without --quick) starts the service with one thing changed at a time
-(micro-batching, worker processes, intra-op threads and spinning, HTTP server, the INT8 artifact) and compares it
+(micro-batching, decode inline on the event loop, worker processes, intra-op threads and spinning, HTTP
+server, the INT8 artifact) and compares it
 with the shipped configuration on the 512x384 JPEG, back to back; it also times, in process, what
 response encoding and the decode's hand-off to a worker thread cost per request.
 
@@ -156,6 +157,13 @@ class Running:
             if int(fields[2]) == self.pgid:
                 ticks += sum(int(value) for value in fields[11:15])  # utime, stime, cutime, cstime
         return ticks / CLOCK_TICKS
+
+    def main_thread_cpu_seconds(self) -> float:
+        """User + system CPU seconds of the leader's main thread (ours: the event loop, where HTTP parsing,
+        routing, multipart and JSON run; decode and ONNX Runtime run in other threads)."""
+        stat = Path(f"/proc/{self.pgid}/task/{self.pgid}/stat").read_bytes()
+        fields = stat[stat.rindex(b")") + 2 :].split()
+        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
 @contextlib.contextmanager
@@ -398,6 +406,7 @@ def lever_specs(int8_dir: Path) -> list[tuple[str, ServerSpec, Path | None]]:
             ours_spec({"DEEPMAD_MICROBATCH_MAX_ITEMS": "32", "DEEPMAD_MICROBATCH_WAIT_MS": "5"}),
             None,
         ),
+        ("decode inline on the event loop", ours_spec({"DEEPMAD_DECODE_INLINE": "true"}), None),
         ("intra-op threads 1", ours_spec({"DEEPMAD_INTRA_OP_THREADS": "1"}), None),
         ("ORT thread spinning on (ORT default)", ours_spec({"DEEPMAD_ORT_SPINNING": "true"}), None),
         (
