@@ -6,7 +6,7 @@
 Each ``--arm`` is a git commit (``.`` for the working tree) and optional ``python -m service`` flags.
 The commit's ``service/`` is exported to a temp folder and served from there, so two versions of the
 code run side by side. Every round sends each arm the same fixed number of requests (512x384 JPEG,
-multipart, ``bench/loadgen.py``), in a rotated order, and reads the CPU seconds its process group
+multipart, ``bench/loadgen.py``), in a rotated order, and reads the CPU seconds its processes
 spent (``/proc/<pid>/stat``), and apart from that its main thread's: the event loop, where the
 per-request overhead of HTTP, routing, multipart and JSON lives (decode and ONNX Runtime run in
 worker threads), which is measured far more tightly than the total. CPU time does not count time

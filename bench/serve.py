@@ -26,9 +26,10 @@ with the shipped configuration on the 512x384 JPEG, back to back; it also times,
 response encoding and the decode's hand-off to a worker thread cost per request.
 
 Every cell also gives each server's **CPU ms per request**: the CPU seconds (user + system) that the
-server's process group spent during its turns, over the requests it answered. Waiting for a busy core
-does not count, so on a shared machine this holds still where throughput does not; its distance above
-the limit's CPU ms per image is the per-request overhead (HTTP, multipart, routing, JSON, metrics).
+server's processes (the one started and every one below it) spent during its turns, over the requests
+it answered. Waiting for a busy core does not count, so on a shared machine this holds still where
+throughput does not; its distance above the limit's CPU ms per image is the per-request overhead
+(HTTP, multipart, routing, JSON, metrics).
 
 The last line is machine-readable: ``summary: best_peer=NAME ratio_c8=X ratio_c32=Y
 p50_over_floor_512=A p50_over_floor_3008=B fraction_of_limit_c32=F cpu_ms_per_req_512=C``; ratios are
@@ -134,18 +135,19 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 @dataclass(frozen=True)
 class Running:
-    """A started server: its port, and its process group (the server and every worker it forked)."""
+    """A started server: its port, and its leader process (whose descendants are the server's workers)."""
 
     port: int
     pgid: int
 
     def cpu_seconds(self) -> float:
-        """User + system CPU seconds of every process in the group, reaped children included.
+        """User + system CPU seconds of the leader and every process below it, reaped children included.
 
+        Descendants by parent, not by process group: BentoML's workers start sessions of their own.
         Time spent waiting for a busy core does not count, so on a loaded machine this per-request cost
         holds still where wall-clock throughput does not.
         """
-        ticks = 0
+        parents, ticks = {}, {}
         for entry in os.scandir("/proc"):
             if not entry.name.isdigit():
                 continue
@@ -154,9 +156,18 @@ class Running:
             except OSError:  # the process ended between the listing and the read
                 continue
             fields = stat[stat.rindex(b")") + 2 :].split()  # fields from the 3rd on (state, ppid, pgrp, ...)
-            if int(fields[2]) == self.pgid:
-                ticks += sum(int(value) for value in fields[11:15])  # utime, stime, cutime, cstime
-        return ticks / CLOCK_TICKS
+            pid = int(entry.name)
+            parents[pid] = int(fields[1])
+            ticks[pid] = sum(int(value) for value in fields[11:15])  # utime, stime, cutime, cstime
+
+        def under_leader(pid: int) -> bool:
+            while pid > 1:
+                if pid == self.pgid:
+                    return True
+                pid = parents.get(pid, 0)
+            return False
+
+        return sum(value for pid, value in ticks.items() if under_leader(pid)) / CLOCK_TICKS
 
     def main_thread_cpu_seconds(self) -> float:
         """User + system CPU seconds of the leader's main thread (ours: the event loop, where HTTP parsing,
