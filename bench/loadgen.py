@@ -38,6 +38,12 @@ class LoadResult:
     seconds: float
     latencies: list[float] = field(default_factory=list)  # seconds, one per successful request
     errors: int = 0
+    server_cpu_seconds: float = 0.0  # CPU the server's processes spent meanwhile (bench.serve measures it)
+
+    @property
+    def cpu_ms_per_request(self) -> float:
+        answered = len(self.latencies) + self.errors
+        return self.server_cpu_seconds * 1e3 / answered if answered else float("nan")
 
     @property
     def throughput(self) -> float:
@@ -48,7 +54,11 @@ class LoadResult:
 
     def merge(self, other: LoadResult) -> LoadResult:
         return LoadResult(
-            self.concurrency, self.seconds + other.seconds, self.latencies + other.latencies, self.errors + other.errors
+            self.concurrency,
+            self.seconds + other.seconds,
+            self.latencies + other.latencies,
+            self.errors + other.errors,
+            self.server_cpu_seconds + other.server_cpu_seconds,
         )
 
 

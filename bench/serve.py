@@ -20,14 +20,22 @@ Two references, both measured in this process before any load:
   process CPU seconds; the limit is ``os.cpu_count()`` / that cost, in images/s.
 
 ``--levers`` (on by default without --quick) starts the service with one thing changed at a time
-(micro-batching, worker processes, intra-op threads and spinning, HTTP server, the INT8 artifact) and compares it
+(micro-batching, decode inline on the event loop, worker processes, intra-op threads and spinning, HTTP
+server, the INT8 artifact) and compares it
 with the shipped configuration on the 512x384 JPEG, back to back; it also times, in process, what
 response encoding and the decode's hand-off to a worker thread cost per request.
 
+Every cell also gives each server's **CPU ms per request**: the CPU seconds (user + system) that the
+server's processes (the one started and every one below it) spent during its turns, over the requests
+it answered. Waiting for a busy core does not count, so on a shared machine this holds still where
+throughput does not; its distance above the limit's CPU ms per image is the per-request overhead
+(HTTP, multipart, routing, JSON, metrics).
+
 The last line is machine-readable: ``summary: best_peer=NAME ratio_c8=X ratio_c32=Y
-p50_over_floor_512=A p50_over_floor_3008=B fraction_of_limit_c32=F``; ratios are ours over the best
-peer's throughput on the 512x384 JPEG (the peer with the highest c8 + c32 throughput, same run), the
-p50s are ours at concurrency 1, the fraction is ours at concurrency 32 over the 512x384 limit.
+p50_over_floor_512=A p50_over_floor_3008=B fraction_of_limit_c32=F cpu_ms_per_req_512=C``; ratios are
+ours over the best peer's throughput on the 512x384 JPEG (the peer with the highest c8 + c32
+throughput, same run), the p50s are ours at concurrency 1, the fraction is ours at concurrency 32 over
+the 512x384 limit, and C is our server CPU ms per request at concurrency 32 on the 512x384 JPEG.
 """
 
 from __future__ import annotations
@@ -122,8 +130,55 @@ def _stop(process: subprocess.Popen) -> None:
     process.wait()
 
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class Running:
+    """A started server: its port, and its leader process (whose descendants are the server's workers)."""
+
+    port: int
+    pgid: int
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU seconds of the leader and every process below it, reaped children included.
+
+        Descendants by parent, not by process group: BentoML's workers start sessions of their own.
+        Time spent waiting for a busy core does not count, so on a loaded machine this per-request cost
+        holds still where wall-clock throughput does not.
+        """
+        parents, ticks = {}, {}
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = Path(entry.path, "stat").read_bytes()
+            except OSError:  # the process ended between the listing and the read
+                continue
+            fields = stat[stat.rindex(b")") + 2 :].split()  # fields from the 3rd on (state, ppid, pgrp, ...)
+            pid = int(entry.name)
+            parents[pid] = int(fields[1])
+            ticks[pid] = sum(int(value) for value in fields[11:15])  # utime, stime, cutime, cstime
+
+        def under_leader(pid: int) -> bool:
+            while pid > 1:
+                if pid == self.pgid:
+                    return True
+                pid = parents.get(pid, 0)
+            return False
+
+        return sum(value for pid, value in ticks.items() if under_leader(pid)) / CLOCK_TICKS
+
+    def main_thread_cpu_seconds(self) -> float:
+        """User + system CPU seconds of the leader's main thread (ours: the event loop, where HTTP parsing,
+        routing, multipart and JSON run; decode and ONNX Runtime run in other threads)."""
+        stat = Path(f"/proc/{self.pgid}/task/{self.pgid}/stat").read_bytes()
+        fields = stat[stat.rindex(b")") + 2 :].split()
+        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
 @contextlib.contextmanager
-def server(spec: ServerSpec, model_dir: Path) -> Iterator[int]:
+def server(spec: ServerSpec, model_dir: Path) -> Iterator[Running]:
     """Start ``spec`` in its own process group, wait until its ready path answers 200, stop it on exit."""
     port = free_port()
     log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in the finally below)
@@ -144,7 +199,7 @@ def server(spec: ServerSpec, model_dir: Path) -> Iterator[int]:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{spec.name} did not become ready in 240 s")
             time.sleep(0.3)
-        yield port
+        yield Running(port, process.pid)  # start_new_session: the group's id is the leader's pid
     finally:
         _stop(process)
         log.close()
@@ -264,16 +319,20 @@ def measure_limit(single_thread_model, data: bytes, reps: int) -> Limit:
 
 
 def compare(
-    ports: dict[str, int], requests: dict[str, bytes], concurrency: int, seconds: float, rounds: int
+    servers: dict[str, Running], requests: dict[str, bytes], concurrency: int, seconds: float, rounds: int
 ) -> dict[str, LoadResult]:
-    """Every server in turn, ``rounds`` times (order rotated each round), ``seconds / rounds`` each, pooled."""
-    names = list(ports)
+    """Every server in turn, ``rounds`` times (order rotated each round), ``seconds / rounds`` each, pooled;
+    each result carries the CPU seconds its server's processes spent during its turns."""
+    names = list(servers)
     results: dict[str, LoadResult] = {}
     for k in range(rounds):
         for name in names[k % len(names) :] + names[: k % len(names)]:
+            port = servers[name].port
             if k == 0:  # one request per connection first: connections open, first-call costs paid
-                run_load(ports[name], requests[name], concurrency, 0.0, max_requests=concurrency)
-            result = run_load(ports[name], requests[name], concurrency, seconds / rounds)
+                run_load(port, requests[name], concurrency, 0.0, max_requests=concurrency)
+            before = servers[name].cpu_seconds()
+            result = run_load(port, requests[name], concurrency, seconds / rounds)
+            result.server_cpu_seconds = servers[name].cpu_seconds() - before
             results[name] = result if name not in results else results[name].merge(result)
     return results
 
@@ -292,7 +351,7 @@ def print_tables(inputs, names, rows, floors, limits) -> None:
         if (item.name, CONCURRENCY[0]) not in rows:
             continue
         print()
-        print(f"{item.name}: throughput req/s | p50 / p99 ms   [{load_line()}]")
+        print(f"{item.name}: throughput req/s | p50 / p99 ms | server CPU ms/req   [{load_line()}]")
         width = 17
         header = f"{'conc':>4} | " + " ".join(f"{n:>{width}}" for n in names) + f" | {'ours/best peer':>14}"
         print(header)
@@ -311,6 +370,7 @@ def print_tables(inputs, names, rows, floors, limits) -> None:
                 + " ".join(f"{ms(cell[n].percentile(50)) + ' / ' + ms(cell[n].percentile(99)):>{width}}" for n in names)
                 + " |"
             )
+            print(f"{'':>4} | " + " ".join(f"{cell[n].cpu_ms_per_request:>{width}.2f}" for n in names) + " |")
         errors = {n: sum(rows[item.name, c][n].errors for c in CONCURRENCY) for n in names}
         if any(errors.values()):
             print(f"errors: {errors}")
@@ -357,6 +417,7 @@ def lever_specs(int8_dir: Path) -> list[tuple[str, ServerSpec, Path | None]]:
             ours_spec({"DEEPMAD_MICROBATCH_MAX_ITEMS": "32", "DEEPMAD_MICROBATCH_WAIT_MS": "5"}),
             None,
         ),
+        ("decode inline on the event loop", ours_spec({"DEEPMAD_DECODE_INLINE": "true"}), None),
         ("intra-op threads 1", ours_spec({"DEEPMAD_INTRA_OP_THREADS": "1"}), None),
         ("ORT thread spinning on (ORT default)", ours_spec({"DEEPMAD_ORT_SPINNING": "true"}), None),
         (
@@ -429,7 +490,7 @@ def print_levers(lever_rows, in_process: list[str], floor_ms: float) -> None:
     print(f"levers on/off: 512x384 JPEG, shipped vs one change, back to back   [{load_line()}]")
     header = (
         f"{'lever':<36} {'conc':>4} | {'shipped req/s':>13} {'lever req/s':>11} | "
-        f"{'shipped p50':>11} {'lever p50':>9} | {'lever/shipped':>13}"
+        f"{'shipped p50':>11} {'lever p50':>9} | {'lever/shipped':>13} | {'CPU ms/req shipped':>18} {'lever':>6}"
     )
     print(header)
     print("-" * len(header))
@@ -437,7 +498,8 @@ def print_levers(lever_rows, in_process: list[str], floor_ms: float) -> None:
         print(
             f"{label:<36} {concurrency:>4} | {shipped.throughput:13.1f} {lever.throughput:11.1f} | "
             f"{ms(shipped.percentile(50)):>11} {ms(lever.percentile(50)):>9} | "
-            f"{lever.throughput / shipped.throughput:13.2f}"
+            f"{lever.throughput / shipped.throughput:13.2f} | "
+            f"{shipped.cpu_ms_per_request:18.2f} {lever.cpu_ms_per_request:6.2f}"
         )
     print(f"in process (the 512x384 floor is {floor_ms:.2f} ms a request):")
     print("\n".join(in_process))
@@ -481,12 +543,13 @@ def main(argv: list[str] | None = None) -> int:
         for item in [] if args.only_levers else measured:
             floors[item.name] = measure_floor((model, single), item.data, 100 if args.quick else 300)
             limits[item.name] = measure_limit(single, item.data, 64 if args.quick else 256)
-        ports = {OURS: stack.enter_context(server(ours_spec(), args.model_dir))}
+        servers = {OURS: stack.enter_context(server(ours_spec(), args.model_dir))}
         if not args.only_levers:
             peer_stack = stack.enter_context(contextlib.ExitStack())  # closed before the levers start
             for name in peer_names:
-                ports[name] = peer_stack.enter_context(server(PEERS[name], args.model_dir))
+                servers[name] = peer_stack.enter_context(server(PEERS[name], args.model_dir))
             print("agreement (the same graph or weights and the same image function on every input):")
+            ports = {name: running.port for name, running in servers.items()}
             print("\n".join(check_agreement(ports, measured)), flush=True)
             for item in measured:
                 requests = {
@@ -494,11 +557,11 @@ def main(argv: list[str] | None = None) -> int:
                     for n, p in ports.items()
                 }
                 for concurrency in CONCURRENCY:
-                    rows[item.name, concurrency] = compare(ports, requests, concurrency, seconds, rounds)
+                    rows[item.name, concurrency] = compare(servers, requests, concurrency, seconds, rounds)
                     print(".", end="", flush=True)
             print()
             peer_stack.close()
-            ports = {OURS: ports[OURS]}
+            servers = {OURS: servers[OURS]}
         if levers:
             photo = inputs[1]
             if photo.name not in floors:
@@ -506,11 +569,11 @@ def main(argv: list[str] | None = None) -> int:
             wanted = args.lever or [""]
             chosen = [lever for lever in lever_specs(args.int8_dir) if any(k in lever[0] for k in wanted)]
             for label, spec, model_dir in chosen:
-                with server(spec, model_dir or args.model_dir) as port:
-                    both = {OURS: ports[OURS], label: port}
+                with server(spec, model_dir or args.model_dir) as running:
+                    both = {OURS: servers[OURS], label: running}
                     requests = {
-                        n: multipart_request(p, "/classify", photo.data, photo.path.name, photo.content_type)
-                        for n, p in both.items()
+                        n: multipart_request(r.port, "/classify", photo.data, photo.path.name, photo.content_type)
+                        for n, r in both.items()
                     }
                     for concurrency in CONCURRENCY:
                         cell = compare(both, requests, concurrency, seconds, rounds)
@@ -533,7 +596,8 @@ def main(argv: list[str] | None = None) -> int:
             f"ratio_c32={cell32[OURS].throughput / cell32[best].throughput:.2f} "
             f"p50_over_floor_512={rows[photo, 1][OURS].percentile(50) * 1e3 / floors[photo].total_ms:.2f} "
             f"p50_over_floor_3008={rows[big, 1][OURS].percentile(50) * 1e3 / floors[big].total_ms:.2f} "
-            f"fraction_of_limit_c32={cell32[OURS].throughput / limits[photo].req_per_s:.2f}"
+            f"fraction_of_limit_c32={cell32[OURS].throughput / limits[photo].req_per_s:.2f} "
+            f"cpu_ms_per_req_512={cell32[OURS].cpu_ms_per_request:.2f}"
         )
     return 0
 

@@ -3,13 +3,15 @@
 ``to_classifications`` is the one place where the graph's outputs become answers (verdict at the
 threshold in use, probability from the calibration centred on it, nearest class, distances by name).
 ``Pipeline`` runs it for the routes: decoding happens in worker threads bounded by a capacity limiter
-(the event loop never decodes), and every result is counted in the metrics.
+(with ``decode_inline``, on the event loop instead), and every result is counted in the metrics.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 import anyio
 import numpy as np
@@ -23,6 +25,7 @@ from service.schemas import BatchItem, Classification, ErrorDetail
 from service.settings import Settings
 from service.uploads import Upload
 
+T = TypeVar("T")
 BatchInput = Upload | tuple[str | None, ApiError]  # a readable part, or (filename, why it was refused)
 
 
@@ -65,15 +68,20 @@ class Pipeline:
     async def classify(self, model: LoadedModel, upload: Upload, result_id: str) -> Classification:
         """One image; decoding in a worker thread, then (micro-batching on) the wait holds no thread."""
         if self.classifier.batcher is None:
-            return await anyio.to_thread.run_sync(
-                self._classify_one, model, upload.data, result_id, limiter=self.limiter
-            )
-        array = await anyio.to_thread.run_sync(self.decode, model, upload.data, limiter=self.limiter)
+            return await self._off_loop(self._classify_one, model, upload.data, result_id)
+        array = await self._off_loop(self.decode, model, upload.data)
         return self._shape(model, await self.classifier.score_async(model, array[None]), [result_id])[0]
 
     async def classify_batch(self, model: LoadedModel, items: list[BatchInput]) -> list[BatchItem]:
         """Several images in one ORT call; each item has its own id and its own result or 4xx error."""
-        return await anyio.to_thread.run_sync(self._classify_many, model, items, limiter=self.limiter)
+        return await self._off_loop(self._classify_many, model, items)
+
+    async def _off_loop(self, work: Callable[..., T], *args: object) -> T:
+        """``work`` in a worker thread under the limiter; with ``decode_inline``, on the event loop itself
+        (no thread hand-off, but every other request waits while it runs)."""
+        if self.settings.decode_inline:
+            return work(*args)
+        return await anyio.to_thread.run_sync(work, *args, limiter=self.limiter)
 
     def decode(self, model: LoadedModel, data: bytes) -> np.ndarray:
         height, width, channels = model.input_shape

@@ -1,7 +1,12 @@
-"""FastAPI dependencies: what a route needs, taken from ``app.state`` (set once by ``create_app``)."""
+"""FastAPI dependencies: what a route needs, taken from ``app.state`` (set once by ``create_app``).
+
+They are ``async def`` because they only read attributes: FastAPI runs a plain ``def`` dependency in
+its thread pool, which cost a thread hand-off per dependency and request (seven on ``/classify``).
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -16,42 +21,60 @@ from service.reloading import Reloader
 from service.settings import Settings
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_metrics(request: Request) -> Metrics:
+async def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
-def get_classifier(request: Request) -> Classifier:
+async def get_classifier(request: Request) -> Classifier:
     return request.app.state.classifier
 
 
-def get_pipeline(request: Request) -> Pipeline:
+async def get_pipeline(request: Request) -> Pipeline:
     return request.app.state.pipeline
 
 
-def get_reloader(request: Request) -> Reloader:
+async def get_reloader(request: Request) -> Reloader:
     return request.app.state.reloader
 
 
-def get_captures(request: Request) -> CaptureWriter | None:
+async def get_captures(request: Request) -> CaptureWriter | None:
     """The capture writer, or None when no capture folder is configured (capture off)."""
     return request.app.state.captures
 
 
-def request_id(request: Request) -> str:
+async def request_id(request: Request) -> str:
     """This request's id (``RequestIdMiddleware``: a valid incoming X-Request-ID, else a new one)."""
     return request.scope[REQUEST_ID_KEY]
 
 
-def current_model(classifier: Annotated[Classifier, Depends(get_classifier)]) -> LoadedModel:
+async def current_model(classifier: Annotated[Classifier, Depends(get_classifier)]) -> LoadedModel:
     """The model this request is served by (a reload mid-request does not change it), or 503."""
     model = classifier.model
     if model is None:
         raise ApiError(503, "not_ready", f"no model loaded: {classifier.last_error or 'loading'}")
     return model
+
+
+@dataclass(frozen=True)
+class ClassifyContext:
+    """What ``/classify`` and ``/classify/batch`` need, as one dependency: FastAPI's per-request cost of
+    solving dependencies grows with their number (seven separate ones cost ~0.1 ms of CPU a request)."""
+
+    model: LoadedModel
+    pipeline: Pipeline
+    settings: Settings
+    captures: CaptureWriter | None
+    request_id: str
+
+
+async def classify_context(request: Request) -> ClassifyContext:
+    state = request.app.state
+    model = await current_model(state.classifier)
+    return ClassifyContext(model, state.pipeline, state.settings, state.captures, request.scope[REQUEST_ID_KEY])
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
@@ -62,3 +85,4 @@ ReloaderDep = Annotated[Reloader, Depends(get_reloader)]
 ModelDep = Annotated[LoadedModel, Depends(current_model)]
 CapturesDep = Annotated[CaptureWriter | None, Depends(get_captures)]
 RequestIdDep = Annotated[str, Depends(request_id)]
+ClassifyContextDep = Annotated[ClassifyContext, Depends(classify_context)]

@@ -74,7 +74,7 @@ def to_model_input(image: Image.Image, height: int, width: int, channels: int) -
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             image.load()
-            image = ImageOps.exif_transpose(image)
+            ImageOps.exif_transpose(image, in_place=True)  # not a copy of every upright photo
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError("truncated_image", f"the image data is truncated or corrupt: {exc}", 400) from None
     image = _to_mode(image, "L" if channels == 1 else "RGB")

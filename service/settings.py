@@ -34,6 +34,11 @@ class Settings(BaseSettings):
     decode_concurrency: int = Field(
         4, gt=0, description="images decoded and scored at once (threads); bounds memory under load"
     )
+    decode_inline: bool = Field(
+        False,
+        description="decode and score /classify images on the event loop instead of in worker threads (saves "
+        "a thread hand-off per request; one slow image then holds up every other request; bench/serve.py)",
+    )
 
     intra_op_threads: int = Field(
         0, ge=0, description="ONNX Runtime intra-op threads per call (0: its default, one per physical core)"

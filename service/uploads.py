@@ -10,6 +10,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from fastapi import Request
+from python_multipart.multipart import MultipartParser as PartParser
+from python_multipart.multipart import parse_options_header
 from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
@@ -56,19 +58,70 @@ async def parse_form(request: Request, body: bytes, max_files: int) -> list[tupl
     return list(form.multi_items())
 
 
-async def read_part(upload: UploadFile, settings: Settings) -> Upload:
-    content_type = media_type(upload.content_type)
+def one_file_part(content_type: str, body: bytes) -> tuple[str, str | None, bytes] | None:
+    """``(filename, content type, bytes)`` of a body that is exactly one ``file`` part with a filename,
+    the usual ``curl -F file=@photo.jpg``, parsed in memory by python-multipart (what Starlette's parser
+    drives, without its temp file and form objects: ~0.1 ms less CPU a request). None for anything
+    else, which then takes Starlette's full parser and gets its answer or its error."""
+    _, params = parse_options_header(content_type)
+    boundary = params.get(b"boundary")
+    if not boundary or params.get(b"charset", b"utf-8").lower() not in (b"utf-8", b"utf8"):
+        return None
+    parts: list[tuple[list[tuple[bytes, bytes]], list[bytes]]] = []  # (headers, data chunks) per part
+    header = [b"", b""]
+    ended: list[bool] = []  # a part counts once its closing boundary is read, as in Starlette's parser
+
+    def on_header_end() -> None:
+        parts[-1][0].append((header[0].lower(), header[1]))
+        header[0] = header[1] = b""
+
+    callbacks = {
+        "on_part_begin": lambda: parts.append(([], [])),
+        "on_part_data": lambda data, start, end: parts[-1][1].append(data[start:end]),
+        "on_header_field": lambda data, start, end: header.__setitem__(0, header[0] + data[start:end]),
+        "on_header_value": lambda data, start, end: header.__setitem__(1, header[1] + data[start:end]),
+        "on_header_end": on_header_end,
+        "on_part_end": lambda: ended.append(True),
+    }
+    try:
+        parser = PartParser(boundary, callbacks)
+        parser.write(body)
+        parser.finalize()
+    except ValueError:  # python-multipart's parse errors; Starlette's parser words the 422
+        return None
+    if len(parts) != 1 or len(ended) != 1:
+        return None
+    headers, chunks = parts[0]
+    dispositions = [value for name, value in headers if name == b"content-disposition"]
+    _, options = parse_options_header(dispositions[-1] if dispositions else b"")  # the last, as Starlette's
+    if options.get(b"name") != b"file" or b"filename" not in options:
+        return None
+    try:
+        filename = options[b"filename"].decode()
+    except UnicodeDecodeError:
+        return None
+    part_type = next((value.decode("latin-1") for name, value in headers if name == b"content-type"), None)
+    return filename, part_type, b"".join(chunks)
+
+
+def to_upload(filename: str | None, content_type: str | None, data: bytes, settings: Settings) -> Upload:
+    """One part's bytes as an ``Upload``, or the part's 415 (not an image type) or 413 (too large)."""
+    content_type = media_type(content_type)
     if content_type and not content_type.startswith(RAW_IMAGE_TYPES):
         raise ApiError(
             415,
             "unsupported_media_type",
-            f"part {upload.filename!r} has content type {content_type!r}; send an image/*",
+            f"part {filename!r} has content type {content_type!r}; send an image/*",
         )
-    data = await upload.read()
-    await upload.close()
     if len(data) > settings.max_upload_bytes:
         raise ApiError(413, "too_large", f"the image is {len(data)} bytes; the limit is {settings.max_upload_bytes}")
-    return Upload(upload.filename, content_type or None, data)
+    return Upload(filename, content_type or None, data)
+
+
+async def read_part(upload: UploadFile, settings: Settings) -> Upload:
+    data = await upload.read()
+    await upload.close()
+    return to_upload(upload.filename, upload.content_type, data, settings)
 
 
 async def single_upload(request: Request, settings: Settings) -> Upload:
@@ -76,6 +129,9 @@ async def single_upload(request: Request, settings: Settings) -> Upload:
     content_type = media_type(request.headers.get("content-type"))
     if content_type == "multipart/form-data":
         body = await read_body(request, settings.max_upload_bytes + MULTIPART_OVERHEAD)
+        part = one_file_part(request.headers["content-type"], body)
+        if part is not None:
+            return to_upload(*part, settings)
         fields = await parse_form(request, body, max_files=1)
         uploads = [value for key, value in fields if key == "file"]
         if not uploads:

@@ -28,14 +28,14 @@ def inputs(trashnet_dir: Path, tmp_path_factory) -> list[BenchInput]:
 
 @pytest.fixture(scope="module")
 def our_port():
-    with server(ours_spec(), SHIPPED_MODEL) as port:
-        yield port
+    with server(ours_spec(), SHIPPED_MODEL) as running:
+        yield running.port
 
 
 @pytest.mark.parametrize("peer", list(PEERS))
 def test_peer_answers_like_the_service(peer: str, our_port: int, inputs: list[BenchInput]):
     with contextlib.ExitStack() as stack:
-        port = stack.enter_context(server(PEERS[peer], SHIPPED_MODEL))
+        port = stack.enter_context(server(PEERS[peer], SHIPPED_MODEL)).port
         lines = check_agreement({OURS: our_port, peer: port}, inputs)  # SystemExit on any disagreement
         assert len(lines) == len(inputs)
         glass, trash = classify(port, inputs[1]), classify(port, inputs[-1])

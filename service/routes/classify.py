@@ -9,7 +9,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from service.capture import CaptureWriter
-from service.dependencies import CapturesDep, ModelDep, PipelineDep, RequestIdDep, SettingsDep
+from service.dependencies import ClassifyContextDep
 from service.errors import ERRORS
 from service.middleware import VERDICT_KEY
 from service.model import LoadedModel
@@ -66,17 +66,10 @@ def offer_captures(
     openapi_extra=SINGLE_BODY,
     summary="Classify one photo",
 )
-async def classify(
-    request: Request,
-    model: ModelDep,
-    pipeline: PipelineDep,
-    settings: SettingsDep,
-    captures: CapturesDep,
-    result_id: RequestIdDep,
-) -> Classification:
-    upload = await single_upload(request, settings)
-    result = await pipeline.classify(model, upload, result_id)
-    offer_captures(captures, model, [(upload, result)])
+async def classify(request: Request, context: ClassifyContextDep) -> Classification:
+    upload = await single_upload(request, context.settings)
+    result = await context.pipeline.classify(context.model, upload, context.request_id)
+    offer_captures(context.captures, context.model, [(upload, result)])
     request.scope[VERDICT_KEY] = result.verdict
     return result
 
@@ -88,21 +81,14 @@ async def classify(
     openapi_extra=BATCH_BODY,
     summary="Classify several photos; per-item results and errors",
 )
-async def classify_batch(
-    request: Request,
-    model: ModelDep,
-    pipeline: PipelineDep,
-    settings: SettingsDep,
-    captures: CapturesDep,
-    batch_id: RequestIdDep,
-) -> BatchResponse:
-    items = await batch_uploads(request, settings)
-    results = await pipeline.classify_batch(model, items)
+async def classify_batch(request: Request, context: ClassifyContextDep) -> BatchResponse:
+    items = await batch_uploads(request, context.settings)
+    results = await context.pipeline.classify_batch(context.model, items)
     answered = [
         (upload, item.result)
         for upload, item in zip(items, results, strict=True)
         if isinstance(upload, Upload) and item.result is not None
     ]
-    offer_captures(captures, model, answered)
+    offer_captures(context.captures, context.model, answered)
     request.scope[VERDICT_KEY] = "batch"
-    return BatchResponse(id=batch_id, results=results, model=model.ref)
+    return BatchResponse(id=context.request_id, results=results, model=context.model.ref)
