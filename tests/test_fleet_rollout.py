@@ -5,7 +5,9 @@ Two ``python -m service`` instances on 127.0.0.1 share one model folder, as pods
 (product API and Open Inference Protocol, bounded in count), a new version is published by swapping
 the symlink atomically and each instance reloads: one by ``POST /admin/reload``, the other by SIGHUP.
 Then a corrupt version is published and refused while the old one keeps serving. Every request must
-succeed, and once an instance answered with the new version it never answers with the old one.
+succeed, and once an instance answered a client with the new version it never answers that client's
+next requests with the old one (each client is sequential; across clients completion order is not
+request order, so only a client's own sequence is ordered).
 
 A second test replaces instances as a Deployment with maxUnavailable 0 does: start the new one, wait
 for /readyz, move the traffic, then stop the old one with SIGTERM (uvicorn drains in-flight requests).
@@ -41,6 +43,7 @@ class Load:
     photos: list[bytes]
     stop: threading.Event = field(default_factory=threading.Event)
     answers: list[tuple[str, int, str | None]] = field(default_factory=list)  # (url, status, model version)
+    clients: list[int] = field(default_factory=list)  # which client thread sent each answer's request
     errors: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -58,6 +61,7 @@ class Load:
                     status, version = -1, f"{type(exc).__name__}: {exc}"
                 with self.lock:
                     self.answers.append((url, status, version))
+                    self.clients.append(index)
                     if status != 200:
                         self.errors.append(f"{url}: {status} {version}")
 
@@ -128,11 +132,16 @@ def versioned_copy(source: Path, target: Path, version: str) -> Path:
     return target
 
 
-def assert_monotonic(answers: list[tuple[str, int, str | None]], url: str, old: str, new: str) -> None:
-    versions = [version for where, status, version in answers if where == url and status == 200]
-    assert old in versions and new in versions, f"{url} answered {set(versions)}"
-    first_new = versions.index(new)
-    assert all(version == new for version in versions[first_new:]), f"{url} went back to {old} after {new}"
+def assert_monotonic(load: Load, url: str, old: str, new: str) -> None:
+    seen = [(client, version) for client, (where, status, version) in zip(load.clients, load.answers, strict=True)
+            if where == url and status == 200]  # fmt: skip
+    versions = {version for _, version in seen}
+    assert old in versions and new in versions, f"{url} answered {versions}"
+    for client in range(CLIENTS):
+        sequence = [version for sender, version in seen if sender == client]
+        if new in sequence:
+            first_new = sequence.index(new)
+            assert all(v == new for v in sequence[first_new:]), f"{url} went back to {old} (client {client})"
 
 
 def test_volume_swap_and_reload_under_load(tmp_path: Path, trashnet_dir: Path) -> None:
@@ -180,7 +189,7 @@ def test_volume_swap_and_reload_under_load(tmp_path: Path, trashnet_dir: Path) -
     assert not errors, errors[:5]
     assert len(answers) >= 160
     for server in (first, second):
-        assert_monotonic(answers, server.url, old, new)
+        assert_monotonic(load, server.url, old, new)
 
 
 def test_replacing_instances_like_a_rolling_update(tmp_path: Path, trashnet_dir: Path) -> None:
