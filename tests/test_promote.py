@@ -187,6 +187,12 @@ def test_bad_input_exits_2(tmp_path: Path, audit: Path):
         result = promote(*args, token=token)
         assert result.returncode == 2, (args, result.stdout, result.stderr)
         assert message in result.stderr and result.stderr.count("\n") == 1
+    few = tmp_path / "few-trash"
+    shutil.copytree(audit, few)
+    for extra in sorted((few / "trash").iterdir())[4:]:
+        extra.unlink()
+    result = promote("--candidate", model_dir(), "--current", current, "--audit", few)
+    assert result.returncode == 2 and "holds 4 trash photos" in result.stderr and result.stderr.count("\n") == 1
     only_trash = tmp_path / "only-trash" / "trash"
     only_trash.mkdir(parents=True)
     shutil.copyfile(next((audit / "trash").iterdir()), only_trash / "t.jpg")

@@ -10,8 +10,11 @@ nearest class of normal items), and per class.
 
 The rule (RULE below): the candidate is promoted only when it serves the same classes, its scores are
 not constant, its AUC >= the current AUC + --min-gain, and its routing accuracy >= the current one -
---routing-tolerance. Exit 0 promoted (or rolled back), 3 refused (the reason is printed), 2 bad input,
-1 when the swap happened but the service's reload failed (the service keeps its old model).
+--routing-tolerance. An audit tree with fewer than --min-audit-anomalies anomaly photos (default 5) is
+not judged at all: on one or two photos the AUC is a coin flip (bench/flywheel.py measured a gate
+decided by a single audit trash photo). Exit 0 promoted (or rolled back), 3 refused (the reason is
+printed), 2 bad input or an audit tree too small to judge, 1 when the swap happened but the service's
+reload failed (the service keeps its old model).
 
 Example:
     python -m training.promote --candidate runs/bin-candidate --current models/trashnet \\
@@ -270,6 +273,11 @@ def run(args: argparse.Namespace) -> int:
         labels[len(current_model.manifest.class_names) :],
     )
     audit = AuditSet.read(args.audit, normal, anomaly)
+    if int(audit.anomalous.sum()) < args.min_audit_anomalies:
+        raise UserError(
+            f"{args.audit} holds {int(audit.anomalous.sum())} {'/'.join(anomaly)} photos; the gate compares models "
+            f"on at least {args.min_audit_anomalies} (--min-audit-anomalies): label more or raise --audit-share"
+        )
     current = audit_metrics(current_model, audit, None)
     candidate = audit_metrics(candidate_model, audit, current["n_reject_matched"])
     print(f"audit {args.audit}: {audit.counts()}")
@@ -305,6 +313,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--reload-url", help="the running service (base URL or .../admin/reload)")
     parser.add_argument("--min-gain", type=float, default=0.0, help="AUC the candidate must gain")
     parser.add_argument("--routing-tolerance", type=float, default=0.02, help="routing accuracy the candidate may lose")
+    parser.add_argument(
+        "--min-audit-anomalies",
+        type=int,
+        default=5,
+        help="fewest anomaly photos in the audit tree to judge on (fewer: exit 2, nothing changes)",
+    )
     parser.add_argument("--rollback", action="store_true", help="switch back to the previous version")
     return parser
 
