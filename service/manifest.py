@@ -76,6 +76,37 @@ class TrainingData(BaseModel):
         return _without(data, "root")
 
 
+class Routing(BaseModel):
+    """Where the bin sends good test items: the nearest class against the true one (normal items only)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    accuracy: float = Field(description="share of normal test items whose nearest class is their own")
+    per_class: dict[str, float] = Field(description="true class -> its items' routing accuracy")
+    confusion: dict[str, dict[str, int]] = Field(description="true class -> nearest class -> number of items")
+    n_items: int
+
+
+class ClassDistances(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    train_median: float
+    val_median: float
+
+
+class DistanceGap(BaseModel):
+    """The memorisation symptom, read on training and validation photos (not on test): the median
+    own-class distance of validation photos minus, and over, that of training photos."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    train_median: float
+    val_median: float
+    gap: float = Field(description="val_median - train_median")
+    ratio: float | None = Field(description="val_median / train_median (free of the embedding's scale)")
+    per_class: dict[str, ClassDistances] = Field(default_factory=dict)
+
+
 class TestMetrics(BaseModel):
     __test__ = False  # not a pytest class
     auc: float | None
@@ -83,6 +114,8 @@ class TestMetrics(BaseModel):
     fpr_at_threshold: float | None = Field(description="share of normal test items flagged at gamma")
     n_normal: int
     n_anomalous: int
+    routing: Routing | None = Field(default=None, description="nearest-class accuracy; absent for one column")
+    distance_gap: DistanceGap | None = Field(default=None, description="train vs validation own-class distance")
     extra: dict[str, Any] = Field(default_factory=dict)
 
 
