@@ -119,14 +119,41 @@ class TestMetrics(BaseModel):
     extra: dict[str, Any] = Field(default_factory=dict)
 
 
+class EpochScores(BaseModel):
+    """One encoder epoch scored on held-out photos in eval mode (training photos only for the probe)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epoch: int = Field(ge=1)
+    val_loss: float = Field(description="the method's loss on the validation photos (normal only)")
+    selection_auc: float | None = Field(default=None, description="validation normals vs selection anomalies")
+    train_median: float = Field(description="median own-class distance of a fixed probe of training photos")
+    val_median: float = Field(description="median own-class distance of the validation photos")
+    gap: float
+    ratio: float | None
+
+
+class EpochChoice(BaseModel):
+    """Which encoder epoch was exported instead of the last one, and the per-epoch record it was chosen on."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    criterion: str
+    epoch: int = Field(ge=1)
+    value: float
+    history: list[EpochScores]
+
+
 class TrainingLog(BaseModel):
-    """Per-epoch losses by name (``autoencoder_mse``, ``encoder_loss``, DROCC's ``ce_loss`` and
-    ``adversarial_loss``), the measured training speed, and an ensemble's members' logs."""
+    """Per-epoch losses by name (``autoencoder_mse`` or ``rotation_loss``, ``encoder_loss``, DROCC's
+    ``ce_loss`` and ``adversarial_loss``), the measured training speed, the epoch choice with its held-out
+    record (when not the last epoch), and an ensemble's members' logs."""
 
     model_config = ConfigDict(extra="forbid")
 
     losses: dict[str, list[float]] = Field(default_factory=dict)
     images_per_second: dict[str, float] = Field(default_factory=dict)
+    epoch_choice: EpochChoice | None = None
     members: list[TrainingLog] = Field(default_factory=list)
 
     def append(self, means: dict[str, float]) -> None:
@@ -140,7 +167,7 @@ class TrainingLog(BaseModel):
         """Older manifests and checkpoints kept each loss list at the top level."""
         if not isinstance(data, dict):
             return data
-        known = {"losses", "images_per_second", "members"}
+        known = {"losses", "images_per_second", "epoch_choice", "members"}
         losses = {k: v for k, v in data.items() if k not in known}
         return {**{k: v for k, v in data.items() if k in known}, "losses": {**data.get("losses", {}), **losses}}
 
