@@ -120,3 +120,13 @@ def test_selection_choice_needs_selection_anomalies(trashnet_dir: Path):
         check_criterion("selection-auc", plain)
     with pytest.raises(UserError, match="anomaly-holdout"):
         fit_deepmad(plain, DeepMADConfig(ae_epochs=1, epochs=1, epoch_choice="selection-auc"), CPU)
+
+
+def test_rotation_pretraining_learns_the_turns_and_feeds_deepmad(task):
+    config = DeepMADConfig(**{**TINY, "ae_epochs": 4, "epochs": 1, "augment": False, "augment_strength": "basic"},
+                           pretrain="rotation")  # fmt: skip
+    scorer, log = fit_deepmad(task, config, CPU)
+    assert "autoencoder_mse" not in log.losses and len(log.losses["rotation_loss"]) == 4
+    assert log.losses["rotation_loss"][-1] < log.losses["rotation_loss"][0]  # per encoder; chance is ln 4 = 1.39
+    _, scores = scorer.score_arrays(task.test.images)
+    assert scores.std() > 0.02 * scores.mean()  # not collapsed

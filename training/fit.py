@@ -203,6 +203,7 @@ def run(args: argparse.Namespace, command: str) -> dict:
         "routing_accuracy": metrics.routing.accuracy if metrics.routing else None,
         "routing_per_class": metrics.routing.per_class if metrics.routing else None,
         "distance_gap": metrics.distance_gap.model_dump(exclude={"per_class"}) if metrics.distance_gap else None,
+        "chosen_epoch": log.epoch_choice.epoch if log.epoch_choice else None,
         "threshold": manifest.threshold.value,
         "parity_max_abs_score": parity.max_abs_score,
         "images_per_second": log.images_per_second,

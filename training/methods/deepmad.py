@@ -1,5 +1,8 @@
 """DeepMAD (paper Algorithm 3): autoencoder pretraining per class, centres, then the contrastive loss.
 
+Phase 1 can also be rotation prediction (``methods.rotation``, ``--pretrain rotation``) in place of the
+autoencoders; centres and phase 2 are the same either way.
+
 L(theta_i) = 1/N sum_{x in X_i} ||E_i(x) - c_i||^2
            + eta/N sum_{x in X_j, j != i} max(0, delta - ||E_i(x) - c_i||)^2 + lambda/2 sum ||W||^2
 
@@ -33,6 +36,7 @@ from training.engine import (
 from training.epoch_choice import CRITERIA, RECORD_FIELDS, HeldOutScores, check_criterion
 from training.errors import UserError
 from training.methods.config import MethodConfig, setting
+from training.methods.rotation import RotationHead, pretrain_rotation
 from training.networks import GroupedAutoencoder, GroupedEncoder
 from training.scorer import Scorer
 
@@ -71,6 +75,11 @@ class DeepMADConfig(MethodConfig):
         "last",
         "which encoder epoch to export: " + "; ".join(f"{k}: {v}" for k, v in CRITERIA.items()),
         choices=tuple(CRITERIA),
+    )
+    pretrain: str = setting(
+        "autoencoder",
+        "phase 1: the paper's autoencoders, or rotation prediction (4 turns, a linear head per encoder)",
+        choices=("autoencoder", "rotation"),
     )
 
     def __post_init__(self) -> None:
@@ -271,9 +280,14 @@ def fit_deepmad(
     check_criterion(config.epoch_choice, task)
     inputs, device = TrainingInputs.of(task, config.seed), run.device
     model = GroupedAutoencoder(task.n_normal, inputs.channels, inputs.size, config.rep_dim).to(device)
-    ae_optimizer = torch.optim.Adam(model.parameters(), lr=config.ae_lr, weight_decay=config.weight_decay)
+    # Rotation pretraining trains the encoders and a small head instead of the autoencoders.
+    head = RotationHead(task.n_normal, config.rep_dim).to(device) if config.pretrain == "rotation" else None
+    pretrained = [*model.encoder.parameters(), *head.parameters()] if head is not None else model.parameters()
+    ae_optimizer = torch.optim.Adam(pretrained, lr=config.ae_lr, weight_decay=config.weight_decay)
     enc_optimizer = torch.optim.Adam(model.encoder.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     parts = {"model": model, "ae_optimizer": ae_optimizer, "enc_optimizer": enc_optimizer}
+    if head is not None:
+        parts["rotation_head"] = head
     best_epochs = None
     if config.epoch_choice != "last":
         best_epochs = parts["best_epochs"] = BestEpochs(model.encoder, RECORD_FIELDS)
@@ -319,9 +333,31 @@ def fit_deepmad(
     bar = progress_bar(run.progress)
     normaliser = inputs.normaliser.to(device)
     timer = Timer(device)
-    pretrain_autoencoders(
-        model, inputs.class_images, normaliser, config, ae_optimizer, inputs.generator, ae_start, after_ae_epoch, bar
-    )
+    if head is None:
+        pretrain_autoencoders(
+            model,
+            inputs.class_images,
+            normaliser,
+            config,
+            ae_optimizer,
+            inputs.generator,
+            ae_start,
+            after_ae_epoch,
+            bar,
+        )
+    else:
+        pretrain_rotation(
+            model.encoder,
+            head,
+            inputs.class_images,
+            normaliser,
+            config,
+            ae_optimizer,
+            inputs.generator,
+            ae_start,
+            after_ae_epoch,
+            bar,
+        )
     steps = -(-max(len(x) for x in inputs.class_images) // config.batch_size)
     seen = (config.ae_epochs - ae_start) * task.n_normal * config.batch_size * steps
     if seen:  # a run resumed after this phase keeps the rate it measured
