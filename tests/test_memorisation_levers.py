@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -82,26 +83,38 @@ def test_epoch_choice_monitors_without_changing_training_and_exports_the_best_ep
     distances, _ = chosen.score_arrays(val)
     assert validation_loss(distances, task.val.labels, 1.0, 8.2) == pytest.approx(best.val_loss, rel=1e-5)
 
-    # The record and the best weights live in the checkpoint: resuming the finished run exports the same.
-    resumed, resumed_log = fit_deepmad(task, config, RunOptions(torch.device("cpu"), checkpoint, resume=True))
+    # The record and the best weights live in the checkpoint: the finished run re-exports under any choice.
+    def reexport(choice: str):
+        again = DeepMADConfig(**TINY, epoch_choice=choice)
+        return fit_deepmad(task, again, RunOptions(torch.device("cpu"), checkpoint, resume=True))
+
+    resumed, resumed_log = reexport("val-loss")
     assert resumed_log.epoch_choice == log.epoch_choice
     assert np.array_equal(resumed.score_arrays(val)[1], chosen.score_arrays(val)[1])
+    by_selection, selection_log = reexport("selection-auc")
+    assert selection_log.epoch_choice.epoch == max(history, key=lambda r: r.selection_auc).epoch
+    assert selection_log.epoch_choice.history == history
+    last_again, last_again_log = reexport("last")
+    assert last_again_log.epoch_choice is None
+    assert np.array_equal(last_again.score_arrays(val)[1], last.score_arrays(val)[1])
 
 
 def test_a_checkpoint_from_before_the_levers_still_resumes(task, tmp_path: Path):
-    """Checkpoints written before augment_strength, centre_views and epoch_choice existed had their defaults."""
+    """Checkpoints written before augment_strength, centre_views and pretrain existed had their defaults."""
     config = DeepMADConfig(ae_epochs=1, epochs=1, batch_size=32)
     checkpoint = tmp_path / "ckpt.pt"
     scorer, _ = fit_deepmad(task, config, RunOptions(torch.device("cpu"), checkpoint))
     state = torch.load(checkpoint, weights_only=False)
-    for added in ("augment_strength", "centre_views", "epoch_choice"):
+    for added in ("augment_strength", "centre_views", "pretrain"):
         del state["config"][added]
     torch.save(state, checkpoint)
-    resumed, _ = fit_deepmad(task, config, RunOptions(torch.device("cpu"), checkpoint, resume=True))
+    resume = RunOptions(torch.device("cpu"), checkpoint, resume=True)
+    resumed, _ = fit_deepmad(task, config, resume)
     assert np.array_equal(resumed.score_arrays(task.val.images)[1], scorer.score_arrays(task.val.images)[1])
     with pytest.raises(UserError, match="other settings"):
-        fit_deepmad(task, DeepMADConfig(ae_epochs=1, epochs=1, batch_size=32, epoch_choice="val-loss"),
-                    RunOptions(torch.device("cpu"), checkpoint, resume=True))  # fmt: skip
+        fit_deepmad(task, dataclasses.replace(config, augment=True, augment_strength="strong"), resume)
+    with pytest.raises(UserError, match="no per-epoch record"):
+        fit_deepmad(task, dataclasses.replace(config, epoch_choice="val-loss"), resume)
 
 
 def test_centres_from_augmented_views_differ_from_the_photos_centres(task):

@@ -211,8 +211,9 @@ class Checkpoint:
         torch.save(state, buffer)
         write_atomic(self.path, buffer.getvalue())
 
-    def restore(self, progress_keys: tuple[str, ...]) -> dict[str, Any]:
-        """Load the state into the parts and generators; returns the progress entries (epochs done, log)."""
+    def restore(self, progress_keys: tuple[str, ...], optional_keys: tuple[str, ...] = ()) -> dict[str, Any]:
+        """Load the state into the parts and generators; returns the progress entries (epochs done, log) and
+        those of ``optional_keys`` the checkpoint holds."""
         path = self.path
         if path is None:
             raise UserError("--resume needs a checkpoint path")
@@ -234,12 +235,13 @@ class Checkpoint:
             torch.set_rng_state(state["torch_rng"])
         except (RuntimeError, KeyError, ValueError, TypeError) as exc:
             raise UserError(f"checkpoint {path} does not fit this network ({str(exc).splitlines()[0]})") from None
-        return {key: state[key] for key in progress_keys}
+        return {key: state[key] for key in (*progress_keys, *optional_keys) if key in state}
 
 
 class BestEpochs:
     """Held-out scores per epoch and, under each criterion, the best epoch's weights of ``module``, so a
-    trainer can export that epoch instead of the last one. Saved by ``Checkpoint`` as one of its parts.
+    trainer can export that epoch instead of the last one. Saved with a ``Checkpoint``'s progress (its
+    ``state_dict``), so a finished run can be re-exported under another criterion.
 
     ``criteria`` maps a criterion's name to (the record's field it reads, whether higher is better); a
     record without that field (None) does not compete under it.

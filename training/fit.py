@@ -130,7 +130,7 @@ def check_resumable(members: list[tuple[object, Path]]) -> None:
         state = read_checkpoint(path)
         if "config" not in state:
             raise UserError(f"checkpoint {path} is not a training checkpoint (it has no configuration)")
-        if {**config.stored_defaults(), **state["config"]} != config.as_dict():
+        if {**config.stored_defaults(), **state["config"]} != config.training_identity():
             raise UserError(f"checkpoint {path} was made with other settings; drop --resume or use them")
 
 

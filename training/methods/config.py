@@ -28,11 +28,20 @@ def setting(
     minimum: float | None = None,
     above: float | None = None,
     choices: Collection[str] = (),
+    export_choice: bool = False,
     aliases=(),
 ):
     """A configuration field: its default, its flag's help, and its bounds (``minimum`` <= value, value > ``above``)
-    or its ``choices``."""
-    metadata = {"help": help, "minimum": minimum, "above": above, "choices": tuple(choices), "aliases": tuple(aliases)}
+    or its ``choices``. An ``export_choice`` chooses which trained weights are exported, not how they are
+    trained, so a checkpoint resumes under any of its values (a finished run is re-exported that way)."""
+    metadata = {
+        "help": help,
+        "minimum": minimum,
+        "above": above,
+        "choices": tuple(choices),
+        "export_choice": export_choice,
+        "aliases": tuple(aliases),
+    }
     return dataclasses.field(default=default, metadata=metadata)
 
 
@@ -63,10 +72,18 @@ class MethodConfig:
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def training_identity(self) -> dict:
+        """The settings a checkpoint must match to be resumed: all but the export choices."""
+        return {k: v for k, v in self.as_dict().items() if k not in self._export_choices()}
+
     @classmethod
     def stored_defaults(cls) -> dict[str, Any]:
-        """Every field's default: what a configuration stored before a field existed had in its place."""
-        return {field.name: field.default for field in dataclasses.fields(cls)}
+        """The training settings' defaults: what a checkpoint written before a setting existed had in its place."""
+        return {f.name: f.default for f in dataclasses.fields(cls) if f.name not in cls._export_choices()}
+
+    @classmethod
+    def _export_choices(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls) if f.metadata.get("export_choice")}
 
     @classmethod
     def from_values(cls, values: Mapping[str, Any]):

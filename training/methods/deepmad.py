@@ -73,8 +73,10 @@ class DeepMADConfig(MethodConfig):
     )
     epoch_choice: str = setting(
         "last",
-        "which encoder epoch to export: " + "; ".join(f"{k}: {v}" for k, v in CRITERIA.items()),
+        "which encoder epoch to export (with --resume, a finished run is re-exported under another): "
+        + "; ".join(f"{k}: {v}" for k, v in CRITERIA.items()),
         choices=tuple(CRITERIA),
+        export_choice=True,
     )
     pretrain: str = setting(
         "autoencoder",
@@ -288,15 +290,15 @@ def fit_deepmad(
     parts = {"model": model, "ae_optimizer": ae_optimizer, "enc_optimizer": enc_optimizer}
     if head is not None:
         parts["rotation_head"] = head
-    best_epochs = None
+    best_epochs = held_out = None
     if config.epoch_choice != "last":
-        best_epochs = parts["best_epochs"] = BestEpochs(model.encoder, RECORD_FIELDS)
+        best_epochs = BestEpochs(model.encoder, RECORD_FIELDS)
         held_out = HeldOutScores(task, config.eta, config.delta)
     data_sha256 = task.content_sha256()  # outlier exposure or another subsample changes the data, not the config
     state = Checkpoint(
         run.checkpoint,
         identity={
-            "config": config.as_dict(),
+            "config": config.training_identity(),
             "classes": task.column_names,
             "training_data": data_sha256,
             "encoder_phase": encoder_phase.__name__,
@@ -311,12 +313,17 @@ def fit_deepmad(
     )
     log, centres, ae_start, enc_start = TrainingLog(), None, 0, 0
     if run.resume:
-        restored = state.restore(("centres", "log", "ae_epochs_done", "enc_epochs_done"))
+        restored = state.restore(("centres", "log", "ae_epochs_done", "enc_epochs_done"), ("best_epochs",))
         centres, log = restored["centres"], TrainingLog.model_validate(restored["log"])
         ae_start, enc_start = restored["ae_epochs_done"], restored["enc_epochs_done"]
+        if best_epochs is not None and "best_epochs" in restored:
+            best_epochs.load_state_dict(restored["best_epochs"])
+        elif best_epochs is not None and enc_start > 0:
+            raise UserError(f"checkpoint {run.checkpoint} has no per-epoch record; --epoch-choice needs a new run")
 
     def save(ae_done: int, enc_done: int) -> None:
-        state.save(centres=centres, log=log.model_dump(), ae_epochs_done=ae_done, enc_epochs_done=enc_done)
+        record = {"best_epochs": best_epochs.state_dict()} if best_epochs is not None else {}
+        state.save(centres=centres, log=log.model_dump(), ae_epochs_done=ae_done, enc_epochs_done=enc_done, **record)
 
     def after_ae_epoch(epoch: int, means: dict[str, float]) -> None:
         log.append(means)
@@ -326,38 +333,18 @@ def fit_deepmad(
         log.append(means)
         # The rate so far goes into every checkpoint, so a re-export of a finished run still reports it.
         log.images_per_second["encoders"] = timer.rate((epoch + 1 - enc_start) * len(inputs.images) * task.n_normal)
-        if best_epochs is not None:
+        if best_epochs is not None and held_out is not None:
             best_epochs.observe(epoch, held_out(Scorer(model.encoder, centres.to(device), normaliser)))
         save(config.ae_epochs, epoch + 1)
 
     bar = progress_bar(run.progress)
     normaliser = inputs.normaliser.to(device)
     timer = Timer(device)
+    phase_one = (inputs.class_images, normaliser, config, ae_optimizer, inputs.generator, ae_start, after_ae_epoch, bar)
     if head is None:
-        pretrain_autoencoders(
-            model,
-            inputs.class_images,
-            normaliser,
-            config,
-            ae_optimizer,
-            inputs.generator,
-            ae_start,
-            after_ae_epoch,
-            bar,
-        )
+        pretrain_autoencoders(model, *phase_one)
     else:
-        pretrain_rotation(
-            model.encoder,
-            head,
-            inputs.class_images,
-            normaliser,
-            config,
-            ae_optimizer,
-            inputs.generator,
-            ae_start,
-            after_ae_epoch,
-            bar,
-        )
+        pretrain_rotation(model.encoder, head, *phase_one)
     steps = -(-max(len(x) for x in inputs.class_images) // config.batch_size)
     seen = (config.ae_epochs - ae_start) * task.n_normal * config.batch_size * steps
     if seen:  # a run resumed after this phase keeps the rate it measured
