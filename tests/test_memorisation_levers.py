@@ -140,6 +140,7 @@ def test_rotation_pretraining_learns_the_turns_and_feeds_deepmad(task):
                            pretrain="rotation")  # fmt: skip
     scorer, log = fit_deepmad(task, config, CPU)
     assert "autoencoder_mse" not in log.losses and len(log.losses["rotation_loss"]) == 4
-    assert log.losses["rotation_loss"][-1] < log.losses["rotation_loss"][0]  # per encoder; chance is ln 4 = 1.39
+    losses = log.losses["rotation_loss"]
+    assert losses[-1] < losses[0]  # mean over the 5 encoders; chance is ln 4 = 1.39
     _, scores = scorer.score_arrays(task.test.images)
     assert scores.std() > 0.02 * scores.mean()  # not collapsed
