@@ -164,9 +164,12 @@ class TrainingLog(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _flat_losses(cls, data: Any) -> Any:
-        """Older manifests and checkpoints kept each loss list at the top level."""
+        """Older manifests and checkpoints kept each loss list at the top level (and an empty epoch choice
+        where the last epoch was exported)."""
         if not isinstance(data, dict):
             return data
+        if data.get("epoch_choice") == {}:
+            data = _without(data, "epoch_choice")
         known = {"losses", "images_per_second", "epoch_choice", "members"}
         losses = {k: v for k, v in data.items() if k not in known}
         return {**{k: v for k, v in data.items() if k in known}, "losses": {**data.get("losses", {}), **losses}}
