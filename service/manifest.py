@@ -76,6 +76,37 @@ class TrainingData(BaseModel):
         return _without(data, "root")
 
 
+class Routing(BaseModel):
+    """Where the bin sends good test items: the nearest class against the true one (normal items only)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    accuracy: float = Field(description="share of normal test items whose nearest class is their own")
+    per_class: dict[str, float] = Field(description="true class -> its items' routing accuracy")
+    confusion: dict[str, dict[str, int]] = Field(description="true class -> nearest class -> number of items")
+    n_items: int
+
+
+class ClassDistances(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    train_median: float
+    val_median: float
+
+
+class DistanceGap(BaseModel):
+    """The memorisation symptom, read on training and validation photos (not on test): the median
+    own-class distance of validation photos minus, and over, that of training photos."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    train_median: float
+    val_median: float
+    gap: float = Field(description="val_median - train_median")
+    ratio: float | None = Field(description="val_median / train_median (free of the embedding's scale)")
+    per_class: dict[str, ClassDistances] = Field(default_factory=dict)
+
+
 class TestMetrics(BaseModel):
     __test__ = False  # not a pytest class
     auc: float | None
@@ -83,17 +114,46 @@ class TestMetrics(BaseModel):
     fpr_at_threshold: float | None = Field(description="share of normal test items flagged at gamma")
     n_normal: int
     n_anomalous: int
+    routing: Routing | None = Field(default=None, description="nearest-class accuracy; absent for one column")
+    distance_gap: DistanceGap | None = Field(default=None, description="train vs validation own-class distance")
     extra: dict[str, Any] = Field(default_factory=dict)
 
 
+class EpochScores(BaseModel):
+    """One encoder epoch scored on held-out photos in eval mode (training photos only for the probe)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epoch: int = Field(ge=1)
+    val_loss: float = Field(description="the method's loss on the validation photos (normal only)")
+    selection_auc: float | None = Field(default=None, description="validation normals vs selection anomalies")
+    train_median: float = Field(description="median own-class distance of a fixed probe of training photos")
+    val_median: float = Field(description="median own-class distance of the validation photos")
+    gap: float
+    ratio: float | None
+
+
+class EpochChoice(BaseModel):
+    """Which encoder epoch was exported instead of the last one, and the per-epoch record it was chosen on."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    criterion: str
+    epoch: int = Field(ge=1)
+    value: float
+    history: list[EpochScores]
+
+
 class TrainingLog(BaseModel):
-    """Per-epoch losses by name (``autoencoder_mse``, ``encoder_loss``, DROCC's ``ce_loss`` and
-    ``adversarial_loss``), the measured training speed, and an ensemble's members' logs."""
+    """Per-epoch losses by name (``autoencoder_mse`` or ``rotation_loss``, ``encoder_loss``, DROCC's
+    ``ce_loss`` and ``adversarial_loss``), the measured training speed, the epoch choice with its held-out
+    record (when not the last epoch), and an ensemble's members' logs."""
 
     model_config = ConfigDict(extra="forbid")
 
     losses: dict[str, list[float]] = Field(default_factory=dict)
     images_per_second: dict[str, float] = Field(default_factory=dict)
+    epoch_choice: EpochChoice | None = None
     members: list[TrainingLog] = Field(default_factory=list)
 
     def append(self, means: dict[str, float]) -> None:
@@ -104,10 +164,13 @@ class TrainingLog(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _flat_losses(cls, data: Any) -> Any:
-        """Older manifests and checkpoints kept each loss list at the top level."""
+        """Older manifests and checkpoints kept each loss list at the top level (and an empty epoch choice
+        where the last epoch was exported)."""
         if not isinstance(data, dict):
             return data
-        known = {"losses", "images_per_second", "members"}
+        if data.get("epoch_choice") == {}:
+            data = _without(data, "epoch_choice")
+        known = {"losses", "images_per_second", "epoch_choice", "members"}
         losses = {k: v for k, v in data.items() if k not in known}
         return {**{k: v for k, v in data.items() if k in known}, "losses": {**data.get("losses", {}), **losses}}
 

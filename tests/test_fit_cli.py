@@ -92,6 +92,50 @@ def test_trash_scores_higher_than_recyclables_and_scores_are_not_collapsed(small
     assert manifest.test_metrics.extra["test_score_std"] > 0
 
 
+def test_fit_records_routing_and_the_memorisation_gap(small_model: Path):
+    """Routing: the nearest class of every test recyclable, tallied per true class, and its accuracy."""
+    manifest = Manifest.load(small_model)
+    routing = manifest.test_metrics.routing
+    test_counts = manifest.training_data.counts["test"]
+    assert routing is not None and 0.0 < routing.accuracy <= 1.0
+    assert list(routing.confusion) == manifest.class_names
+    for true, row in routing.confusion.items():
+        assert list(row) == manifest.class_names
+        assert sum(row.values()) == test_counts[true]
+        assert routing.per_class[true] == pytest.approx(row[true] / test_counts[true])
+    assert routing.n_items == manifest.test_metrics.n_normal
+    correct = sum(routing.confusion[name][name] for name in manifest.class_names)
+    assert routing.accuracy == pytest.approx(correct / routing.n_items)
+    assert routing.accuracy > 1.5 / len(manifest.class_names)  # better than routing everything to one bin
+    gap = manifest.test_metrics.distance_gap
+    assert gap is not None and gap.gap == pytest.approx(gap.val_median - gap.train_median)
+    assert gap.ratio == pytest.approx(gap.val_median / gap.train_median)
+    assert set(gap.per_class) == set(manifest.class_names)
+
+    # The shipped-artifact path (ONNX Runtime on the manifest's test split) agrees with training's torch.
+    result = subprocess.run(
+        [sys.executable, "-m", "training.routing", "--model", str(small_model)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"routing accuracy {routing.accuracy:.3f} on {routing.n_items} test items" in result.stdout
+
+
+def test_routing_cli_without_a_manifest_is_one_line(tmp_path: Path):
+    result = subprocess.run(
+        [sys.executable, "-m", "training.routing", "--model", str(tmp_path)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: no manifest.json in {tmp_path}"
+
+
 def test_onnx_matches_torch_on_real_photos(tmp_path: Path, trashnet_dir: Path):
     """The exported graph against the torch scorer it came from, on photos through the image function."""
     task = make_task(load_dataset("trashnet", trashnet_dir), TRASHNET_NORMAL, max_train_per_class=30, seed=0)

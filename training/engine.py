@@ -193,7 +193,9 @@ class Checkpoint:
         self.identity = identity
         self.parts = parts
         self.generator = generator
-        self.older_defaults = older_defaults or {}  # identity values assumed where older checkpoints lack the key
+        # Identity values assumed where older checkpoints lack the key; for a dict (the configuration),
+        # each of its keys: a setting added since a checkpoint was written had its default then.
+        self.older_defaults = older_defaults or {}
 
     def save(self, **progress: Any) -> None:
         if self.path is None:
@@ -209,19 +211,23 @@ class Checkpoint:
         torch.save(state, buffer)
         write_atomic(self.path, buffer.getvalue())
 
-    def restore(self, progress_keys: tuple[str, ...]) -> dict[str, Any]:
-        """Load the state into the parts and generators; returns the progress entries (epochs done, log)."""
+    def restore(self, progress_keys: tuple[str, ...], optional_keys: tuple[str, ...] = ()) -> dict[str, Any]:
+        """Load the state into the parts and generators; returns the progress entries (epochs done, log) and
+        those of ``optional_keys`` the checkpoint holds."""
         path = self.path
         if path is None:
             raise UserError("--resume needs a checkpoint path")
-        state = read_checkpoint(path)
-        state = {**self.older_defaults, **state}
+        state = {**self.older_defaults, **read_checkpoint(path)}
+        for key, default in self.older_defaults.items():
+            if isinstance(default, dict) and isinstance(state[key], dict):
+                state[key] = {**default, **state[key]}
         required = [*self.identity, *self.parts, "generator", "torch_rng", *progress_keys]
+        # Other settings first: a setting can also change the parts saved (the epoch choice's record).
+        if any(key in state and state[key] != value for key, value in self.identity.items()):
+            raise UserError(f"checkpoint {path} was made with other settings; drop --resume or use them")
         missing = [key for key in required if key not in state]
         if missing:
             raise UserError(f"checkpoint {path} is not one of this method's checkpoints (it lacks {missing})")
-        if any(state[key] != value for key, value in self.identity.items()):
-            raise UserError(f"checkpoint {path} was made with other settings; drop --resume or use them")
         try:
             for name, part in self.parts.items():
                 part.load_state_dict(state[name])
@@ -229,7 +235,46 @@ class Checkpoint:
             torch.set_rng_state(state["torch_rng"])
         except (RuntimeError, KeyError, ValueError, TypeError) as exc:
             raise UserError(f"checkpoint {path} does not fit this network ({str(exc).splitlines()[0]})") from None
-        return {key: state[key] for key in progress_keys}
+        return {key: state[key] for key in (*progress_keys, *optional_keys) if key in state}
+
+
+class BestEpochs:
+    """Held-out scores per epoch and, under each criterion, the best epoch's weights of ``module``, so a
+    trainer can export that epoch instead of the last one. Saved with a ``Checkpoint``'s progress (its
+    ``state_dict``), so a finished run can be re-exported under another criterion.
+
+    ``criteria`` maps a criterion's name to (the record's field it reads, whether higher is better); a
+    record without that field (None) does not compete under it.
+    """
+
+    def __init__(self, module: torch.nn.Module, criteria: dict[str, tuple[str, bool]]):
+        self.module = module
+        self.criteria = criteria
+        self.history: list[dict[str, Any]] = []
+        self.best: dict[str, dict[str, Any]] = {}
+
+    def observe(self, epoch: int, record: dict[str, Any]) -> None:
+        """Record epoch ``epoch`` (0-based) and keep the module's weights where it is the best so far."""
+        self.history.append({"epoch": epoch + 1, **record})
+        for criterion, (key, maximise) in self.criteria.items():
+            value, held = record.get(key), self.best.get(criterion)
+            if value is not None and (held is None or (value > held["value"] if maximise else value < held["value"])):
+                weights = {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
+                self.best[criterion] = {"epoch": epoch + 1, "value": value, "weights": weights}
+
+    def load_best(self, criterion: str) -> dict[str, Any]:
+        """Put the best epoch's weights under ``criterion`` into the module; returns its epoch and value."""
+        if criterion not in self.best:
+            raise UserError(f"no epoch was scored under the epoch choice {criterion}")
+        chosen = self.best[criterion]
+        self.module.load_state_dict(chosen["weights"])
+        return {"epoch": chosen["epoch"], "value": chosen["value"]}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self.history, "best": self.best}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history, self.best = list(state["history"]), dict(state["best"])
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:

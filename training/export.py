@@ -27,7 +27,9 @@ from service.manifest import (
 )
 from training.data import Task
 from training.evaluation.dempster_shafer import combined_anomaly_probability
+from training.memorisation import distance_gap
 from training.metrics import calibrate, choose_threshold, rates_at, roc_auc
+from training.routing import routing_metrics
 from training.scorer import BaseScorer
 
 OPSET = 17
@@ -87,7 +89,8 @@ class Evaluation:
 
 
 def evaluate(scorer: BaseScorer, task: Task, reject_rate: float) -> Evaluation:
-    """gamma and calibration from validation normals only; AUC and rates on the test split.
+    """gamma and calibration from validation normals only; AUC, rates and routing on the test split;
+    the memorisation gap on training and validation photos.
 
     With several detector columns, each column is also calibrated on its own class's validation items
     (P_i({i}|x)), and Algorithm 1's Dempster-Shafer combination P(Lambda|x) gets its own AUC.
@@ -105,8 +108,13 @@ def evaluate(scorer: BaseScorer, task: Task, reject_rate: float) -> Evaluation:
             np.concatenate([val_scores, selection_scores]),
             np.concatenate([np.zeros(len(val_scores), bool), np.ones(len(selection_scores), bool)]),
         )
+    train_distances, _ = scorer.score_arrays(task.train.images)
+    gap = distance_gap(train_distances, task.train.labels, val_distances, task.val.labels, task.column_names)
+    normal = ~task.test_anomalous
+    routing = None
     detectors = []
     if test_distances.shape[1] > 1:
+        routing = routing_metrics(test_distances[normal], task.test.labels[normal], task.column_names)
         for column in range(test_distances.shape[1]):
             own = val_distances[task.val.labels == column, column]
             detectors.append(calibrate(own, choose_threshold(own, reject_rate).value))
@@ -118,6 +126,8 @@ def evaluate(scorer: BaseScorer, task: Task, reject_rate: float) -> Evaluation:
         fpr_at_threshold=fpr,
         n_normal=int((~task.test_anomalous).sum()),
         n_anomalous=int(task.test_anomalous.sum()),
+        routing=routing,
+        distance_gap=gap,
         extra=extra,
     )
     return Evaluation(

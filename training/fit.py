@@ -29,6 +29,7 @@ from training.methods import CONFIG_TYPES, METHODS, Method, get_method
 from training.methods.config import add_config_flags
 from training.methods.ensemble import EnsembleScorer
 from training.networks import WIDTHS
+from training.routing import format_routing
 
 PARITY_IMAGES = 64
 MIN_IMAGE_SIZE = 2 ** len(WIDTHS)  # every 2x2 pooling of the encoder must keep a pixel
@@ -129,7 +130,7 @@ def check_resumable(members: list[tuple[object, Path]]) -> None:
         state = read_checkpoint(path)
         if "config" not in state:
             raise UserError(f"checkpoint {path} is not a training checkpoint (it has no configuration)")
-        if state["config"] != config.as_dict():
+        if {**config.stored_defaults(), **state["config"]} != config.training_identity():
             raise UserError(f"checkpoint {path} was made with other settings; drop --resume or use them")
 
 
@@ -191,11 +192,18 @@ def run(args: argparse.Namespace, command: str) -> dict:
     )
     parity = check_parity(scorer, args.out / "model.onnx", task.test.images[:PARITY_IMAGES])
     metrics = manifest.test_metrics
+    if metrics.routing is not None:
+        print(format_routing(metrics.routing), file=sys.stderr)
     return {
         "out": str(args.out),
         "test_auc": metrics.auc,
+        "selection_auc": metrics.extra.get("selection_auc"),
         "tpr_at_threshold": metrics.tpr_at_threshold,
         "fpr_at_threshold": metrics.fpr_at_threshold,
+        "routing_accuracy": metrics.routing.accuracy if metrics.routing else None,
+        "routing_per_class": metrics.routing.per_class if metrics.routing else None,
+        "distance_gap": metrics.distance_gap.model_dump(exclude={"per_class"}) if metrics.distance_gap else None,
+        "chosen_epoch": log.epoch_choice.epoch if log.epoch_choice else None,
         "threshold": manifest.threshold.value,
         "parity_max_abs_score": parity.max_abs_score,
         "images_per_second": log.images_per_second,

@@ -21,11 +21,28 @@ from typing import Any, ClassVar
 from training.errors import UserError
 
 
-def setting(default: Any, help: str, *, minimum: float | None = None, above: float | None = None, aliases=()):
-    """A configuration field: its default, its flag's help, and its bounds (``minimum`` <= value, value > ``above``)."""
-    return dataclasses.field(
-        default=default, metadata={"help": help, "minimum": minimum, "above": above, "aliases": tuple(aliases)}
-    )
+def setting(
+    default: Any,
+    help: str,
+    *,
+    minimum: float | None = None,
+    above: float | None = None,
+    choices: Collection[str] = (),
+    export_choice: bool = False,
+    aliases=(),
+):
+    """A configuration field: its default, its flag's help, and its bounds (``minimum`` <= value, value > ``above``)
+    or its ``choices``. An ``export_choice`` chooses which trained weights are exported, not how they are
+    trained, so a checkpoint resumes under any of its values (a finished run is re-exported that way)."""
+    metadata = {
+        "help": help,
+        "minimum": minimum,
+        "above": above,
+        "choices": tuple(choices),
+        "export_choice": export_choice,
+        "aliases": tuple(aliases),
+    }
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 def flag_name(field: str) -> str:
@@ -43,6 +60,9 @@ class MethodConfig:
             value = getattr(self, field.name)
             if isinstance(value, bool):
                 continue
+            choices = field.metadata.get("choices")
+            if choices and value not in choices:
+                raise UserError(f"{flag_name(field.name)} must be one of {', '.join(choices)}, not {value!r}")
             minimum, above = field.metadata.get("minimum"), field.metadata.get("above")
             if minimum is not None and not value >= minimum:
                 raise UserError(f"{flag_name(field.name)} must be at least {minimum}, got {value}")
@@ -51,6 +71,19 @@ class MethodConfig:
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def training_identity(self) -> dict:
+        """The settings a checkpoint must match to be resumed: all but the export choices."""
+        return {k: v for k, v in self.as_dict().items() if k not in self._export_choices()}
+
+    @classmethod
+    def stored_defaults(cls) -> dict[str, Any]:
+        """The training settings' defaults: what a checkpoint written before a setting existed had in its place."""
+        return {f.name: f.default for f in dataclasses.fields(cls) if f.name not in cls._export_choices()}
+
+    @classmethod
+    def _export_choices(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls) if f.metadata.get("export_choice")}
 
     @classmethod
     def from_values(cls, values: Mapping[str, Any]):
@@ -109,4 +142,7 @@ def _add_flag(parser, flags: list[str], dest: str, field: dataclasses.Field, def
     if isinstance(field.default, bool):
         parser.add_argument(*flags, dest=dest, action=argparse.BooleanOptionalAction, default=default, help=help_text)
     else:
-        parser.add_argument(*flags, dest=dest, type=type(field.default), default=default, help=help_text)
+        choices = field.metadata.get("choices") or None
+        parser.add_argument(
+            *flags, dest=dest, type=type(field.default), default=default, choices=choices, help=help_text
+        )

@@ -1,5 +1,8 @@
 """DeepMAD (paper Algorithm 3): autoencoder pretraining per class, centres, then the contrastive loss.
 
+Phase 1 can also be rotation prediction (``methods.rotation``, ``--pretrain rotation``) in place of the
+autoencoders; centres and phase 2 are the same either way.
+
 L(theta_i) = 1/N sum_{x in X_i} ||E_i(x) - c_i||^2
            + eta/N sum_{x in X_j, j != i} max(0, delta - ||E_i(x) - c_i||)^2 + lambda/2 sum ||W||^2
 
@@ -15,10 +18,11 @@ from dataclasses import dataclass
 
 import torch
 
-from service.manifest import TrainingLog
+from service.manifest import EpochChoice, TrainingLog
 from training.batches import Normaliser, class_batches, shuffled_batches, to_float
 from training.data import Task
 from training.engine import (
+    BestEpochs,
     Checkpoint,
     EpochCallback,
     Progress,
@@ -29,7 +33,10 @@ from training.engine import (
     progress_bar,
     run_epochs,
 )
+from training.epoch_choice import CRITERIA, RECORD_FIELDS, HeldOutScores, check_criterion
+from training.errors import UserError
 from training.methods.config import MethodConfig, setting
+from training.methods.rotation import RotationHead, pretrain_rotation
 from training.networks import GroupedAutoencoder, GroupedEncoder
 from training.scorer import Scorer
 
@@ -53,6 +60,39 @@ class DeepMADConfig(MethodConfig):
     epochs: int = setting(30, "encoder epochs (DeepMAD/DeepSVDD: after pretraining; DROCC: all)", minimum=0)
     augment: bool = setting(False, "flips, +-4 px shifts, brightness jitter in training (not in the paper)")
     seed: int = setting(0, "initialisation, batch order and augmentation seed", minimum=0)
+    augment_strength: str = setting(
+        "basic",
+        "with --augment: basic, or strong = random resized crops (60-100%% of the photo), rotations up to "
+        "15 degrees, brightness/contrast/saturation jitter and cutout, in both phases",
+        choices=("basic", "strong"),
+    )
+    centre_views: int = setting(
+        0,
+        "with --augment: centres from N augmented views of every training photo (0: the photos as they are)",
+        minimum=0,
+    )
+    epoch_choice: str = setting(
+        "last",
+        "which encoder epoch to export (with --resume, a finished run is re-exported under another): "
+        + "; ".join(f"{k}: {v}" for k, v in CRITERIA.items()),
+        choices=tuple(CRITERIA),
+        export_choice=True,
+    )
+    pretrain: str = setting(
+        "autoencoder",
+        "phase 1: the paper's autoencoders, or rotation prediction (4 turns, a linear head per encoder)",
+        choices=("autoencoder", "rotation"),
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if (self.augment_strength != "basic" or self.centre_views) and not self.augment:
+            raise UserError("--augment-strength and --centre-views need --augment")
+
+    @property
+    def augmentation(self) -> bool | str:
+        """What ``to_float`` applies to training batches: False, "basic" or "strong"."""
+        return self.augment_strength if self.augment else False
 
 
 def deepmad_loss(
@@ -83,18 +123,30 @@ def guard_centres(centres: torch.Tensor, eps: float = CENTRE_EPS) -> torch.Tenso
 
 @torch.no_grad()
 def compute_centres(
-    encoder: GroupedEncoder, class_images: list[torch.Tensor], normaliser: Normaliser, batch_size: int = 512
+    encoder: GroupedEncoder,
+    class_images: list[torch.Tensor],
+    normaliser: Normaliser,
+    batch_size: int = 512,
+    views: int = 0,
+    augment: bool | str = False,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """c_i = mean of E_i(X_i) (eval mode), guarded against near-zero components. Returns [m, D]."""
+    """c_i = mean of E_i(X_i) (eval mode), guarded against near-zero components. Returns [m, D].
+
+    With ``views`` > 0 the mean runs over that many augmented views of every photo instead: the centre
+    of what the encoder sees in training rather than of the photos it will memorise.
+    """
     encoder.eval()
     device = next(encoder.parameters()).device
     centres = []
     for group, images in enumerate(class_images):
         total = torch.zeros(encoder.rep_dim, device=device, dtype=torch.float64)
-        for start in range(0, len(images), batch_size):
-            x = to_float(images[start : start + batch_size].to(device), normaliser)
-            total += encoder.embed_shared(x)[:, group].double().sum(0)
-        centres.append(total / len(images))
+        for _ in range(max(views, 1)):
+            for start in range(0, len(images), batch_size):
+                chosen = images[start : start + batch_size].to(device)
+                x = to_float(chosen, normaliser, augment, generator) if views else to_float(chosen, normaliser)
+                total += encoder.embed_shared(x)[:, group].double().sum(0)
+        centres.append(total / (len(images) * max(views, 1)))
     return guard_centres(torch.stack(centres).float())
 
 
@@ -130,7 +182,7 @@ def pretrain_autoencoders(
 
     def step_loss(chosen: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         batch = torch.stack(
-            [to_float(x.to(device), normaliser, config.augment, generator) for x in chosen], dim=1
+            [to_float(x.to(device), normaliser, config.augmentation, generator) for x in chosen], dim=1
         )  # [B, m, C, H, W]
         with autocast(device):
             reconstruction = autoencoder(batch)
@@ -184,7 +236,7 @@ class EncoderPhase:
 
     def to_input(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 images -> the standardised (and, with ``augment``, augmented) float batch on the device."""
-        return to_float(images.to(self.device), self.normaliser, self.config.augment, self.generator)
+        return to_float(images.to(self.device), self.normaliser, self.config.augmentation, self.generator)
 
     def run(self, batches, step_loss, label: str) -> None:
         run_epochs(
@@ -222,32 +274,56 @@ def fit_deepmad(
 ) -> tuple[Scorer, TrainingLog]:
     """Train the m encoders of ``task`` together (phase 1, centres, phase 2) and return the eval-mode
     scorer on the CPU with its log. ``encoder_phase`` is DeepMAD's contrastive ``train_encoders`` by
-    default, or ``deepsvdd.train_one_class_encoders`` for m independent one-class detectors."""
+    default, or ``deepsvdd.train_one_class_encoders`` for m independent one-class detectors.
+
+    With ``config.epoch_choice`` other than "last", every encoder epoch is scored on held-out photos
+    (``epoch_choice.HeldOutScores``) and the best epoch's encoders under that criterion are returned.
+    """
+    check_criterion(config.epoch_choice, task)
     inputs, device = TrainingInputs.of(task, config.seed), run.device
     model = GroupedAutoencoder(task.n_normal, inputs.channels, inputs.size, config.rep_dim).to(device)
-    ae_optimizer = torch.optim.Adam(model.parameters(), lr=config.ae_lr, weight_decay=config.weight_decay)
+    # Rotation pretraining trains the encoders and a small head instead of the autoencoders.
+    head = RotationHead(task.n_normal, config.rep_dim).to(device) if config.pretrain == "rotation" else None
+    pretrained = [*model.encoder.parameters(), *head.parameters()] if head is not None else model.parameters()
+    ae_optimizer = torch.optim.Adam(pretrained, lr=config.ae_lr, weight_decay=config.weight_decay)
     enc_optimizer = torch.optim.Adam(model.encoder.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    parts = {"model": model, "ae_optimizer": ae_optimizer, "enc_optimizer": enc_optimizer}
+    if head is not None:
+        parts["rotation_head"] = head
+    best_epochs = held_out = None
+    if config.epoch_choice != "last":
+        best_epochs = BestEpochs(model.encoder, RECORD_FIELDS)
+        held_out = HeldOutScores(task, config.eta, config.delta)
     data_sha256 = task.content_sha256()  # outlier exposure or another subsample changes the data, not the config
     state = Checkpoint(
         run.checkpoint,
         identity={
-            "config": config.as_dict(),
+            "config": config.training_identity(),
             "classes": task.column_names,
             "training_data": data_sha256,
             "encoder_phase": encoder_phase.__name__,
         },
-        parts={"model": model, "ae_optimizer": ae_optimizer, "enc_optimizer": enc_optimizer},
+        parts=parts,
         generator=inputs.generator,
-        older_defaults={"training_data": data_sha256, "encoder_phase": train_encoders.__name__},
+        older_defaults={
+            "config": config.stored_defaults(),
+            "training_data": data_sha256,
+            "encoder_phase": train_encoders.__name__,
+        },
     )
     log, centres, ae_start, enc_start = TrainingLog(), None, 0, 0
     if run.resume:
-        restored = state.restore(("centres", "log", "ae_epochs_done", "enc_epochs_done"))
+        restored = state.restore(("centres", "log", "ae_epochs_done", "enc_epochs_done"), ("best_epochs",))
         centres, log = restored["centres"], TrainingLog.model_validate(restored["log"])
         ae_start, enc_start = restored["ae_epochs_done"], restored["enc_epochs_done"]
+        if best_epochs is not None and "best_epochs" in restored:
+            best_epochs.load_state_dict(restored["best_epochs"])
+        elif best_epochs is not None and enc_start > 0:
+            raise UserError(f"checkpoint {run.checkpoint} has no per-epoch record; --epoch-choice needs a new run")
 
     def save(ae_done: int, enc_done: int) -> None:
-        state.save(centres=centres, log=log.model_dump(), ae_epochs_done=ae_done, enc_epochs_done=enc_done)
+        record = {"best_epochs": best_epochs.state_dict()} if best_epochs is not None else {}
+        state.save(centres=centres, log=log.model_dump(), ae_epochs_done=ae_done, enc_epochs_done=enc_done, **record)
 
     def after_ae_epoch(epoch: int, means: dict[str, float]) -> None:
         log.append(means)
@@ -257,20 +333,31 @@ def fit_deepmad(
         log.append(means)
         # The rate so far goes into every checkpoint, so a re-export of a finished run still reports it.
         log.images_per_second["encoders"] = timer.rate((epoch + 1 - enc_start) * len(inputs.images) * task.n_normal)
+        if best_epochs is not None and held_out is not None:
+            best_epochs.observe(epoch, held_out(Scorer(model.encoder, centres.to(device), normaliser)))
         save(config.ae_epochs, epoch + 1)
 
     bar = progress_bar(run.progress)
     normaliser = inputs.normaliser.to(device)
     timer = Timer(device)
-    pretrain_autoencoders(
-        model, inputs.class_images, normaliser, config, ae_optimizer, inputs.generator, ae_start, after_ae_epoch, bar
-    )
+    phase_one = (inputs.class_images, normaliser, config, ae_optimizer, inputs.generator, ae_start, after_ae_epoch, bar)
+    if head is None:
+        pretrain_autoencoders(model, *phase_one)
+    else:
+        pretrain_rotation(model.encoder, head, *phase_one)
     steps = -(-max(len(x) for x in inputs.class_images) // config.batch_size)
     seen = (config.ae_epochs - ae_start) * task.n_normal * config.batch_size * steps
     if seen:  # a run resumed after this phase keeps the rate it measured
         log.images_per_second["autoencoders"] = timer.rate(seen)
     if centres is None:
-        centres = compute_centres(model.encoder, inputs.class_images, normaliser).cpu()
+        centres = compute_centres(
+            model.encoder,
+            inputs.class_images,
+            normaliser,
+            views=config.centre_views,
+            augment=config.augmentation,
+            generator=inputs.generator,
+        ).cpu()
         save(config.ae_epochs, 0)
     timer = Timer(device)
     encoder_phase(
@@ -288,4 +375,7 @@ def fit_deepmad(
             progress=bar,
         )
     )
+    if best_epochs is not None:
+        chosen = best_epochs.load_best(config.epoch_choice)
+        log.epoch_choice = EpochChoice(criterion=config.epoch_choice, **chosen, history=best_epochs.history)
     return Scorer(model.encoder.cpu(), centres, inputs.normaliser).eval(), log
