@@ -37,7 +37,6 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -49,6 +48,7 @@ from typing import Any
 import httpx
 import numpy as np
 
+from bench.processes import free_port, service_env, stop, wait_until_ready
 from service.imaging import load_image_file
 from service.model import load_model
 from service.settings import Settings
@@ -173,22 +173,12 @@ def folder_exposure(n_trash: int) -> tuple[float, int] | None:
     return (picked + 0.25) / test, train
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextlib.contextmanager
 def bin_service(model_dir: Path, captures: Path, log_path: Path, normal_rate: float | None) -> Iterator[str]:
     """The real service on 127.0.0.1 with capture on; yields its base URL."""
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DEEPMAD_") or k == "DEEPMAD_DATA_ROOT"}
-    env.update(
-        PYTHONPATH=str(REPO_ROOT),
-        DEEPMAD_CAPTURE_DIR=str(captures),
-        DEEPMAD_OPERATOR_TOKEN=OPERATOR_TOKEN,
-        DEEPMAD_ADMIN_TOKEN=ADMIN_TOKEN,
+    env = service_env(
+        DEEPMAD_CAPTURE_DIR=str(captures), DEEPMAD_OPERATOR_TOKEN=OPERATOR_TOKEN, DEEPMAD_ADMIN_TOKEN=ADMIN_TOKEN
     )
     if normal_rate is not None:
         env["DEEPMAD_CAPTURE_NORMAL_RATE"] = str(normal_rate)
@@ -197,24 +187,10 @@ def bin_service(model_dir: Path, captures: Path, log_path: Path, normal_rate: fl
         process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"the service exited with {process.returncode}: {log_path.read_text()[-2000:]}")
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the service was not ready after 120 s: {log_path.read_text()[-2000:]}")
-            time.sleep(0.3)
+        wait_until_ready(process, f"{url}/readyz", 120, "the service", lambda: log_path.read_text()[-2000:])
         yield url
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process, timeout_s=20)
 
 
 def make_stream(splits: Splits, total: int, trash_share: float, seed: int) -> list[tuple[Path, str]]:

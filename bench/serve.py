@@ -46,7 +46,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -63,6 +62,7 @@ from fastapi.responses import JSONResponse
 from PIL import Image
 
 from bench.loadgen import LoadResult, multipart_request, run_load
+from bench.processes import free_port, wait_until_ready
 from service.imaging import load_image
 from service.model import load_model
 from service.settings import Settings
@@ -98,12 +98,6 @@ def make_inputs(photo: Path, folder: Path) -> list[BenchInput]:
         BenchInput(f"jpeg {image.width}x{image.height}", photo, "image/jpeg"),
         BenchInput("jpeg 3008x2000", big, "image/jpeg"),
     ]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
@@ -177,6 +171,11 @@ class Running:
         return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
+def log_tail(log) -> str:
+    log.seek(0)
+    return log.read().decode(errors="replace")[-3000:]
+
+
 @contextlib.contextmanager
 def server(spec: ServerSpec, model_dir: Path) -> Iterator[Running]:
     """Start ``spec`` in its own process group, wait until its ready path answers 200, stop it on exit."""
@@ -187,18 +186,8 @@ def server(spec: ServerSpec, model_dir: Path) -> Iterator[Running]:
         spec.argv(port), cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
     )
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            if process.poll() is not None:
-                log.seek(0)
-                tail = log.read().decode(errors="replace")[-3000:]
-                raise RuntimeError(f"{spec.name} exited with {process.returncode}:\n{tail}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"http://127.0.0.1:{port}{spec.ready_path}", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{spec.name} did not become ready in 240 s")
-            time.sleep(0.3)
+        url = f"http://127.0.0.1:{port}{spec.ready_path}"
+        wait_until_ready(process, url, 240, spec.name, lambda: log_tail(log))
         yield Running(port, process.pid)  # start_new_session: the group's id is the leader's pid
     finally:
         _stop(process)

@@ -7,7 +7,8 @@ sidecar are not captures (a ``kill -9`` can leave those; ``open`` removes them).
 
 ``CaptureStore`` keeps an index of the sidecars in memory for the byte budget and for listing; it
 re-reads a sidecar from disk before evicting it, so a label written by another process (a Label Studio
-import) is never evicted. One lock orders writes, labels and evictions.
+import) is never evicted, and each listing re-reads the sidecars whose (inode, size, mtime) changed, so
+such a label is listed without a restart. One lock orders writes, labels and evictions.
 """
 
 from __future__ import annotations
@@ -124,6 +125,12 @@ def write_atomic(folder: Path, name: str, data: bytes) -> None:
     fsync_folder(folder)
 
 
+def file_stamp(stat: os.stat_result) -> tuple[int, int, int]:
+    """What tells a rewritten sidecar from the indexed one with one ``stat``: every writer replaces the file
+    (``os.replace``), so its inode changes even where the filesystem's mtime is too coarse to (FAT: 2 s)."""
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
 @dataclass
 class Entry:
     """What the index keeps of one capture: enough to budget, filter and order without reading it."""
@@ -136,7 +143,7 @@ class Entry:
     labelled: bool
     verdict: str
     uncertainty: float  # |score - threshold|
-    mtime_ns: int  # of the sidecar, to notice rewrites by another process
+    stamp: tuple[int, int, int]  # the sidecar's (inode, size, mtime_ns): a rewrite by another process changes it
 
     @property
     def sidecar_path(self) -> Path:
@@ -202,7 +209,7 @@ class CaptureStore:
             folder.mkdir(exist_ok=True)
             write_atomic(folder, sidecar.image, image)
             write_atomic(folder, sidecar_path.name, payload)
-            self._index[sidecar.id] = self._entry(sidecar, folder, size, sidecar_path.stat().st_mtime_ns)
+            self._index[sidecar.id] = self._entry(sidecar, folder, size, file_stamp(sidecar_path.stat()))
             self.used_bytes += size
         return "written"
 
@@ -243,7 +250,7 @@ class CaptureStore:
             size = sidecar.image_bytes + len(payload)
             self.used_bytes += size - entry.bytes
             entry.bytes, entry.labelled = size, True
-            entry.mtime_ns = entry.sidecar_path.stat().st_mtime_ns
+            entry.stamp = file_stamp(entry.sidecar_path.stat())
             self._make_room(0)  # a label makes its sidecar longer: stay within budget if unlabelled ones allow
         return sidecar
 
@@ -306,10 +313,10 @@ class CaptureStore:
             seen.add(capture_id)
             entry = self._index.get(capture_id)
             try:
-                mtime_ns = path.stat().st_mtime_ns
+                stamp = file_stamp(path.stat())
             except FileNotFoundError:
                 continue
-            if entry is not None and entry.mtime_ns == mtime_ns:
+            if entry is not None and entry.stamp == stamp:
                 continue
             fresh = self._read_entry(path)
             if fresh is None:
@@ -337,10 +344,10 @@ class CaptureStore:
         except (ValidationError, ValueError, OSError) as exc:
             log.warning("skipping unreadable capture sidecar %s: %s", path, exc)
             return None
-        return self._entry(sidecar, path.parent, sidecar.image_bytes + stat.st_size, stat.st_mtime_ns)
+        return self._entry(sidecar, path.parent, sidecar.image_bytes + stat.st_size, file_stamp(stat))
 
     @staticmethod
-    def _entry(sidecar: Sidecar, folder: Path, size: int, mtime_ns: int) -> Entry:
+    def _entry(sidecar: Sidecar, folder: Path, size: int, stamp: tuple[int, int, int]) -> Entry:
         return Entry(
             id=sidecar.id,
             folder=folder,
@@ -350,5 +357,5 @@ class CaptureStore:
             labelled=sidecar.label is not None,
             verdict=sidecar.verdict,
             uncertainty=abs(sidecar.score - sidecar.threshold),
-            mtime_ns=mtime_ns,
+            stamp=stamp,
         )

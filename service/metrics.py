@@ -38,42 +38,23 @@ class Metrics:
             ["verdict", "nearest_class"],
             registry=r,
         )
-        self.request_seconds = Histogram(
-            f"{PREFIX}_request_duration_seconds",
-            "Total time handling a request",
-            ["endpoint"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+        self.request_seconds = self._histogram(
+            "request_duration_seconds", "Total time handling a request", LATENCY_BUCKETS, ["endpoint"]
         )
-        self.decode_seconds = Histogram(
-            f"{PREFIX}_decode_duration_seconds",
-            "Time to decode one image into the model's input",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+        self.decode_seconds = self._histogram(
+            "decode_duration_seconds", "Time to decode one image into the model's input", LATENCY_BUCKETS
         )
-        self.inference_seconds = Histogram(
-            f"{PREFIX}_inference_duration_seconds",
-            "Time of one ONNX Runtime call (all encoders, whole batch)",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+        self.inference_seconds = self._histogram(
+            "inference_duration_seconds", "Time of one ONNX Runtime call (all encoders, whole batch)", LATENCY_BUCKETS
         )
-        self.inference_batch_size = Histogram(
-            f"{PREFIX}_inference_batch_size",
+        self.inference_batch_size = self._histogram(
+            "inference_batch_size",
             "Images per ONNX Runtime call (above 1: a batch request, or micro-batching under load)",
-            buckets=(1, 2, 4, 8, 16, 32, 64),
-            registry=r,
+            (1, 2, 4, 8, 16, 32, 64),
         )
-        self.score = Histogram(
-            f"{PREFIX}_score",
-            "Anomaly score of each classified image (model units)",
-            buckets=SCORE_BUCKETS,
-            registry=r,
-        )
-        self.score_ratio = Histogram(
-            f"{PREFIX}_score_threshold_ratio",
-            "Score divided by the threshold in use (>= 1: anomalous)",
-            buckets=RATIO_BUCKETS,
-            registry=r,
+        self.score = self._histogram("score", "Anomaly score of each classified image (model units)", SCORE_BUCKETS)
+        self.score_ratio = self._histogram(
+            "score_threshold_ratio", "Score divided by the threshold in use (>= 1: anomalous)", RATIO_BUCKETS
         )
         self.model_info = Info(f"{PREFIX}_model", "The model being served", registry=r)
         self.threshold = Gauge(f"{PREFIX}_threshold", "Threshold (gamma) in use", registry=r)
@@ -100,6 +81,9 @@ class Metrics:
             self.reload_failures.labels(trigger)
         self.drift = ScoreDrift(drift_window)
         self._add_capture_metrics(r)
+
+    def _histogram(self, name: str, documentation: str, buckets, labels: list[str] | None = None) -> Histogram:
+        return Histogram(f"{PREFIX}_{name}", documentation, labels or (), buckets=buckets, registry=self.registry)
 
     def _add_capture_metrics(self, r: CollectorRegistry) -> None:
         """The capture writer's counters and gauges (zero when capture is off)."""

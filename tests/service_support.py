@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import io
 import math
-import os
 import shutil
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -21,17 +19,11 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.conftest import REPO_ROOT, SHIPPED_MODEL
+from bench.processes import ServerStartError, free_port, service_env, stop, wait_until_ready
+from tests.conftest import REPO_ROOT
+from tests.conftest import model_dir as model_dir  # re-exported: the service tests import it from here
 
 RECYCLABLES = ("cardboard", "glass", "metal", "paper", "plastic")
-
-
-def model_dir() -> Path:
-    """The shipped model; DEEPMAD_TEST_MODEL_DIR points the tests at another exported model."""
-    path = Path(os.environ.get("DEEPMAD_TEST_MODEL_DIR", SHIPPED_MODEL))
-    if not (path / "model.onnx").is_file() or not (path / "manifest.json").is_file():
-        pytest.fail(f"no exported model at {path} (expected model.onnx + manifest.json; `make train-trashnet`)")
-    return path
 
 
 def photo_subset(trashnet_dir: Path, per_class: int, trash: int) -> tuple[list[Path], list[Path]]:
@@ -102,12 +94,6 @@ def animated_gif() -> bytes:
 # ---- a real uvicorn process ----
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class Server:
     def __init__(self, process: subprocess.Popen[str], url: str, log_path: Path):
         self.process, self.url, self.log_path = process, url, log_path
@@ -122,13 +108,6 @@ class Server:
         self.process.send_signal(signal.SIGHUP)
 
 
-def service_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DEEPMAD_") or k == "DEEPMAD_DATA_ROOT"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    env.update(extra)
-    return env
-
-
 @contextmanager
 def run_server(model: Path, tmp_path: Path, *args: str, **env: str) -> Iterator[Server]:
     """``python -m service`` on 127.0.0.1 and a free port; waits for /readyz; stops it afterwards."""
@@ -141,27 +120,13 @@ def run_server(model: Path, tmp_path: Path, *args: str, **env: str) -> Iterator[
         )
     server = Server(process, f"http://127.0.0.1:{port}", log_path)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"server exited with {process.returncode}:\n{server.log()}")
-            try:
-                if httpx.get(f"{server.url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not ready after 60 s:\n{server.log()}")
-            time.sleep(0.2)
+        try:
+            wait_until_ready(process, f"{server.url}/readyz", 60, "server", server.log)
+        except ServerStartError as error:
+            pytest.fail(str(error))
         yield server
     finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop(process)
 
 
 def copy_model(source: Path, target: Path) -> Path:

@@ -9,11 +9,8 @@ Prometheus's HTTP API (``/api/v1/query``) and checks they count that very answer
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,8 +19,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import REPO_ROOT
-from tests.service_support import model_dir
+from bench.processes import free_port, stop
+from tests.service_support import model_dir, run_server
 
 PROMETHEUS = shutil.which("prometheus")
 
@@ -34,12 +31,6 @@ pytestmark = [
         PROMETHEUS is None, reason="the prometheus binary is not installed (Debian: `make system-deps`)"
     ),
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_for(
@@ -73,47 +64,11 @@ def answers_200(url: str) -> bool:
     return httpx.get(url, timeout=2).status_code == 200
 
 
-def stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
-
-
 @pytest.fixture()
 def service_url(tmp_path: Path) -> Iterator[str]:
-    model = model_dir()  # the shipped model (DEEPMAD_TEST_MODEL_DIR: another one)
-    port = free_port()
-    env = {key: value for key, value in os.environ.items() if not key.startswith("DEEPMAD_")}
-    env["DEEPMAD_INTRA_OP_THREADS"] = "1"
-    log = tmp_path / "service.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "service",
-                "--model-dir",
-                str(model),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-            ],
-            cwd=REPO_ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for("service /readyz 200", lambda: answers_200(f"{url}/readyz"), 60, log, process)
-        yield url
-    finally:
-        stop(process)
+    # the shipped model (DEEPMAD_TEST_MODEL_DIR: another one)
+    with run_server(model_dir(), tmp_path, DEEPMAD_INTRA_OP_THREADS="1") as server:
+        yield server.url
 
 
 @pytest.fixture()

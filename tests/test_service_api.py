@@ -25,23 +25,12 @@ from tests.service_support import (
     copy_model,
     corrupt_model,
     huge_png,
-    model_dir,
     photo_subset,
     service_env,
     without_id,
 )
 
 TOKEN = "test-admin-token"
-
-
-@pytest.fixture(scope="module")
-def model() -> Path:
-    return model_dir()
-
-
-@pytest.fixture(scope="module")
-def manifest(model: Path) -> Manifest:
-    return Manifest.load(model)
 
 
 @pytest.fixture(scope="module")

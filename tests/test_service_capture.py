@@ -12,6 +12,7 @@ import datetime as dt
 import hashlib
 import io
 import json
+import os
 import random
 import re
 import signal
@@ -31,12 +32,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from service.app import create_app
 from service.capture import capture_reason
 from service.capture_store import CaptureStore, Sidecar, write_atomic
-from service.labels import valid_labels
+from service.labels import anomaly_labels, valid_labels
 from service.manifest import Manifest
 from service.schemas import Classification, ModelRef
 from service.settings import Settings
 from tests.conftest import REPO_ROOT
-from tests.service_support import model_dir, photo_subset, run_server, service_env, wait_for, without_id
+from tests.service_support import photo_subset, run_server, service_env, wait_for, without_id
+from training.captures import LS_CHOICES, LS_IMAGE, LS_LOCAL_FILES, import_label_studio, label_studio_tasks
 
 pytestmark = pytest.mark.slow
 
@@ -48,16 +50,6 @@ SIDECAR_KEYS = {
     "verdict", "nearest_class", "distances", "reason", "label", "labelled_at", "label_source",
 }  # fmt: skip
 TIME_PATTERN = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
-
-
-@pytest.fixture(scope="module")
-def model() -> Path:
-    return model_dir()
-
-
-@pytest.fixture(scope="module")
-def manifest(model: Path) -> Manifest:
-    return Manifest.load(model)
 
 
 @pytest.fixture(scope="module")
@@ -225,6 +217,29 @@ def test_a_label_written_by_another_process_is_never_evicted(trashnet_dir: Path,
     assert outcomes == ["written"] * 5
     assert Sidecar.model_validate_json(path.read_bytes()).label == "trash"
     assert store.evictions >= 2 and store.used_bytes <= store.max_bytes
+
+
+def test_a_rewrite_with_the_same_mtime_is_still_listed(trashnet_dir: Path, tmp_path: Path) -> None:
+    """A filesystem with coarse timestamps (FAT: 2 s) can give the import's rewrite the old mtime."""
+    photo = sorted((trashnet_dir / "glass").glob("*.jpg"))[0]
+    data = photo.read_bytes()
+    store = CaptureStore(tmp_path, max_bytes=10 * len(data))
+    store.open()
+    sidecar = Sidecar(
+        id="item-0", time="2026-11-29T00:00:00.000000Z", image="item-0.jpg",
+        image_sha256=hashlib.sha256(data).hexdigest(), image_bytes=len(data), content_type="image/jpeg",
+        model={"name": "m", "version": "1", "sha256": "0" * 64}, score=1.0, threshold=2.0, verdict="normal",
+        nearest_class="glass", distances={"glass": 1.0}, reason="sampled",
+    )  # fmt: skip
+    assert store.add(sidecar, data) == "written"
+    assert [item.label for item in store.list()[1]] == [None] and store.list(labelled=False)[0] == 1
+    path = tmp_path / "2026-11-29" / "item-0.json"
+    before = path.stat()
+    labelled = sidecar.model_copy(update={"label": "glass", "labelled_at": sidecar.time, "label_source": "import"})
+    write_atomic(path.parent, path.name, labelled.to_bytes())
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert [item.label for item in store.list()[1]] == ["glass"]
+    assert store.list(labelled=True)[0] == 1 and store.list(labelled=False)[0] == 0
 
 
 # ---- concurrency and crashes ----
@@ -453,6 +468,45 @@ def test_capture_image_route(labelled_server, photos: list[Path]) -> None:
     assert listed["image"] == f"{png['id']}.png" and listed["content_type"] == "image/png"
     day = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
     assert listed["time"][:10] in (day, (dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=1)).strftime("%Y-%m-%d"))
+
+
+def label_studio_export(task: dict, task_id: int, label: str) -> dict:
+    """A task as Label Studio's JSON export holds it after an annotator chose ``label``."""
+    choice = {"from_name": LS_CHOICES, "to_name": LS_IMAGE, "type": "choices", "value": {"choices": [label]}}
+    annotation = {"id": 1000 + task_id, "completed_by": 1, "was_cancelled": False, "result": [choice]}
+    return {"id": task_id, "data": task["data"], "annotations": [annotation], "predictions": task["predictions"]}
+
+
+def test_labels_imported_from_label_studio_show_without_a_restart(
+    model: Path, manifest: Manifest, photos: list[Path], tmp_path: Path
+) -> None:
+    """``training.captures import-label-studio`` rewrites sidecars behind the running service's back."""
+    folder = tmp_path / "captures"
+    with run_server(model, tmp_path, *capture_flags(folder, "--threshold", "0")) as server, server.client() as client:
+        ids = [classify(client, photo).json()["id"] for photo in photos[:4]]
+        drained(client)
+        assert {item["id"]: item["label"] for item in captures(client)["items"]} == dict.fromkeys(ids)
+        tasks = label_studio_tasks(folder, manifest, LS_LOCAL_FILES, include_labelled=False)
+        assert sorted(task["data"]["capture_id"] for task in tasks) == sorted(ids)
+        chosen = {ids[0]: valid_labels(manifest)[0], ids[1]: anomaly_labels(manifest)[0]}
+        export = [
+            label_studio_export(task, n, chosen[task["data"]["capture_id"]])
+            for n, task in enumerate(tasks, start=1)
+            if task["data"]["capture_id"] in chosen
+        ]
+        export_file = tmp_path / "export.json"
+        export_file.write_text(json.dumps(export))
+        counts = import_label_studio(export_file, folder, valid_labels(manifest))
+        assert counts["labelled"] == 2
+
+        listed = {item["id"]: item for item in captures(client)["items"]}
+        assert {capture_id: listed[capture_id]["label"] for capture_id in ids} == {**dict.fromkeys(ids), **chosen}
+        assert {listed[capture_id]["label_source"] for capture_id in chosen} == {"label-studio"}
+        assert {item["id"] for item in captures(client, labelled=True)["items"]} == set(chosen)
+        assert {item["id"] for item in captures(client, labelled=False)["items"]} == set(ids) - set(chosen)
+        # The listing agrees with the sidecars on disk.
+        for capture_id, label in chosen.items():
+            assert json.loads(next(folder.rglob(f"{capture_id}.json")).read_text())["label"] == label
 
 
 def test_unwritable_capture_dir_is_one_line_at_startup(model: Path, tmp_path: Path) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ from tests.service_support import (
     photo_subset,
     run_server,
     service_env,
+    wait_for,
     without_id,
 )
 
@@ -34,15 +34,6 @@ def counter(server_client, name: str, **labels: str) -> float:
             if sample.name == name and sample.labels == labels:
                 return sample.value
     return 0.0
-
-
-def wait_for(condition, timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def test_process_serves_same_answers_as_testclient(tmp_path: Path, trashnet_dir: Path) -> None:

@@ -14,17 +14,14 @@ Run it with ``bentoml serve bench.peers.bentoml_ort:TrashnetClassifier --host 12
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import bentoml
 import numpy as np
 import onnxruntime as ort
 from PIL.Image import Image
 
+from bench.peers.answer import MODEL_DIR, answer
 from service.imaging import to_model_input
-
-MODEL_DIR = Path(os.environ.get("DEEPMAD_MODEL_DIR", Path(__file__).resolve().parents[2] / "models" / "trashnet"))
 
 
 @bentoml.service(workers=1)
@@ -42,12 +39,6 @@ class TrashnetClassifier:
         batch = np.stack([to_model_input(image, spec["height"], spec["width"], spec["channels"]) for image in file])
         distances, score, nearest = self.session.run(["distances", "score", "nearest"], {"image": batch})
         return [
-            {
-                "verdict": "anomalous" if float(value) >= self.threshold else "normal",
-                "score": float(value),
-                "threshold": self.threshold,
-                "nearest_class": self.class_names[int(index)],
-                "distances": {name: float(d) for name, d in zip(self.class_names, row, strict=True)},
-            }
+            answer(row, value, index, self.class_names, self.threshold)
             for row, value, index in zip(distances, score, nearest, strict=True)
         ]

@@ -9,15 +9,13 @@ image function for decoding, a dict for the answer. Run it with
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import onnxruntime as ort
 from fastapi import FastAPI, UploadFile
 
+from bench.peers.answer import MODEL_DIR, answer
 from service.imaging import load_image
 
-MODEL_DIR = Path(os.environ.get("DEEPMAD_MODEL_DIR", Path(__file__).resolve().parents[2] / "models" / "trashnet"))
 manifest = json.loads((MODEL_DIR / "manifest.json").read_text())
 session = ort.InferenceSession(str(MODEL_DIR / "model.onnx"), providers=["CPUExecutionProvider"])
 class_names = manifest["class_names"]
@@ -31,13 +29,7 @@ app = FastAPI(title="FastAPI + ONNX Runtime peer")
 def classify(file: UploadFile):
     image = load_image(file.file.read(), spec["height"], spec["width"], spec["channels"])
     distances, score, nearest = session.run(["distances", "score", "nearest"], {"image": image[None]})
-    return {
-        "verdict": "anomalous" if float(score[0]) >= threshold else "normal",
-        "score": float(score[0]),
-        "threshold": threshold,
-        "nearest_class": class_names[int(nearest[0])],
-        "distances": {name: float(d) for name, d in zip(class_names, distances[0], strict=True)},
-    }
+    return answer(distances[0], score[0], nearest[0], class_names, threshold)
 
 
 @app.get("/healthz")

@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-from pathlib import Path
 
 import litserve as ls
 import numpy as np
 import onnxruntime as ort
 
+from bench.peers.answer import MODEL_DIR, answer
 from service.imaging import load_image
 
-MODEL_DIR = Path(os.environ.get("DEEPMAD_MODEL_DIR", Path(__file__).resolve().parents[2] / "models" / "trashnet"))
 MAX_BATCH_SIZE = 16
 BATCH_TIMEOUT_S = 0.005
 
@@ -51,13 +49,7 @@ class TrashnetAPI(ls.LitAPI):
 
     def encode_response(self, output):
         distances, score, nearest = output
-        return {
-            "verdict": "anomalous" if float(score) >= self.threshold else "normal",
-            "score": float(score),
-            "threshold": self.threshold,
-            "nearest_class": self.class_names[int(nearest)],
-            "distances": {name: float(d) for name, d in zip(self.class_names, distances, strict=True)},
-        }
+        return answer(distances, score, nearest, self.class_names, self.threshold)
 
 
 def main() -> None:

@@ -17,7 +17,6 @@ weight and its BatchNorm is set to add the bias back (running_mean = -bias, runn
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import onnx
@@ -25,6 +24,7 @@ import torch
 from fastapi import FastAPI, UploadFile
 from onnx import numpy_helper
 
+from bench.peers.answer import MODEL_DIR, answer
 from service.imaging import load_image
 from training.batches import Normaliser
 from training.networks import BN_EPS, GroupedEncoder
@@ -58,7 +58,6 @@ def scorer_from_onnx(model_dir: str | Path) -> tuple[Scorer, dict]:
 
 
 torch.set_num_threads(1)
-MODEL_DIR = os.environ.get("DEEPMAD_MODEL_DIR", str(Path(__file__).resolve().parents[2] / "models" / "trashnet"))
 model, manifest = scorer_from_onnx(MODEL_DIR)
 class_names = manifest["class_names"]
 threshold = manifest["threshold"]["value"]
@@ -72,13 +71,7 @@ def classify(file: UploadFile):
     image = load_image(file.file.read(), spec["height"], spec["width"], spec["channels"])
     with torch.inference_mode():
         distances, score, nearest = model(torch.from_numpy(image).unsqueeze(0))
-    return {
-        "verdict": "anomalous" if float(score[0]) >= threshold else "normal",
-        "score": float(score[0]),
-        "threshold": threshold,
-        "nearest_class": class_names[int(nearest[0])],
-        "distances": {name: float(d) for name, d in zip(class_names, distances[0], strict=True)},
-    }
+    return answer(distances[0], score[0], nearest[0], class_names, threshold)
 
 
 @app.get("/healthz")

@@ -49,6 +49,7 @@ BATCH_BODY = {
     }
 }
 ID_HEADER = {"X-Request-ID": {"description": "the request's id", "schema": {"type": "string"}}}
+RESPONSES = {200: {"headers": ID_HEADER}, **ERRORS}
 
 
 def offer_captures(
@@ -62,7 +63,7 @@ def offer_captures(
 @router.post(
     "/classify",
     response_model=Classification,
-    responses={200: {"headers": ID_HEADER}, **ERRORS},
+    responses=RESPONSES,
     openapi_extra=SINGLE_BODY,
     summary="Classify one photo",
 )
@@ -77,7 +78,7 @@ async def classify(request: Request, context: ClassifyContextDep) -> Classificat
 @router.post(
     "/classify/batch",
     response_model=BatchResponse,
-    responses={200: {"headers": ID_HEADER}, **ERRORS},
+    responses=RESPONSES,
     openapi_extra=BATCH_BODY,
     summary="Classify several photos; per-item results and errors",
 )

@@ -16,6 +16,8 @@ from service.schemas import Health, InputInfo, ModelInfo, Readiness
 STATIC_DIR = Path(__file__).resolve().parents[1] / "static"
 
 router = APIRouter()
+NEEDS_MODEL = {"responses": {503: ERRORS[503]}, "tags": ["ops"]}
+"""Decorator arguments of the operations routes that answer 503 until a model is loaded."""
 
 
 @cache
@@ -28,24 +30,12 @@ async def healthz() -> Health:
     return Health()
 
 
-@router.get(
-    "/readyz",
-    response_model=Readiness,
-    responses={503: ERRORS[503]},
-    summary="A model is loaded and warmed up",
-    tags=["ops"],
-)
+@router.get("/readyz", response_model=Readiness, summary="A model is loaded and warmed up", **NEEDS_MODEL)
 async def readyz(model: ModelDep) -> Readiness:
     return Readiness(status="ready", model=model.ref, detail=None)
 
 
-@router.get(
-    "/model",
-    response_model=ModelInfo,
-    responses={503: ERRORS[503]},
-    summary="The model being served (manifest subset)",
-    tags=["ops"],
-)
+@router.get("/model", response_model=ModelInfo, summary="The model being served (manifest subset)", **NEEDS_MODEL)
 async def model_info(model: ModelDep) -> ModelInfo:
     manifest = model.manifest
     data = manifest.training_data
