@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import pytest
 import torch
 
 from service.imaging import load_image_file
-from service.manifest import Manifest, sha256_file
+from service.manifest import Manifest, sha256_file, write_manifest
 from tests.conftest import REPO_ROOT
 from training.data import load_dataset, make_task
 from training.data.folders import TRASHNET_NORMAL
@@ -122,6 +123,29 @@ def test_fit_records_routing_and_the_memorisation_gap(small_model: Path):
     )
     assert result.returncode == 0, result.stderr
     assert f"routing accuracy {routing.accuracy:.3f} on {routing.n_items} test items" in result.stdout
+
+
+def test_routing_cli_records_routing_in_an_older_manifest(small_model: Path, tmp_path: Path):
+    """An artifact made before training wrote routing gets it recorded; its graph is not touched."""
+    older = tmp_path / "older"
+    shutil.copytree(small_model, older)
+    manifest = Manifest.load(older)
+    expected = manifest.test_metrics.routing
+    manifest.test_metrics.routing = None
+    write_manifest(older, manifest)
+    graph = sha256_file(older / "model.onnx")
+    result = subprocess.run(
+        [sys.executable, "-m", "training.routing", "--model", str(older), "--write"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    recorded = Manifest.load(older).test_metrics.routing
+    assert recorded is not None and recorded.confusion == expected.confusion
+    assert recorded.accuracy == pytest.approx(expected.accuracy)
+    assert sha256_file(older / "model.onnx") == graph
 
 
 def test_routing_cli_without_a_manifest_is_one_line(tmp_path: Path):

@@ -5,7 +5,8 @@ on the normal test items only (anomalies have no class to be routed to) and repo
 overall, per class and as a confusion table (true class -> nearest class -> count).
 
 Example:
-    python -m training.routing --model models/trashnet   # a shipped artifact, scored with ONNX Runtime
+    python -m training.routing --model models/trashnet           # a shipped artifact, scored with ONNX Runtime
+    python -m training.routing --model models/trashnet --write   # and record it in its manifest's test_metrics
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from service.manifest import INPUT_NAME, MANIFEST_FILE, MODEL_FILE, Manifest, Routing
+from service.manifest import INPUT_NAME, MANIFEST_FILE, MODEL_FILE, Manifest, Routing, write_manifest
 from training.errors import UserError, run_command
 
 
@@ -80,12 +81,26 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.routing", description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True, help="artifact folder (model.onnx + manifest.json)")
     parser.add_argument("--data", type=Path, help="data root (default: DEEPMAD_DATA_ROOT or ../shared/data)")
+    parser.add_argument(
+        "--write",
+        action="store_true",
+        help="record the result in the manifest's test_metrics.routing (atomically; model.onnx is untouched), "
+        "for artifacts made before training wrote it",
+    )
     args = parser.parse_args(argv)
 
     def body() -> int:
         if not (args.model / MANIFEST_FILE).is_file():
             raise UserError(f"no {MANIFEST_FILE} in {args.model}")
-        print(format_routing(artifact_routing(args.model, args.data)))
+        routing = artifact_routing(args.model, args.data)
+        print(format_routing(routing))
+        if args.write:
+            manifest = Manifest.load(args.model)
+            if manifest.test_metrics is None:
+                raise UserError(f"{args.model}: the manifest has no test_metrics to add routing to")
+            manifest.test_metrics.routing = routing
+            write_manifest(args.model, manifest)
+            print(f"recorded in {args.model / MANIFEST_FILE}")
         return 0
 
     return run_command(body, "interrupted")
