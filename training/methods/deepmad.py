@@ -269,6 +269,68 @@ def train_encoders(phase: EncoderPhase) -> None:
     phase.run(lambda: shuffled_batches(len(images), config.batch_size, phase.generator), step_loss, "encoders")
 
 
+@dataclass
+class _Setup:
+    """What a DeepMAD run trains and checkpoints: the models, their optimisers, the checkpoint, and the
+    per-epoch record when an epoch other than the last is exported."""
+
+    model: GroupedAutoencoder
+    head: RotationHead | None
+    ae_optimizer: torch.optim.Optimizer
+    enc_optimizer: torch.optim.Optimizer
+    state: Checkpoint
+    best_epochs: BestEpochs | None
+    held_out: HeldOutScores | None
+
+    @classmethod
+    def of(
+        cls, task: Task, config: DeepMADConfig, run: RunOptions, encoder_phase: PhaseTwo, inputs: TrainingInputs
+    ) -> _Setup:
+        device = run.device
+        model = GroupedAutoencoder(task.n_normal, inputs.channels, inputs.size, config.rep_dim).to(device)
+        # Rotation pretraining trains the encoders and a small head instead of the autoencoders.
+        head = RotationHead(task.n_normal, config.rep_dim).to(device) if config.pretrain == "rotation" else None
+        pretrained = [*model.encoder.parameters(), *head.parameters()] if head is not None else model.parameters()
+        ae_optimizer = torch.optim.Adam(pretrained, lr=config.ae_lr, weight_decay=config.weight_decay)
+        enc_optimizer = torch.optim.Adam(model.encoder.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        parts = {"model": model, "ae_optimizer": ae_optimizer, "enc_optimizer": enc_optimizer}
+        if head is not None:
+            parts["rotation_head"] = head
+        best_epochs = held_out = None
+        if config.epoch_choice != "last":
+            best_epochs = BestEpochs(model.encoder, RECORD_FIELDS)
+            held_out = HeldOutScores(task, config.eta, config.delta)
+        data_sha256 = task.content_sha256()  # outlier exposure or another subsample changes the data, not the config
+        state = Checkpoint(
+            run.checkpoint,
+            identity={
+                "config": config.training_identity(),
+                "classes": task.column_names,
+                "training_data": data_sha256,
+                "encoder_phase": encoder_phase.__name__,
+            },
+            parts=parts,
+            generator=inputs.generator,
+            older_defaults={
+                "config": config.stored_defaults(),
+                "training_data": data_sha256,
+                "encoder_phase": train_encoders.__name__,
+            },
+        )
+        return cls(model, head, ae_optimizer, enc_optimizer, state, best_epochs, held_out)
+
+    def restore(self, run: RunOptions) -> tuple[TrainingLog, torch.Tensor, int, int]:
+        """(log, centres, autoencoder epochs done, encoder epochs done) from the checkpoint."""
+        restored = self.state.restore(("centres", "log", "ae_epochs_done", "enc_epochs_done"), ("best_epochs",))
+        enc_start = restored["enc_epochs_done"]
+        if self.best_epochs is not None and "best_epochs" in restored:
+            self.best_epochs.load_state_dict(restored["best_epochs"])
+        elif self.best_epochs is not None and enc_start > 0:
+            raise UserError(f"checkpoint {run.checkpoint} has no per-epoch record; --epoch-choice needs a new run")
+        log = TrainingLog.model_validate(restored["log"])
+        return log, restored["centres"], restored["ae_epochs_done"], enc_start
+
+
 def fit_deepmad(
     task: Task, config: DeepMADConfig, run: RunOptions, encoder_phase: PhaseTwo = train_encoders
 ) -> tuple[Scorer, TrainingLog]:
@@ -281,45 +343,10 @@ def fit_deepmad(
     """
     check_criterion(config.epoch_choice, task)
     inputs, device = TrainingInputs.of(task, config.seed), run.device
-    model = GroupedAutoencoder(task.n_normal, inputs.channels, inputs.size, config.rep_dim).to(device)
-    # Rotation pretraining trains the encoders and a small head instead of the autoencoders.
-    head = RotationHead(task.n_normal, config.rep_dim).to(device) if config.pretrain == "rotation" else None
-    pretrained = [*model.encoder.parameters(), *head.parameters()] if head is not None else model.parameters()
-    ae_optimizer = torch.optim.Adam(pretrained, lr=config.ae_lr, weight_decay=config.weight_decay)
-    enc_optimizer = torch.optim.Adam(model.encoder.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    parts = {"model": model, "ae_optimizer": ae_optimizer, "enc_optimizer": enc_optimizer}
-    if head is not None:
-        parts["rotation_head"] = head
-    best_epochs = held_out = None
-    if config.epoch_choice != "last":
-        best_epochs = BestEpochs(model.encoder, RECORD_FIELDS)
-        held_out = HeldOutScores(task, config.eta, config.delta)
-    data_sha256 = task.content_sha256()  # outlier exposure or another subsample changes the data, not the config
-    state = Checkpoint(
-        run.checkpoint,
-        identity={
-            "config": config.training_identity(),
-            "classes": task.column_names,
-            "training_data": data_sha256,
-            "encoder_phase": encoder_phase.__name__,
-        },
-        parts=parts,
-        generator=inputs.generator,
-        older_defaults={
-            "config": config.stored_defaults(),
-            "training_data": data_sha256,
-            "encoder_phase": train_encoders.__name__,
-        },
-    )
-    log, centres, ae_start, enc_start = TrainingLog(), None, 0, 0
-    if run.resume:
-        restored = state.restore(("centres", "log", "ae_epochs_done", "enc_epochs_done"), ("best_epochs",))
-        centres, log = restored["centres"], TrainingLog.model_validate(restored["log"])
-        ae_start, enc_start = restored["ae_epochs_done"], restored["enc_epochs_done"]
-        if best_epochs is not None and "best_epochs" in restored:
-            best_epochs.load_state_dict(restored["best_epochs"])
-        elif best_epochs is not None and enc_start > 0:
-            raise UserError(f"checkpoint {run.checkpoint} has no per-epoch record; --epoch-choice needs a new run")
+    setup = _Setup.of(task, config, run, encoder_phase, inputs)
+    model, ae_optimizer, enc_optimizer, state = setup.model, setup.ae_optimizer, setup.enc_optimizer, setup.state
+    head, best_epochs, held_out = setup.head, setup.best_epochs, setup.held_out
+    log, centres, ae_start, enc_start = setup.restore(run) if run.resume else (TrainingLog(), None, 0, 0)
 
     def save(ae_done: int, enc_done: int) -> None:
         record = {"best_epochs": best_epochs.state_dict()} if best_epochs is not None else {}
