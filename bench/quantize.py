@@ -89,6 +89,110 @@ def single_thread_session(path: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
 
 
+def rebuild_task(manifest: Manifest, data: Path | None):
+    """The manifest's own TrashNet split, checked against its training-data hash (else its test split is
+    not the one the model was scored on). Raises ``ValueError`` with the reason."""
+    source = manifest.training_data.source
+    if source != "trashnet":
+        raise ValueError(f"calibration photos are TrashNet photos; the model is from {source}")
+    params = manifest.hyperparameters
+    task = make_task(
+        load_dataset("trashnet", data),
+        manifest.training_data.normal_classes,
+        max_train_per_class=params.get("max_train_per_class"),
+        seed=params.get("seed", 0),
+        anomaly_holdout=params.get("anomaly_holdout", 0.0),
+        outlier_exposure=params.get("outlier_exposure", False),
+    )
+    if task.content_sha256() != manifest.training_data.sha256:
+        raise ValueError(
+            "the rebuilt TrashNet split does not match the manifest's training-data hash; "
+            "the test split would not be the one the model was scored on"
+        )
+    return task
+
+
+def quantize(fp32_path: Path, int8_path: Path, calibration: np.ndarray) -> None:
+    """ONNX Runtime's static QDQ quantization, per channel, calibrated on ``calibration`` photos."""
+    prepared = int8_path.with_name("prepared.onnx")
+    quant_pre_process(str(fp32_path), str(prepared))
+    quantize_static(
+        str(prepared),
+        str(int8_path),
+        PhotoReader(calibration),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+    )
+
+
+def measure(path: Path, task) -> dict:
+    """Test AUC and routing, validation scores (for γ) and CPU cost of one graph on the task."""
+    session = single_thread_session(path)
+    test_normal = ~task.test_anomalous
+    test_scores, test_nearest = score(session, task.test.images)
+    val_scores, _ = score(session, task.val.images)
+    return {
+        "auc": roc_auc(test_scores, task.test_anomalous),
+        "routing": float(np.mean(test_nearest[test_normal] == task.test.labels[test_normal])),
+        "scores": test_scores,
+        "val_scores": val_scores,
+        "b1": cpu_ms_per_image(session, task.test.images[0], 1, 200),
+        "b16": cpu_ms_per_image(session, task.test.images[0], 16, 30),
+    }
+
+
+def print_comparison(manifest: Manifest, task, fp32: dict, int8: dict, n_calibration: int) -> None:
+    print(
+        f"test split: {int((~task.test_anomalous).sum())} recyclables, {int(task.test_anomalous.sum())} trash; "
+        f"calibration: {n_calibration} training photos"
+    )
+    print(f"{'graph':<5} | {'test AUC':>8} | {'routing acc':>11} | {'CPU ms/img b1':>13} | {'b16':>6}")
+    for label, r in (("fp32", fp32), ("int8", int8)):
+        print(f"{label:<5} | {r['auc']:8.4f} | {r['routing']:11.4f} | {r['b1']:13.3f} | {r['b16']:6.3f}")
+    print(
+        f"AUC change {int8['auc'] - fp32['auc']:+.4f}, routing change {int8['routing'] - fp32['routing']:+.4f}, "
+        f"largest |score difference| {float(np.max(np.abs(fp32['scores'] - int8['scores']))):.3f}, "
+        f"manifest's FP32 test AUC {manifest.test_metrics.auc:.4f}"
+    )
+
+
+def ship(out: Path, manifest: Manifest, task, int8_path: Path, fp32: dict, int8: dict, n_calibration: int) -> float:
+    """Write the INT8 artifact (graph first, manifest last); γ re-chosen on its own validation scores."""
+    params = manifest.hyperparameters
+    threshold = choose_threshold(int8["val_scores"], params.get("reject_rate", 0.05))
+    tpr, fpr = rates_at(int8["scores"], task.test_anomalous, threshold.value)
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / MODEL_FILE, int8_path.read_bytes())
+    shipped = manifest.model_copy(
+        update={
+            "version": f"{manifest.version}+int8",
+            "threshold": threshold,
+            "calibration": calibrate(int8["val_scores"], threshold.value),
+            "detector_calibration": [],  # fitted on FP32 per-detector distances; not re-fitted here
+            "test_metrics": TestMetrics(
+                auc=int8["auc"],
+                tpr_at_threshold=tpr,
+                fpr_at_threshold=fpr,
+                n_normal=int((~task.test_anomalous).sum()),
+                n_anomalous=int(task.test_anomalous.sum()),
+                extra={
+                    "quantized_from": f"{manifest.name} {manifest.version} ({manifest.model_sha256})",
+                    "fp32_test_auc": fp32["auc"],
+                    "routing_accuracy": int8["routing"],
+                    "fp32_routing_accuracy": fp32["routing"],
+                    "calibration_photos": n_calibration,
+                },
+            ),
+            "model_sha256": sha256_file(out / MODEL_FILE),
+            "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+    )
+    write_manifest(out, shipped)
+    return threshold.value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.quantize", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-dir", type=Path, default=REPO_ROOT / "models" / "trashnet")
@@ -103,107 +207,26 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as exc:
         print(f"error: no readable manifest in {args.model_dir}: {exc}", file=sys.stderr)
         return 2
-    source = manifest.training_data.source
-    if source != "trashnet":
-        print(f"error: calibration photos are TrashNet photos; {args.model_dir} is from {source}", file=sys.stderr)
-        return 2
-    params = manifest.hyperparameters
-    dataset = load_dataset("trashnet", args.data)
-    task = make_task(
-        dataset,
-        manifest.training_data.normal_classes,
-        max_train_per_class=params.get("max_train_per_class"),
-        seed=params.get("seed", 0),
-        anomaly_holdout=params.get("anomaly_holdout", 0.0),
-        outlier_exposure=params.get("outlier_exposure", False),
-    )
-    if task.content_sha256() != manifest.training_data.sha256:
-        print(
-            "error: the rebuilt TrashNet split does not match the manifest's training-data hash; "
-            "the test split would not be the one the model was scored on",
-            file=sys.stderr,
-        )
+    try:
+        task = rebuild_task(manifest, args.data)
+    except ValueError as exc:
+        print(f"error: {args.model_dir}: {exc}", file=sys.stderr)
         return 2
 
     with tempfile.TemporaryDirectory(prefix="deepmad-int8-") as tmp:
-        fp32_path = args.model_dir / MODEL_FILE
-        prepared, int8_path = Path(tmp) / "prepared.onnx", Path(tmp) / MODEL_FILE
-        quant_pre_process(str(fp32_path), str(prepared))
+        fp32_path, int8_path = args.model_dir / MODEL_FILE, Path(tmp) / MODEL_FILE
         calibration = calibration_sample(task.train.images, task.train.labels, args.calibration)
-        quantize_static(
-            str(prepared),
-            str(int8_path),
-            PhotoReader(calibration),
-            quant_format=QuantFormat.QDQ,
-            per_channel=True,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-        )
-        fp32, int8 = single_thread_session(fp32_path), single_thread_session(int8_path)
-        test_normal = ~task.test_anomalous
-        results = {}
-        for label, session in (("fp32", fp32), ("int8", int8)):
-            test_scores, test_nearest = score(session, task.test.images)
-            val_scores, _ = score(session, task.val.images)
-            results[label] = {
-                "auc": roc_auc(test_scores, task.test_anomalous),
-                "routing": float(np.mean(test_nearest[test_normal] == task.test.labels[test_normal])),
-                "scores": test_scores,
-                "val_scores": val_scores,
-                "b1": cpu_ms_per_image(session, task.test.images[0], 1, 200),
-                "b16": cpu_ms_per_image(session, task.test.images[0], 16, 30),
-            }
-        a, b = results["fp32"], results["int8"]
-        drop = a["auc"] - b["auc"]
-        print(
-            f"test split: {int(test_normal.sum())} recyclables, {int(task.test_anomalous.sum())} trash; "
-            f"calibration: {len(calibration)} training photos"
-        )
-        print(f"{'graph':<5} | {'test AUC':>8} | {'routing acc':>11} | {'CPU ms/img b1':>13} | {'b16':>6}")
-        for label in ("fp32", "int8"):
-            r = results[label]
-            print(f"{label:<5} | {r['auc']:8.4f} | {r['routing']:11.4f} | {r['b1']:13.3f} | {r['b16']:6.3f}")
-        print(
-            f"AUC change {-drop:+.4f}, routing change {b['routing'] - a['routing']:+.4f}, "
-            f"largest |score difference| {float(np.max(np.abs(a['scores'] - b['scores']))):.3f}, "
-            f"manifest's FP32 test AUC {manifest.test_metrics.auc:.4f}"
-        )
+        quantize(fp32_path, int8_path, calibration)
+        fp32, int8 = measure(fp32_path, task), measure(int8_path, task)
+        print_comparison(manifest, task, fp32, int8, len(calibration))
+        drop = fp32["auc"] - int8["auc"]
         if drop > args.max_auc_drop:
             print(f"not shipped: the test AUC drops {drop:.4f} > {args.max_auc_drop}")
             return 0
-        threshold = choose_threshold(b["val_scores"], params.get("reject_rate", 0.05))
-        tpr, fpr = rates_at(b["scores"], task.test_anomalous, threshold.value)
-        model_bytes = int8_path.read_bytes()
-        args.out.mkdir(parents=True, exist_ok=True)
-        write_atomic(args.out / MODEL_FILE, model_bytes)
-        shipped = manifest.model_copy(
-            update={
-                "version": f"{manifest.version}+int8",
-                "threshold": threshold,
-                "calibration": calibrate(b["val_scores"], threshold.value),
-                "test_metrics": TestMetrics(
-                    auc=b["auc"],
-                    tpr_at_threshold=tpr,
-                    fpr_at_threshold=fpr,
-                    n_normal=int(test_normal.sum()),
-                    n_anomalous=int(task.test_anomalous.sum()),
-                    extra={
-                        "quantized_from": f"{manifest.name} {manifest.version} ({manifest.model_sha256})",
-                        "fp32_test_auc": a["auc"],
-                        "routing_accuracy": b["routing"],
-                        "fp32_routing_accuracy": a["routing"],
-                        "calibration_photos": len(calibration),
-                    },
-                ),
-                "model_sha256": sha256_file(args.out / MODEL_FILE),
-                "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                "command": "python -m bench.quantize " + " ".join(argv if argv is not None else sys.argv[1:]),
-            }
-        )
-        extra = shipped.model_extra or {}
-        extra.pop("detector_calibration", None)  # fitted on FP32 per-detector distances; not re-fitted here
-        write_manifest(args.out, shipped)
-        print(f"shipped {args.out} (γ {threshold.value:.4f} re-chosen on INT8 validation scores)")
+        command = "python -m bench.quantize " + " ".join(argv if argv is not None else sys.argv[1:])
+        shipped = manifest.model_copy(update={"command": command})
+        gamma = ship(args.out, shipped, task, int8_path, fp32, int8, len(calibration))
+        print(f"shipped {args.out} (γ {gamma:.4f} re-chosen on INT8 validation scores)")
     return 0
 
 
