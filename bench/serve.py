@@ -494,6 +494,59 @@ def print_levers(lever_rows, in_process: list[str], floor_ms: float) -> None:
     print("\n".join(in_process))
 
 
+def compare_peers(ours, peer_names, model_dir, measured, seconds, rounds) -> dict:
+    """Every input at every concurrency, ours and each peer taking turns; the peers stop before the levers."""
+    rows = {}
+    with contextlib.ExitStack() as peer_stack:
+        servers = {OURS: ours}
+        for name in peer_names:
+            servers[name] = peer_stack.enter_context(server(PEERS[name], model_dir))
+        print("agreement (the same graph or weights and the same image function on every input):")
+        ports = {name: running.port for name, running in servers.items()}
+        print("\n".join(check_agreement(ports, measured)), flush=True)
+        for item in measured:
+            requests = {
+                n: multipart_request(p, "/classify", item.data, item.path.name, item.content_type)
+                for n, p in ports.items()
+            }
+            for concurrency in CONCURRENCY:
+                rows[item.name, concurrency] = compare(servers, requests, concurrency, seconds, rounds)
+                print(".", end="", flush=True)
+        print()
+    return rows
+
+
+def compare_levers(ours, chosen, model_dir, photo, seconds, rounds) -> list:
+    """Each lever's server against ours on the 512x384 photo, back to back: (label, concurrency, ours, lever)."""
+    lever_rows = []
+    for label, spec, lever_model_dir in chosen:
+        with server(spec, lever_model_dir or model_dir) as running:
+            both = {OURS: ours, label: running}
+            requests = {
+                n: multipart_request(r.port, "/classify", photo.data, photo.path.name, photo.content_type)
+                for n, r in both.items()
+            }
+            for concurrency in CONCURRENCY:
+                cell = compare(both, requests, concurrency, seconds, rounds)
+                lever_rows.append((label, concurrency, cell[OURS], cell[label]))
+        print(".", end="", flush=True)
+    print()
+    return lever_rows
+
+
+def summary_line(rows, floors, limits, photo: str, big: str, peer_names: list[str]) -> str:
+    cell8, cell32 = rows[photo, 8], rows[photo, 32]
+    best = max(peer_names, key=lambda n: cell8[n].throughput + cell32[n].throughput)
+    return (
+        f"summary: best_peer={best} ratio_c8={cell8[OURS].throughput / cell8[best].throughput:.2f} "
+        f"ratio_c32={cell32[OURS].throughput / cell32[best].throughput:.2f} "
+        f"p50_over_floor_512={rows[photo, 1][OURS].percentile(50) * 1e3 / floors[photo].total_ms:.2f} "
+        f"p50_over_floor_3008={rows[big, 1][OURS].percentile(50) * 1e3 / floors[big].total_ms:.2f} "
+        f"fraction_of_limit_c32={cell32[OURS].throughput / limits[photo].req_per_s:.2f} "
+        f"cpu_ms_per_req_512={cell32[OURS].cpu_ms_per_request:.2f}"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.serve", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="JPEG inputs only, short cells, no levers")
@@ -523,7 +576,6 @@ def main(argv: list[str] | None = None) -> int:
     limits: dict[str, Limit] = {}
     rows: dict[tuple[str, int], dict[str, LoadResult]] = {}
     lever_rows = []
-    names = [OURS, *peer_names]
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="deepmad-bench-")))
         os.environ.setdefault("BENTOML_HOME", str(tmp / "bentoml"))
@@ -532,62 +584,25 @@ def main(argv: list[str] | None = None) -> int:
         for item in [] if args.only_levers else measured:
             floors[item.name] = measure_floor((model, single), item.data, 100 if args.quick else 300)
             limits[item.name] = measure_limit(single, item.data, 64 if args.quick else 256)
-        servers = {OURS: stack.enter_context(server(ours_spec(), args.model_dir))}
+        ours = stack.enter_context(server(ours_spec(), args.model_dir))
         if not args.only_levers:
-            peer_stack = stack.enter_context(contextlib.ExitStack())  # closed before the levers start
-            for name in peer_names:
-                servers[name] = peer_stack.enter_context(server(PEERS[name], args.model_dir))
-            print("agreement (the same graph or weights and the same image function on every input):")
-            ports = {name: running.port for name, running in servers.items()}
-            print("\n".join(check_agreement(ports, measured)), flush=True)
-            for item in measured:
-                requests = {
-                    n: multipart_request(p, "/classify", item.data, item.path.name, item.content_type)
-                    for n, p in ports.items()
-                }
-                for concurrency in CONCURRENCY:
-                    rows[item.name, concurrency] = compare(servers, requests, concurrency, seconds, rounds)
-                    print(".", end="", flush=True)
-            print()
-            peer_stack.close()
-            servers = {OURS: servers[OURS]}
+            rows = compare_peers(ours, peer_names, args.model_dir, measured, seconds, rounds)
         if levers:
             photo = inputs[1]
             if photo.name not in floors:
                 floors[photo.name] = measure_floor((model, single), photo.data, 100)
             wanted = args.lever or [""]
             chosen = [lever for lever in lever_specs(args.int8_dir) if any(k in lever[0] for k in wanted)]
-            for label, spec, model_dir in chosen:
-                with server(spec, model_dir or args.model_dir) as running:
-                    both = {OURS: servers[OURS], label: running}
-                    requests = {
-                        n: multipart_request(r.port, "/classify", photo.data, photo.path.name, photo.content_type)
-                        for n, r in both.items()
-                    }
-                    for concurrency in CONCURRENCY:
-                        cell = compare(both, requests, concurrency, seconds, rounds)
-                        lever_rows.append((label, concurrency, cell[OURS], cell[label]))
-                print(".", end="", flush=True)
-            print()
+            lever_rows = compare_levers(ours, chosen, args.model_dir, photo, seconds, rounds)
             in_process = measure_in_process_levers(model, photo.data)
 
     if rows:
-        print_tables(measured, names, rows, floors, limits)
+        print_tables(measured, [OURS, *peer_names], rows, floors, limits)
     if lever_rows:
         print_levers(lever_rows, in_process, floors[inputs[1].name].total_ms)
     print(f"({time.perf_counter() - began:.0f} s; {load_line()})")
     if rows:
-        photo, big = inputs[1].name, inputs[2].name
-        cell8, cell32 = rows[photo, 8], rows[photo, 32]
-        best = max(peer_names, key=lambda n: cell8[n].throughput + cell32[n].throughput)
-        print(
-            f"summary: best_peer={best} ratio_c8={cell8[OURS].throughput / cell8[best].throughput:.2f} "
-            f"ratio_c32={cell32[OURS].throughput / cell32[best].throughput:.2f} "
-            f"p50_over_floor_512={rows[photo, 1][OURS].percentile(50) * 1e3 / floors[photo].total_ms:.2f} "
-            f"p50_over_floor_3008={rows[big, 1][OURS].percentile(50) * 1e3 / floors[big].total_ms:.2f} "
-            f"fraction_of_limit_c32={cell32[OURS].throughput / limits[photo].req_per_s:.2f} "
-            f"cpu_ms_per_req_512={cell32[OURS].cpu_ms_per_request:.2f}"
-        )
+        print(summary_line(rows, floors, limits, inputs[1].name, inputs[2].name, peer_names))
     return 0
 
 
