@@ -1,7 +1,7 @@
 """The capture folder on disk (contract: ``capture-format.md``): write, label, list and evict captures.
 
 A capture is ``<root>/<YYYY-MM-DD>/<id>.<ext>`` (the upload's bytes, unchanged) plus ``<id>.json``
-(the sidecar), each written atomically (``.<name>.tmp``, fsync, ``os.replace``, fsync the folder),
+(the sidecar), each written atomically (``.<name>.*.tmp``, fsync, ``os.replace``, fsync the folder),
 image first. A capture exists iff its sidecar exists; files starting with ``.`` and images without a
 sidecar are not captures (a ``kill -9`` can leave those; ``open`` removes them).
 
@@ -28,6 +28,8 @@ from typing import Literal
 
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from service.fileio import write_atomic
 
 log = logging.getLogger("service.captures")
 
@@ -100,29 +102,6 @@ class Sidecar(BaseModel):
 
     def to_bytes(self) -> bytes:
         return (json.dumps(self.model_dump(mode="json"), indent=2, ensure_ascii=False) + "\n").encode("utf-8")
-
-
-def fsync_folder(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(folder: Path, name: str, data: bytes) -> None:
-    """``.<name>.tmp`` in ``folder``, fsync, rename over ``name``, fsync the folder (the contract's steps)."""
-    tmp = folder / f".{name}.tmp"
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, folder / name)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_folder(folder)
 
 
 def file_stamp(stat: os.stat_result) -> tuple[int, int, int]:
@@ -207,8 +186,8 @@ class CaptureStore:
             if not self._make_room(size):
                 return "budget_full"
             folder.mkdir(exist_ok=True)
-            write_atomic(folder, sidecar.image, image)
-            write_atomic(folder, sidecar_path.name, payload)
+            write_atomic(folder / sidecar.image, image, sync_folder=True)
+            write_atomic(sidecar_path, payload, sync_folder=True)
             self._index[sidecar.id] = self._entry(sidecar, folder, size, file_stamp(sidecar_path.stat()))
             self.used_bytes += size
         return "written"
@@ -246,7 +225,7 @@ class CaptureStore:
                 }
             )
             payload = sidecar.to_bytes()
-            write_atomic(entry.folder, entry.sidecar_path.name, payload)
+            write_atomic(entry.sidecar_path, payload, sync_folder=True)
             size = sidecar.image_bytes + len(payload)
             self.used_bytes += size - entry.bytes
             entry.bytes, entry.labelled = size, True

@@ -21,8 +21,19 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def write_atomic(path: str | Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename: readers never see half a file."""
+def fsync_folder(folder: str | Path) -> None:
+    """Make a rename in ``folder`` durable: after a crash the new name is there, not the old file."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: str | Path, data: bytes, *, sync_folder: bool = False) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename: readers never see half a file.
+    ``sync_folder`` also fsyncs the folder, for writes that must survive a power cut once acknowledged
+    (a capture, an operator's label)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -38,3 +49,5 @@ def write_atomic(path: str | Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    if sync_folder:
+        fsync_folder(path.parent)

@@ -31,7 +31,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.app import create_app
 from service.capture import capture_reason
-from service.capture_store import CaptureStore, Sidecar, write_atomic
+from service.capture_store import CaptureStore, Sidecar
+from service.fileio import write_atomic
 from service.labels import anomaly_labels, valid_labels
 from service.manifest import Manifest
 from service.schemas import Classification, ModelRef
@@ -212,7 +213,7 @@ def test_a_label_written_by_another_process_is_never_evicted(trashnet_dir: Path,
     labelled = Sidecar.model_validate_json(path.read_bytes()).model_copy(
         update={"label": "trash", "labelled_at": "2026-11-29T00:01:00.000000Z", "label_source": "label-studio"}
     )
-    write_atomic(path.parent, path.name, labelled.to_bytes())
+    write_atomic(path, labelled.to_bytes(), sync_folder=True)
     outcomes = [store.add(sidecar(i, photo), photo.read_bytes()) for i, photo in enumerate(photos[1:], start=1)]
     assert outcomes == ["written"] * 5
     assert Sidecar.model_validate_json(path.read_bytes()).label == "trash"
@@ -236,7 +237,7 @@ def test_a_rewrite_with_the_same_mtime_is_still_listed(trashnet_dir: Path, tmp_p
     path = tmp_path / "2026-11-29" / "item-0.json"
     before = path.stat()
     labelled = sidecar.model_copy(update={"label": "glass", "labelled_at": sidecar.time, "label_source": "import"})
-    write_atomic(path.parent, path.name, labelled.to_bytes())
+    write_atomic(path, labelled.to_bytes(), sync_folder=True)
     os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
     assert [item.label for item in store.list()[1]] == ["glass"]
     assert store.list(labelled=True)[0] == 1 and store.list(labelled=False)[0] == 0

@@ -125,19 +125,8 @@ def read_capture(sidecar_path: Path) -> Capture:
 
 
 def write_sidecar(capture: Capture, sidecar: dict[str, Any]) -> None:
-    """Rewrite a sidecar the way the service does: ``.<name>.tmp``, fsync, os.replace, fsync the folder."""
-    path = capture.sidecar_path
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write((json.dumps(sidecar, indent=2) + "\n").encode("utf-8"))
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
+    """Rewrite a sidecar the way the service does: atomically, with the folder fsync-ed."""
+    write_atomic(capture.sidecar_path, (json.dumps(sidecar, indent=2) + "\n").encode("utf-8"), sync_folder=True)
 
 
 def in_audit(capture_id: str, share: float) -> bool:
