@@ -35,6 +35,20 @@ def test_loss_ignores_negatives_beyond_delta_and_scales_with_eta():
     assert per_encoder.tolist() == pytest.approx([1.0, 3.0 * 4.0])
 
 
+def test_routing_margin_adds_a_hinge_on_the_nearest_other_class_only():
+    centres = torch.zeros(3, 1)
+    # A class-0 item at 2 from its own centre, 3 and 9 from the others; an anomaly (-1) adds no margin term.
+    z = torch.tensor([[[2.0], [3.0], [9.0]], [[1.0], [1.0], [1.0]]])
+    labels = torch.tensor([0, -1])
+    plain, per_encoder = deepmad_loss(z, centres, labels, eta=2.0, delta=0.5)
+    with_margin, same_per_encoder = deepmad_loss(z, centres, labels, eta=2.0, delta=0.5, routing_margin=4.0)
+    # Violation (4 + 2 - 3)^2 = 9 for item 0 (the nearest other class is at 3, not 9), weight eta, batch of 2.
+    assert with_margin.item() - plain.item() == pytest.approx(2.0 * 9 / 2)
+    assert same_per_encoder.tolist() == per_encoder.tolist()
+    satisfied, _ = deepmad_loss(z, centres, labels, eta=2.0, delta=0.5, routing_margin=1.0)
+    assert satisfied.item() == pytest.approx(plain.item())  # 1 + 2 - 3 = 0: no violation
+
+
 def test_loss_gradient_is_finite_at_the_centre():
     z = torch.zeros(1, 2, 4, requires_grad=True)
     total, _ = deepmad_loss(z, torch.zeros(2, 4), torch.tensor([0]), eta=1.0, delta=8.0)

@@ -6,6 +6,9 @@ autoencoders; centres and phase 2 are the same either way.
 L(theta_i) = 1/N sum_{x in X_i} ||E_i(x) - c_i||^2
            + eta/N sum_{x in X_j, j != i} max(0, delta - ||E_i(x) - c_i||)^2 + lambda/2 sum ||W||^2
 
+With ``--routing-margin m`` (not in the paper) the sum gains a term that couples the encoders, for the
+bin's routing (nearest class): eta/N sum_{x in X_i} max(0, m + d_i(x) - min_{j != i} d_j(x))^2.
+
 Every encoder sees every normal training image in phase 2 (its own class as positives, the others as
 negatives), so the m encoders share each batch and train as one grouped network. lambda is Adam's
 weight decay (it adds lambda * W to the gradient, the derivative of lambda/2 ||W||^2).
@@ -78,6 +81,12 @@ class DeepMADConfig(MethodConfig):
         choices=tuple(CRITERIA),
         export_choice=True,
     )
+    routing_margin: float = setting(
+        0.0,
+        "a normal photo's own centre must be nearer than any other class's centre by this distance "
+        "(squared hinge, weight eta; for routing, not in the paper; 0: off)",
+        minimum=0,
+    )
     pretrain: str = setting(
         "autoencoder",
         "phase 1: the paper's autoencoders, or rotation prediction (4 turns, a linear head per encoder)",
@@ -96,12 +105,18 @@ class DeepMADConfig(MethodConfig):
 
 
 def deepmad_loss(
-    embeddings: torch.Tensor, centres: torch.Tensor, labels: torch.Tensor, eta: float, delta: float
+    embeddings: torch.Tensor,
+    centres: torch.Tensor,
+    labels: torch.Tensor,
+    eta: float,
+    delta: float,
+    routing_margin: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Batch estimate of the sum over encoders of L(theta_i), without the weight-decay term.
 
     embeddings [B, m, D]; centres [m, D]; labels [B] in 0..m-1 (or -1: negative for every encoder).
-    Returns (total, per-encoder [m]). Dividing by the batch size is the batch estimate of 1/N.
+    Returns (total, per-encoder [m]); the routing-margin term (module docstring) is in the total only,
+    as it belongs to no single encoder. Dividing by the batch size is the batch estimate of 1/N.
     """
     squared = (embeddings - centres.unsqueeze(0)).pow(2).sum(-1)  # [B, m]
     positive = labels.unsqueeze(1) == torch.arange(centres.shape[0], device=labels.device).unsqueeze(0)
@@ -109,7 +124,13 @@ def deepmad_loss(
     pull = torch.where(positive, squared, torch.zeros_like(squared))
     push = torch.where(positive, torch.zeros_like(squared), torch.relu(delta - distance).pow(2))
     per_encoder = (pull + eta * push).mean(0)
-    return per_encoder.sum(), per_encoder
+    total = per_encoder.sum()
+    if routing_margin > 0 and centres.shape[0] > 1:
+        own = torch.where(positive, distance, torch.zeros_like(distance)).sum(1)
+        nearest_other = torch.where(positive, torch.full_like(distance, float("inf")), distance).min(1).values
+        violation = torch.relu(routing_margin + own - nearest_other).pow(2)
+        total = total + eta * torch.where(labels >= 0, violation, torch.zeros_like(violation)).mean()
+    return total, per_encoder
 
 
 def guard_centres(centres: torch.Tensor, eps: float = CENTRE_EPS) -> torch.Tensor:
@@ -263,7 +284,9 @@ def train_encoders(phase: EncoderPhase) -> None:
         x = phase.to_input(images[chosen])
         with autocast(phase.device):
             z = phase.encoder.embed_shared(x)
-        loss, _ = deepmad_loss(z.float(), centres, labels[chosen].to(phase.device), config.eta, config.delta)
+        loss, _ = deepmad_loss(
+            z.float(), centres, labels[chosen].to(phase.device), config.eta, config.delta, config.routing_margin
+        )
         return loss, {"encoder_loss": loss.item()}
 
     phase.run(lambda: shuffled_batches(len(images), config.batch_size, phase.generator), step_loss, "encoders")
