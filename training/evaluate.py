@@ -33,7 +33,18 @@ from training.methods.config import add_config_flags
 DEFAULT_METHODS = ",".join(METHODS)
 # Per-method settings the sweep may override (flags from the method configurations; None keeps the
 # method's default, paper tables 18-20). DROCC's epochs come from --drocc-epochs (DROCCConfig.SWEEP_FLAGS).
-SWEEP_FIELDS = ("ae_epochs", "epochs", "ascent_steps", "batch_size", "rep_dim", "delta", "augment")
+SWEEP_FIELDS = (
+    "ae_epochs",
+    "epochs",
+    "ascent_steps",
+    "batch_size",
+    "rep_dim",
+    "delta",
+    "augment",
+    "augment_strength",
+    "pretrain",
+    "routing_margin",
+)
 OVERRIDES: list[str] = []  # the flags' destinations, set by build_parser
 
 
