@@ -16,6 +16,7 @@ from training.engine import RunOptions
 from training.epoch_choice import check_criterion, validation_loss
 from training.errors import UserError
 from training.methods.deepmad import DeepMADConfig, fit_deepmad
+from training.networks import GroupedEncoder
 
 TINY = {"ae_epochs": 1, "epochs": 4, "batch_size": 32, "augment": True, "augment_strength": "strong"}
 CPU = RunOptions(torch.device("cpu"))
@@ -100,12 +101,13 @@ def test_epoch_choice_monitors_without_changing_training_and_exports_the_best_ep
 
 
 def test_a_checkpoint_from_before_the_levers_still_resumes(task, tmp_path: Path):
-    """Checkpoints written before augment_strength, centre_views and pretrain existed had their defaults."""
+    """Checkpoints written before augment_strength, centre_views, pretrain, dropout and routing_margin existed
+    had their defaults."""
     config = DeepMADConfig(ae_epochs=1, epochs=1, batch_size=32)
     checkpoint = tmp_path / "ckpt.pt"
     scorer, _ = fit_deepmad(task, config, RunOptions(torch.device("cpu"), checkpoint))
     state = torch.load(checkpoint, weights_only=False)
-    for added in ("augment_strength", "centre_views", "pretrain"):
+    for added in ("augment_strength", "centre_views", "pretrain", "dropout", "routing_margin"):
         del state["config"][added]
     torch.save(state, checkpoint)
     resume = RunOptions(torch.device("cpu"), checkpoint, resume=True)
@@ -144,3 +146,26 @@ def test_rotation_pretraining_learns_the_turns_and_feeds_deepmad(task):
     assert losses[-1] < losses[0]  # mean over the 5 encoders; chance is ln 4 = 1.39
     _, scores = scorer.score_arrays(task.test.images)
     assert scores.std() > 0.02 * scores.mean()  # not collapsed
+
+
+def test_dropout_acts_in_training_only_and_leaves_the_exported_encoder_unchanged(task):
+    encoder = GroupedEncoder(groups=2, channels=3, size=32, dropout=0.5)
+    x = torch.randn(4, 3, 32, 32)
+    encoder.train()
+    assert not torch.equal(encoder.embed_shared(x), encoder.embed_shared(x))
+    encoder.eval()
+    plain = GroupedEncoder(groups=2, channels=3, size=32)
+    plain.load_state_dict(encoder.state_dict())  # dropout adds no weights: old and new checkpoints match
+    assert torch.equal(encoder.embed_shared(x), plain.eval().embed_shared(x))
+    scorer, _ = fit_deepmad(task, DeepMADConfig(**TINY, dropout=0.3), CPU)
+    _, scores = scorer.score_arrays(task.test.images)
+    assert scores.std() > 0.02 * scores.mean()  # not collapsed
+
+
+def test_routing_margin_changes_training_and_keeps_scores_spread(task):
+    plain, plain_log = fit_deepmad(task, DeepMADConfig(**TINY), CPU)
+    margin, margin_log = fit_deepmad(task, DeepMADConfig(**TINY, routing_margin=8.0), CPU)
+    assert margin_log.losses["encoder_loss"][0] > plain_log.losses["encoder_loss"][0]  # the hinge adds to the loss
+    _, scores = margin.score_arrays(task.test.images)
+    assert scores.std() > 0.02 * scores.mean()
+    assert not np.array_equal(scores, plain.score_arrays(task.test.images)[1])

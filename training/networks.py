@@ -1,7 +1,8 @@
 """LeNet-type encoders (paper appendix C) for m classes at once, as one grouped network.
 
 Encoder i is conv5x5(32) -> BN -> leaky ReLU -> maxpool2, then 64 and 128 filters alike, then a
-dense layer of ``rep_dim`` units. DeepSVDD's convention: no biases and BatchNorm without affine
+dense layer of ``rep_dim`` units. With ``dropout`` > 0 (not in the paper), the final feature map is
+dropped out before the dense layer in training only; evaluation and the exported graph never see it. DeepSVDD's convention: no biases and BatchNorm without affine
 parameters, so the network cannot map every input onto the centre by a constant shift.
 
 The m encoders are stacked as grouped convolutions (``groups=m``): group i's weights only ever see
@@ -37,9 +38,10 @@ def feature_sizes(size: int) -> list[int]:
 class GroupedEncoder(nn.Module):
     """m LeNet encoders. ``forward`` takes [B, m, C, H, W] (one image per encoder) -> [B, m, rep_dim]."""
 
-    def __init__(self, groups: int, channels: int, size: int, rep_dim: int = 128):
+    def __init__(self, groups: int, channels: int, size: int, rep_dim: int = 128, dropout: float = 0.0):
         super().__init__()
         self.groups, self.channels, self.size, self.rep_dim = groups, channels, size, rep_dim
+        self.dropout = dropout
         layers: list[nn.Module] = []
         width_in = channels
         for width in WIDTHS:
@@ -72,6 +74,8 @@ class GroupedEncoder(nn.Module):
         return self._embedding(h)
 
     def _embedding(self, features: torch.Tensor) -> torch.Tensor:
+        if self.dropout > 0 and self.training:  # no dropout call at all when off: seeded runs keep their RNG
+            features = F.dropout(features, self.dropout, training=True)
         return self.dense(features).reshape(features.shape[0], self.groups, self.rep_dim)
 
 
@@ -108,9 +112,9 @@ def _channels_last(x: torch.Tensor) -> torch.Tensor:
 
 
 class GroupedAutoencoder(nn.Module):
-    def __init__(self, groups: int, channels: int, size: int, rep_dim: int = 128):
+    def __init__(self, groups: int, channels: int, size: int, rep_dim: int = 128, dropout: float = 0.0):
         super().__init__()
-        self.encoder = GroupedEncoder(groups, channels, size, rep_dim)
+        self.encoder = GroupedEncoder(groups, channels, size, rep_dim, dropout)
         self.decoder = GroupedDecoder(groups, channels, size, rep_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -27,17 +27,19 @@ def setting(
     *,
     minimum: float | None = None,
     above: float | None = None,
+    below: float | None = None,
     choices: Collection[str] = (),
     export_choice: bool = False,
     aliases=(),
 ):
-    """A configuration field: its default, its flag's help, and its bounds (``minimum`` <= value, value > ``above``)
-    or its ``choices``. An ``export_choice`` chooses which trained weights are exported, not how they are
+    """A configuration field: its default, its flag's help, and its bounds (``minimum`` <= value, value > ``above``,
+    value < ``below``) or its ``choices``. An ``export_choice`` chooses which trained weights are exported, not how they are
     trained, so a checkpoint resumes under any of its values (a finished run is re-exported that way)."""
     metadata = {
         "help": help,
         "minimum": minimum,
         "above": above,
+        "below": below,
         "choices": tuple(choices),
         "export_choice": export_choice,
         "aliases": tuple(aliases),
@@ -68,6 +70,9 @@ class MethodConfig:
                 raise UserError(f"{flag_name(field.name)} must be at least {minimum}, got {value}")
             if above is not None and not value > above:
                 raise UserError(f"{flag_name(field.name)} must be greater than {above}, got {value}")
+            below = field.metadata.get("below")
+            if below is not None and not value < below:
+                raise UserError(f"{flag_name(field.name)} must be less than {below}, got {value}")
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -81,6 +81,12 @@ class DeepMADConfig(MethodConfig):
         choices=tuple(CRITERIA),
         export_choice=True,
     )
+    dropout: float = setting(
+        0.0,
+        "dropout rate on each encoder's last feature map, in training only (not in the paper; 0: off)",
+        minimum=0,
+        below=1,
+    )
     routing_margin: float = setting(
         0.0,
         "a normal photo's own centre must be nearer than any other class's centre by this distance "
@@ -310,7 +316,8 @@ class _Setup:
         cls, task: Task, config: DeepMADConfig, run: RunOptions, encoder_phase: PhaseTwo, inputs: TrainingInputs
     ) -> _Setup:
         device = run.device
-        model = GroupedAutoencoder(task.n_normal, inputs.channels, inputs.size, config.rep_dim).to(device)
+        model = GroupedAutoencoder(task.n_normal, inputs.channels, inputs.size, config.rep_dim, config.dropout)
+        model = model.to(device)
         # Rotation pretraining trains the encoders and a small head instead of the autoencoders.
         head = RotationHead(task.n_normal, config.rep_dim).to(device) if config.pretrain == "rotation" else None
         pretrained = [*model.encoder.parameters(), *head.parameters()] if head is not None else model.parameters()
