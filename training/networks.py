@@ -2,8 +2,9 @@
 
 Encoder i is conv5x5(32) -> BN -> leaky ReLU -> maxpool2, then 64 and 128 filters alike, then a
 dense layer of ``rep_dim`` units. With ``dropout`` > 0 (not in the paper), the final feature map is
-dropped out before the dense layer in training only; evaluation and the exported graph never see it. DeepSVDD's convention: no biases and BatchNorm without affine
-parameters, so the network cannot map every input onto the centre by a constant shift.
+dropped out before the dense layer in training only; evaluation and the exported graph never see it.
+DeepSVDD's convention: no biases and BatchNorm without affine parameters, so the network cannot map
+every input onto the centre by a constant shift.
 
 The m encoders are stacked as grouped convolutions (``groups=m``): group i's weights only ever see
 group i's channels, so this is exactly m independent networks, trained in one forward/backward pass.

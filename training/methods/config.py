@@ -32,9 +32,10 @@ def setting(
     export_choice: bool = False,
     aliases=(),
 ):
-    """A configuration field: its default, its flag's help, and its bounds (``minimum`` <= value, value > ``above``,
-    value < ``below``) or its ``choices``. An ``export_choice`` chooses which trained weights are exported, not how they are
-    trained, so a checkpoint resumes under any of its values (a finished run is re-exported that way)."""
+    """A configuration field: its default, its flag's help, and its bounds (``minimum`` <= value,
+    value > ``above``, value < ``below``) or its ``choices``. An ``export_choice`` chooses which trained
+    weights are exported, not how they are trained, so a checkpoint resumes under any of its values (a
+    finished run is re-exported that way)."""
     metadata = {
         "help": help,
         "minimum": minimum,
