@@ -108,6 +108,8 @@ def test_fit_records_routing_and_the_memorisation_gap(small_model: Path):
     correct = sum(routing.confusion[name][name] for name in manifest.class_names)
     assert routing.accuracy == pytest.approx(correct / routing.n_items)
     assert routing.accuracy > 1.5 / len(manifest.class_names)  # better than routing everything to one bin
+    # The same rule on the validation photos, what routing levers are chosen on.
+    assert 1.5 / len(manifest.class_names) < manifest.test_metrics.extra["validation_routing"] <= 1.0
     gap = manifest.test_metrics.distance_gap
     assert gap is not None and gap.gap == pytest.approx(gap.val_median - gap.train_median)
     assert gap.ratio == pytest.approx(gap.val_median / gap.train_median)

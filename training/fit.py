@@ -198,6 +198,7 @@ def run(args: argparse.Namespace, command: str) -> dict:
         "out": str(args.out),
         "test_auc": metrics.auc,
         "selection_auc": metrics.extra.get("selection_auc"),
+        "validation_routing": metrics.extra.get("validation_routing"),
         "tpr_at_threshold": metrics.tpr_at_threshold,
         "fpr_at_threshold": metrics.fpr_at_threshold,
         "routing_accuracy": metrics.routing.accuracy if metrics.routing else None,
