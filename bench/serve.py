@@ -5,6 +5,7 @@
 
 Starts the real service (``python -m service``, uvicorn on 127.0.0.1) and the peers of ``bench/peers/``
 (plain FastAPI + ONNX Runtime, FastAPI + torch, LitServe with batching, BentoML with a batchable API)
+and the bound (``bare-asgi``: decode + one ONNX Runtime call on a bare ASGI event loop, nothing else)
 as subprocesses, checks that every peer gives our answer on every input (same graph or weights, same
 image function), then drives each with the same closed-loop load generator (``bench/loadgen.py``) at
 concurrency 1, 8 and 32. Within a cell the servers take turns, in a rotated order every round, so drift
@@ -35,7 +36,9 @@ The last line is machine-readable: ``summary: best_peer=NAME ratio_c8=X ratio_c3
 p50_over_floor_512=A p50_over_floor_3008=B fraction_of_limit_c32=F cpu_ms_per_req_512=C``; ratios are
 ours over the best peer's throughput on the 512x384 JPEG (the peer with the highest c8 + c32
 throughput, same run), the p50s are ours at concurrency 1, the fraction is ours at concurrency 32 over
-the 512x384 limit, and C is our server CPU ms per request at concurrency 32 on the 512x384 JPEG.
+the 512x384 limit, and C is our server CPU ms per request at concurrency 32 on the 512x384 JPEG. With
+the bound running, ``ceiling_ratio_c32=R`` follows: the best peer's server CPU per request over the
+bound's, the most any server could be faster than the best peer once the two cores are busy.
 """
 
 from __future__ import annotations
@@ -214,7 +217,14 @@ PEERS = {
         "/readyz",
         {"BENTOML_DO_NOT_TRACK": "true"},
     ),
+    "bare-asgi": ServerSpec("bare-asgi", [*UVICORN, "bench.peers.bare_asgi:app"], "/healthz", {}),
 }
+BOUND = "bare-asgi"  # a reference column (bench/peers/bare_asgi.py), never the best peer
+
+
+def rivals(names) -> list[str]:
+    """The servers a user would pick instead of ours: every peer but the bound."""
+    return [n for n in names if n not in (OURS, BOUND)]
 
 
 def classify(port: int, item: BenchInput) -> dict:
@@ -347,8 +357,7 @@ def print_tables(inputs, names, rows, floors, limits) -> None:
         print("-" * len(header))
         for concurrency in CONCURRENCY:
             cell = rows[item.name, concurrency]
-            peers = [n for n in names if n != OURS]
-            best = max(peers, key=lambda n: cell[n].throughput)
+            best = max(rivals(names), key=lambda n: cell[n].throughput)
             print(
                 f"{concurrency:>4} | "
                 + " ".join(f"{cell[n].throughput:>{width}.1f}" for n in names)
@@ -536,7 +545,7 @@ def compare_levers(ours, chosen, model_dir, photo, seconds, rounds) -> list:
 
 def summary_line(rows, floors, limits, photo: str, big: str, peer_names: list[str]) -> str:
     cell8, cell32 = rows[photo, 8], rows[photo, 32]
-    best = max(peer_names, key=lambda n: cell8[n].throughput + cell32[n].throughput)
+    best = max(rivals(peer_names), key=lambda n: cell8[n].throughput + cell32[n].throughput)
     return (
         f"summary: best_peer={best} ratio_c8={cell8[OURS].throughput / cell8[best].throughput:.2f} "
         f"ratio_c32={cell32[OURS].throughput / cell32[best].throughput:.2f} "
@@ -544,6 +553,11 @@ def summary_line(rows, floors, limits, photo: str, big: str, peer_names: list[st
         f"p50_over_floor_3008={rows[big, 1][OURS].percentile(50) * 1e3 / floors[big].total_ms:.2f} "
         f"fraction_of_limit_c32={cell32[OURS].throughput / limits[photo].req_per_s:.2f} "
         f"cpu_ms_per_req_512={cell32[OURS].cpu_ms_per_request:.2f}"
+        + (
+            f" ceiling_ratio_c32={cell32[best].cpu_ms_per_request / cell32[BOUND].cpu_ms_per_request:.2f}"
+            if BOUND in peer_names
+            else ""
+        )
     )
 
 
@@ -565,7 +579,7 @@ def main(argv: list[str] | None = None) -> int:
     levers = args.only_levers or ((not args.quick) if args.levers is None else args.levers)
     peer_names = [name.strip() for name in args.peers.split(",") if name.strip()]
     unknown = [name for name in peer_names if name not in PEERS]
-    if unknown or (not peer_names and not args.only_levers):
+    if unknown or (not rivals(peer_names) and not args.only_levers):
         parser.error(f"--peers: choose from {', '.join(PEERS)} (got {args.peers!r})")
     began = time.perf_counter()
     print(f"bench.serve: {seconds:g} s per cell and server in {rounds} round(s); {load_line()}", flush=True)
