@@ -58,3 +58,28 @@ def test_int8_artifact_ranks_photos_like_fp32(trashnet_dir: Path):
     assert np.corrcoef(ranks_a, ranks_b)[0, 1] > 0.95
     assert np.mean(a.nearest == b.nearest) >= 0.9
     assert int8.manifest.test_metrics.auc >= fp32.manifest.test_metrics.auc - 0.005
+
+
+def test_summary_never_names_the_bound_as_best_peer_and_reports_the_ceiling():
+    from types import SimpleNamespace
+
+    from bench.loadgen import LoadResult
+    from bench.serve import BOUND, summary_line
+
+    def result(req_per_s: float, cpu_ms: float) -> LoadResult:
+        n = int(req_per_s)
+        return LoadResult(8, 1.0, [0.002] * n, 0, server_cpu_seconds=n * cpu_ms / 1e3)
+
+    cell = {
+        OURS: result(600, 2.6),
+        "fastapi-ort": result(500, 3.2),
+        "litserve": result(400, 4.0),
+        BOUND: result(900, 2.0),
+    }
+    rows = {(name, c): cell for name in ("small", "big") for c in (1, 8, 32)}
+    floors = {name: SimpleNamespace(total_ms=1.0) for name in ("small", "big")}
+    limits = {name: SimpleNamespace(req_per_s=1000.0) for name in ("small", "big")}
+    line = summary_line(rows, floors, limits, "small", "big", ["fastapi-ort", "litserve", BOUND])
+    assert "best_peer=fastapi-ort ratio_c8=1.20 ratio_c32=1.20" in line
+    assert line.endswith("ceiling_ratio_c32=1.60")  # 3.2 ms / 2.0 ms
+    assert "ceiling" not in summary_line(rows, floors, limits, "small", "big", ["fastapi-ort", "litserve"])
