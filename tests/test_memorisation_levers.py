@@ -169,3 +169,27 @@ def test_routing_margin_changes_training_and_keeps_scores_spread(task):
     _, scores = margin.score_arrays(task.test.images)
     assert scores.std() > 0.02 * scores.mean()
     assert not np.array_equal(scores, plain.score_arrays(task.test.images)[1])
+
+
+def test_contrast_normalisation_removes_lighting_and_reaches_the_exported_graph(task, tmp_path: Path):
+    import onnxruntime as ort
+
+    from training.batches import contrast_normalise
+    from training.export import export_onnx
+
+    photo = torch.from_numpy(task.train.images[:1]).permute(0, 3, 1, 2).float() / 255.0
+    darker = photo * 0.5 + 0.1  # the same item under other lighting
+    assert torch.allclose(contrast_normalise(photo), contrast_normalise(darker), atol=1e-5)
+    assert not torch.allclose(photo, darker)
+    normaliser = Normaliser.fit(torch.from_numpy(task.train.images), contrast=True)
+    assert normaliser.contrast and abs(normaliser.mean.mean().item()) < 1e-3  # every image centred on 0
+
+    scorer, _ = fit_deepmad(task, DeepMADConfig(**{**TINY, "epochs": 2}, input_norm="contrast"), CPU)
+    assert scorer.contrast
+    _, scores = scorer.score_arrays(task.test.images)
+    assert scores.std() > 0.02 * scores.mean()  # not collapsed
+    graph = tmp_path / "model.onnx"
+    export_onnx(scorer, graph)
+    session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+    onnx_scores = session.run(["score"], {"image": task.test.images})[0]
+    assert np.allclose(onnx_scores, scores, rtol=1e-4, atol=1e-4)

@@ -18,20 +18,42 @@ CUTOUT_SHARE = 0.25  # side of the erased square, as a share of the image side
 CUTOUT_PROBABILITY = 0.5
 
 
+CONTRAST_EPS = 1e-4  # a flat image has no contrast to divide by
+
+
+def contrast_normalise(x: torch.Tensor) -> torch.Tensor:
+    """Per-image global contrast normalisation with the l1 norm (DeepSVDD's CIFAR-10 preprocessing): each
+    image minus its own mean, over its mean absolute deviation, so lighting and exposure drop out."""
+    centred = x - x.mean(dim=(1, 2, 3), keepdim=True)
+    return centred / centred.abs().mean(dim=(1, 2, 3), keepdim=True).clamp_min(CONTRAST_EPS)
+
+
 @dataclass
 class Normaliser:
-    """Per-channel standardisation with the training set's statistics (baked into the exported graph)."""
+    """Per-channel standardisation with the training set's statistics (baked into the exported graph),
+    after per-image contrast normalisation when ``contrast`` is set."""
 
-    mean: torch.Tensor  # [C], on the 0..1 scale
+    mean: torch.Tensor  # [C], on the 0..1 scale (on the contrast-normalised scale with ``contrast``)
     std: torch.Tensor  # [C]
+    contrast: bool = False
 
     @classmethod
-    def fit(cls, images: torch.Tensor) -> Normaliser:
-        pixels = images.reshape(-1, images.shape[-1]).double() / 255.0
-        return cls(pixels.mean(0).float(), pixels.std(0).clamp_min(1e-3).float())
+    def fit(cls, images: torch.Tensor, contrast: bool = False) -> Normaliser:
+        if contrast:
+            x = contrast_normalise(images.permute(0, 3, 1, 2).float() / 255.0)
+            pixels = x.permute(0, 2, 3, 1).reshape(-1, images.shape[-1]).double()
+        else:
+            pixels = images.reshape(-1, images.shape[-1]).double() / 255.0
+        return cls(pixels.mean(0).float(), pixels.std(0).clamp_min(1e-3).float(), contrast)
 
     def to(self, device: torch.device) -> Normaliser:
-        return Normaliser(self.mean.to(device), self.std.to(device))
+        return Normaliser(self.mean.to(device), self.std.to(device), self.contrast)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """Float [B, C, H, W] on the 0..1 scale -> the networks' input."""
+        if self.contrast:
+            x = contrast_normalise(x)
+        return (x - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1)
 
 
 def to_float(
@@ -51,9 +73,7 @@ def to_float(
         x = _augment_strong(x, generator)
     elif augment:
         x = _augment(x, generator)
-    mean = normaliser.mean.view(1, -1, 1, 1)
-    std = normaliser.std.view(1, -1, 1, 1)
-    return (x - mean) / std
+    return normaliser.apply(x)
 
 
 def _augment(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

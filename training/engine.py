@@ -142,7 +142,7 @@ class TrainingInputs:
     size: int
 
     @classmethod
-    def of(cls, task: Task, seed: int) -> TrainingInputs:
+    def of(cls, task: Task, seed: int, contrast: bool = False) -> TrainingInputs:
         torch.manual_seed(seed)
         generator = torch.Generator().manual_seed(seed)
         images = torch.from_numpy(task.train.images)
@@ -155,7 +155,7 @@ class TrainingInputs:
             images=images,
             labels=labels,
             class_images=[images[labels == i] for i in range(task.n_normal)],
-            normaliser=Normaliser.fit(images[labels >= 0]),
+            normaliser=Normaliser.fit(images[labels >= 0], contrast),
             channels=channels,
             size=height,
         )

@@ -44,6 +44,7 @@ SWEEP_FIELDS = (
     "augment_strength",
     "pretrain",
     "routing_margin",
+    "input_norm",
 )
 OVERRIDES: list[str] = []  # the flags' destinations, set by build_parser
 

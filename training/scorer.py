@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from training.batches import Normaliser
+from training.batches import Normaliser, contrast_normalise
 from training.networks import GroupedClassifier, GroupedEncoder
 
 
@@ -30,6 +30,7 @@ class BaseScorer(nn.Module):
         self.encoder = encoder
         self.register_buffer("mean", normaliser.mean.detach().clone().float().view(1, -1, 1, 1))
         self.register_buffer("std", normaliser.std.detach().clone().float().view(1, -1, 1, 1))
+        self.contrast = normaliser.contrast  # per-image contrast normalisation first (traced into the graph)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -41,6 +42,8 @@ class BaseScorer(nn.Module):
 
     def standardise(self, image: torch.Tensor) -> torch.Tensor:
         x = image.permute(0, 3, 1, 2).float() / 255.0
+        if self.contrast:
+            x = contrast_normalise(x)
         return (x - self.mean) / self.std
 
     def columns(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

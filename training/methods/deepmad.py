@@ -81,6 +81,13 @@ class DeepMADConfig(MethodConfig):
         choices=tuple(CRITERIA),
         export_choice=True,
     )
+    input_norm: str = setting(
+        "channel",
+        "input normalisation in training and in the exported graph: channel = per-channel standardisation "
+        "with the training set's statistics; contrast = each image's own global contrast normalisation "
+        "(l1, DeepSVDD's CIFAR-10 preprocessing) first (not in the paper)",
+        choices=("channel", "contrast"),
+    )
     dropout: float = setting(
         0.0,
         "dropout rate on each encoder's last feature map, in training only (not in the paper; 0: off)",
@@ -372,7 +379,7 @@ def fit_deepmad(
     (``epoch_choice.HeldOutScores``) and the best epoch's encoders under that criterion are returned.
     """
     check_criterion(config.epoch_choice, task)
-    inputs, device = TrainingInputs.of(task, config.seed), run.device
+    inputs, device = TrainingInputs.of(task, config.seed, config.input_norm == "contrast"), run.device
     setup = _Setup.of(task, config, run, encoder_phase, inputs)
     model, ae_optimizer, enc_optimizer, state = setup.model, setup.ae_optimizer, setup.enc_optimizer, setup.state
     head, best_epochs, held_out = setup.head, setup.best_epochs, setup.held_out
