@@ -193,3 +193,19 @@ def test_contrast_normalisation_removes_lighting_and_reaches_the_exported_graph(
     session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
     onnx_scores = session.run(["score"], {"image": task.test.images})[0]
     assert np.allclose(onnx_scores, scores, rtol=1e-4, atol=1e-4)
+
+
+def test_contrastive_pretraining_tells_twins_apart_and_feeds_deepmad(task):
+    from training.methods.contrastive import nt_xent
+
+    first = torch.randn(8, 2, 16)
+    # Twins identical and far from the rest: the loss is near its floor; unrelated "twins": near chance (ln 15).
+    assert nt_xent(first, first, temperature=0.05).max() < 0.1
+    assert nt_xent(first, torch.randn(8, 2, 16)).min() > 1.5
+    config = DeepMADConfig(**{**TINY, "ae_epochs": 4, "epochs": 1}, pretrain="contrastive")
+    scorer, log = fit_deepmad(task, config, CPU)
+    assert "autoencoder_mse" not in log.losses and len(log.losses["contrastive_loss"]) == 4
+    losses = log.losses["contrastive_loss"]
+    assert losses[-1] < losses[0]
+    _, scores = scorer.score_arrays(task.test.images)
+    assert scores.std() > 0.02 * scores.mean()  # not collapsed

@@ -1,7 +1,8 @@
 """DeepMAD (paper Algorithm 3): autoencoder pretraining per class, centres, then the contrastive loss.
 
-Phase 1 can also be rotation prediction (``methods.rotation``, ``--pretrain rotation``) in place of the
-autoencoders; centres and phase 2 are the same either way.
+Phase 1 can also be rotation prediction (``methods.rotation``, ``--pretrain rotation``) or two-view
+contrast (``methods.contrastive``, ``--pretrain contrastive``) in place of the autoencoders; centres
+and phase 2 are the same either way.
 
 L(theta_i) = 1/N sum_{x in X_i} ||E_i(x) - c_i||^2
            + eta/N sum_{x in X_j, j != i} max(0, delta - ||E_i(x) - c_i||)^2 + lambda/2 sum ||W||^2
@@ -39,10 +40,16 @@ from training.engine import (
 from training.epoch_choice import CRITERIA, RECORD_FIELDS, HeldOutScores, check_criterion
 from training.errors import UserError
 from training.methods.config import MethodConfig, setting
+from training.methods.contrastive import ProjectionHead, pretrain_contrastive
 from training.methods.rotation import RotationHead, pretrain_rotation
 from training.networks import GroupedAutoencoder, GroupedEncoder
 from training.scorer import Scorer
 
+# Self-supervised phase 1 in place of the autoencoders: (head, its training, its checkpoint part).
+SELF_SUPERVISED = {
+    "rotation": (RotationHead, pretrain_rotation, "rotation_head"),
+    "contrastive": (ProjectionHead, pretrain_contrastive, "projection_head"),
+}
 CENTRE_EPS = 0.1  # DeepSVDD: a centre component near 0 is pushed to +-eps (a zero unit is trivially matched)
 
 
@@ -102,8 +109,9 @@ class DeepMADConfig(MethodConfig):
     )
     pretrain: str = setting(
         "autoencoder",
-        "phase 1: the paper's autoencoders, or rotation prediction (4 turns, a linear head per encoder)",
-        choices=("autoencoder", "rotation"),
+        "phase 1: the paper's autoencoders, rotation prediction (4 turns, a linear head per encoder) or "
+        "two-view contrast (SimCLR's NT-Xent on two strongly augmented views, an MLP head per encoder)",
+        choices=("autoencoder", "rotation", "contrastive"),
     )
 
     def __post_init__(self) -> None:
@@ -311,7 +319,7 @@ class _Setup:
     per-epoch record when an epoch other than the last is exported."""
 
     model: GroupedAutoencoder
-    head: RotationHead | None
+    head: RotationHead | ProjectionHead | None
     ae_optimizer: torch.optim.Optimizer
     enc_optimizer: torch.optim.Optimizer
     state: Checkpoint
@@ -325,14 +333,16 @@ class _Setup:
         device = run.device
         model = GroupedAutoencoder(task.n_normal, inputs.channels, inputs.size, config.rep_dim, config.dropout)
         model = model.to(device)
-        # Rotation pretraining trains the encoders and a small head instead of the autoencoders.
-        head = RotationHead(task.n_normal, config.rep_dim).to(device) if config.pretrain == "rotation" else None
+        # Self-supervised pretraining trains the encoders and a small head instead of the autoencoders.
+        head = None
+        if config.pretrain in SELF_SUPERVISED:
+            head = SELF_SUPERVISED[config.pretrain][0](task.n_normal, config.rep_dim).to(device)
         pretrained = [*model.encoder.parameters(), *head.parameters()] if head is not None else model.parameters()
         ae_optimizer = torch.optim.Adam(pretrained, lr=config.ae_lr, weight_decay=config.weight_decay)
         enc_optimizer = torch.optim.Adam(model.encoder.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         parts = {"model": model, "ae_optimizer": ae_optimizer, "enc_optimizer": enc_optimizer}
         if head is not None:
-            parts["rotation_head"] = head
+            parts[SELF_SUPERVISED[config.pretrain][2]] = head
         best_epochs = held_out = None
         if config.epoch_choice != "last":
             best_epochs = BestEpochs(model.encoder, RECORD_FIELDS)
@@ -408,7 +418,7 @@ def fit_deepmad(
     if head is None:
         pretrain_autoencoders(model, *phase_one)
     else:
-        pretrain_rotation(model.encoder, head, *phase_one)
+        SELF_SUPERVISED[config.pretrain][1](model.encoder, head, *phase_one)
     steps = -(-max(len(x) for x in inputs.class_images) // config.batch_size)
     seen = (config.ae_epochs - ae_start) * task.n_normal * config.batch_size * steps
     if seen:  # a run resumed after this phase keeps the rate it measured
