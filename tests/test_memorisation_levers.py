@@ -101,13 +101,13 @@ def test_epoch_choice_monitors_without_changing_training_and_exports_the_best_ep
 
 
 def test_a_checkpoint_from_before_the_levers_still_resumes(task, tmp_path: Path):
-    """Checkpoints written before augment_strength, centre_views, pretrain, dropout and routing_margin existed
-    had their defaults."""
+    """Checkpoints written before augment_strength, centre_views, pretrain, dropout, routing_margin,
+    input_norm and width existed had their defaults."""
     config = DeepMADConfig(ae_epochs=1, epochs=1, batch_size=32)
     checkpoint = tmp_path / "ckpt.pt"
     scorer, _ = fit_deepmad(task, config, RunOptions(torch.device("cpu"), checkpoint))
     state = torch.load(checkpoint, weights_only=False)
-    for added in ("augment_strength", "centre_views", "pretrain", "dropout", "routing_margin"):
+    for added in ("augment_strength", "centre_views", "pretrain", "dropout", "routing_margin", "input_norm", "width"):
         del state["config"][added]
     torch.save(state, checkpoint)
     resume = RunOptions(torch.device("cpu"), checkpoint, resume=True)
@@ -207,5 +207,14 @@ def test_contrastive_pretraining_tells_twins_apart_and_feeds_deepmad(task):
     assert "autoencoder_mse" not in log.losses and len(log.losses["contrastive_loss"]) == 4
     losses = log.losses["contrastive_loss"]
     assert losses[-1] < losses[0]
+    _, scores = scorer.score_arrays(task.test.images)
+    assert scores.std() > 0.02 * scores.mean()  # not collapsed
+
+
+def test_wider_encoders_have_more_filters_and_train(task, tmp_path: Path):
+    plain, wide = GroupedEncoder(2, 3, 32), GroupedEncoder(2, 3, 32, width=2)
+    assert [m.out_channels for m in wide.features if isinstance(m, torch.nn.Conv2d)] == [128, 256, 512]
+    assert sum(p.numel() for p in wide.parameters()) > 2.5 * sum(p.numel() for p in plain.parameters())
+    scorer, _ = fit_deepmad(task, DeepMADConfig(**{**TINY, "epochs": 2}, width=2), CPU)
     _, scores = scorer.score_arrays(task.test.images)
     assert scores.std() > 0.02 * scores.mean()  # not collapsed

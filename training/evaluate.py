@@ -45,6 +45,7 @@ SWEEP_FIELDS = (
     "pretrain",
     "routing_margin",
     "input_norm",
+    "width",
 )
 OVERRIDES: list[str] = []  # the flags' destinations, set by build_parser
 

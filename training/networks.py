@@ -1,8 +1,9 @@
 """LeNet-type encoders (paper appendix C) for m classes at once, as one grouped network.
 
 Encoder i is conv5x5(32) -> BN -> leaky ReLU -> maxpool2, then 64 and 128 filters alike, then a
-dense layer of ``rep_dim`` units. With ``dropout`` > 0 (not in the paper), the final feature map is
-dropped out before the dense layer in training only; evaluation and the exported graph never see it.
+dense layer of ``rep_dim`` units. Not in the paper: ``width`` multiplies every layer's filters, and
+with ``dropout`` > 0 the final feature map is dropped out before the dense layer in training only
+(evaluation and the exported graph never see it).
 DeepSVDD's convention: no biases and BatchNorm without affine parameters, so the network cannot map
 every input onto the centre by a constant shift.
 
@@ -39,23 +40,23 @@ def feature_sizes(size: int) -> list[int]:
 class GroupedEncoder(nn.Module):
     """m LeNet encoders. ``forward`` takes [B, m, C, H, W] (one image per encoder) -> [B, m, rep_dim]."""
 
-    def __init__(self, groups: int, channels: int, size: int, rep_dim: int = 128, dropout: float = 0.0):
+    def __init__(self, groups: int, channels: int, size: int, rep_dim: int = 128, dropout: float = 0.0, width: int = 1):
         super().__init__()
         self.groups, self.channels, self.size, self.rep_dim = groups, channels, size, rep_dim
         self.dropout = dropout
         layers: list[nn.Module] = []
         width_in = channels
-        for width in WIDTHS:
+        for out in (w * width for w in WIDTHS):
             layers += [
-                nn.Conv2d(groups * width_in, groups * width, KERNEL, padding=KERNEL // 2, bias=False, groups=groups),
-                nn.BatchNorm2d(groups * width, eps=BN_EPS, affine=False),
+                nn.Conv2d(groups * width_in, groups * out, KERNEL, padding=KERNEL // 2, bias=False, groups=groups),
+                nn.BatchNorm2d(groups * out, eps=BN_EPS, affine=False),
                 nn.LeakyReLU(LEAK),
                 nn.MaxPool2d(2),
             ]
-            width_in = width
+            width_in = out
         self.features = nn.Sequential(*layers)
         final = feature_sizes(size)[-1]
-        self.dense = nn.Conv2d(groups * WIDTHS[-1], groups * rep_dim, final, bias=False, groups=groups)
+        self.dense = nn.Conv2d(groups * width_in, groups * rep_dim, final, bias=False, groups=groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch = x.shape[0]
@@ -83,11 +84,11 @@ class GroupedEncoder(nn.Module):
 class GroupedDecoder(nn.Module):
     """Mirror of the encoder for autoencoder pretraining: [B, m, rep_dim] -> [B, m, C, H, W]."""
 
-    def __init__(self, groups: int, channels: int, size: int, rep_dim: int = 128):
+    def __init__(self, groups: int, channels: int, size: int, rep_dim: int = 128, width: int = 1):
         super().__init__()
         self.groups, self.channels, self.size = groups, channels, size
         self.sizes = feature_sizes(size)
-        widths = list(reversed(WIDTHS))  # 128, 64, 32
+        widths = [w * width for w in reversed(WIDTHS)]  # 128, 64, 32 (times width)
         self.dense = nn.ConvTranspose2d(groups * rep_dim, groups * widths[0], self.sizes[-1], bias=False, groups=groups)
         self.dense_bn = nn.BatchNorm2d(groups * widths[0], eps=BN_EPS, affine=False)
         outs = [*widths[1:], channels]
@@ -113,10 +114,10 @@ def _channels_last(x: torch.Tensor) -> torch.Tensor:
 
 
 class GroupedAutoencoder(nn.Module):
-    def __init__(self, groups: int, channels: int, size: int, rep_dim: int = 128, dropout: float = 0.0):
+    def __init__(self, groups: int, channels: int, size: int, rep_dim: int = 128, dropout: float = 0.0, width: int = 1):
         super().__init__()
-        self.encoder = GroupedEncoder(groups, channels, size, rep_dim, dropout)
-        self.decoder = GroupedDecoder(groups, channels, size, rep_dim)
+        self.encoder = GroupedEncoder(groups, channels, size, rep_dim, dropout, width)
+        self.decoder = GroupedDecoder(groups, channels, size, rep_dim, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.encoder(x))

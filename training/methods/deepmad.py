@@ -88,6 +88,9 @@ class DeepMADConfig(MethodConfig):
         choices=tuple(CRITERIA),
         export_choice=True,
     )
+    width: int = setting(
+        1, "filters of every encoder layer times this (2: 64-128-256, ~4x the compute; not in the paper)", minimum=1
+    )
     input_norm: str = setting(
         "channel",
         "input normalisation in training and in the exported graph: channel = per-channel standardisation "
@@ -331,7 +334,9 @@ class _Setup:
         cls, task: Task, config: DeepMADConfig, run: RunOptions, encoder_phase: PhaseTwo, inputs: TrainingInputs
     ) -> _Setup:
         device = run.device
-        model = GroupedAutoencoder(task.n_normal, inputs.channels, inputs.size, config.rep_dim, config.dropout)
+        model = GroupedAutoencoder(
+            task.n_normal, inputs.channels, inputs.size, config.rep_dim, config.dropout, config.width
+        )
         model = model.to(device)
         # Self-supervised pretraining trains the encoders and a small head instead of the autoencoders.
         head = None
