@@ -50,6 +50,7 @@ from training.methods.deepmad import (
     pretrain_autoencoders,
     train_encoders,
 )
+from training.methods.pretraining import PhaseOne
 from training.metrics import roc_auc
 from training.networks import GroupedAutoencoder
 
@@ -102,7 +103,7 @@ def train_together(task, config: DeepMADConfig, device: torch.device, name: str)
     start, cpu_start = time.perf_counter(), time.process_time()
     model = GroupedAutoencoder(m, channels, size, config.rep_dim).to(device)
     ae_opt = torch.optim.Adam(model.parameters(), lr=config.ae_lr, weight_decay=config.weight_decay)
-    pretrain_autoencoders(model, class_images, normaliser, config, ae_opt, generator, 0, _none)
+    pretrain_autoencoders(model, PhaseOne(class_images, normaliser, config, ae_opt, generator))
     centres = compute_centres(model.encoder, class_images, normaliser)
     enc_opt = torch.optim.Adam(model.encoder.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     train_encoders(EncoderPhase(model.encoder, centres, images, labels, normaliser, config, enc_opt, generator))
@@ -123,7 +124,7 @@ def train_one_after_another(task, config: DeepMADConfig, device: torch.device, n
     for i, own in enumerate(class_images):
         model = GroupedAutoencoder(1, channels, size, config.rep_dim).to(device)
         ae_opt = torch.optim.Adam(model.parameters(), lr=config.ae_lr, weight_decay=config.weight_decay)
-        pretrain_autoencoders(model, [own], normaliser, config, ae_opt, generator, 0, _none)
+        pretrain_autoencoders(model, PhaseOne([own], normaliser, config, ae_opt, generator))
         centre = compute_centres(model.encoder, [own], normaliser)
         enc_opt = torch.optim.Adam(model.encoder.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         one_vs_rest = torch.where(labels == i, 0, -1)  # -1: a negative for every encoder (here: the one)

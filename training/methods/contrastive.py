@@ -11,18 +11,13 @@ start from these weights, and the head is dropped.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
-from training.batches import Normaliser, class_batches, to_float
-from training.engine import EpochCallback, Progress, autocast, run_epochs
+from training.engine import autocast
+from training.methods.pretraining import PhaseOne
 from training.networks import GroupedEncoder
-
-if TYPE_CHECKING:
-    from training.methods.deepmad import DeepMADConfig  # which imports this module for its phase 1
 
 PROJECTION_DIM = 64
 TEMPERATURE = 0.5  # SimCLR's value for CIFAR-10-sized images
@@ -53,43 +48,18 @@ def nt_xent(first: torch.Tensor, second: torch.Tensor, temperature: float = TEMP
     return torch.stack([F.cross_entropy(group, twins) for group in similarity])
 
 
-def pretrain_contrastive(
-    encoder: GroupedEncoder,
-    head: ProjectionHead,
-    class_images: list[torch.Tensor],
-    normaliser: Normaliser,
-    config: DeepMADConfig,
-    optimizer: torch.optim.Optimizer,
-    generator: torch.Generator,
-    start_epoch: int,
-    on_epoch: EpochCallback,
-    progress: Progress | None = None,
-) -> None:
+def pretrain_contrastive(encoder: GroupedEncoder, head: ProjectionHead, phase: PhaseOne) -> None:
     """Phase 1 by two-view contrast: group i gets two views of a batch of class i; NT-Xent summed over the
     m encoders. Batches and epochs are the autoencoder phase's; ``on_epoch`` gets ``{"contrastive_loss":
     ...}`` (the mean over encoders)."""
     device = next(encoder.parameters()).device
-    module = nn.ModuleList([encoder, head])
-
-    def view(chosen: list[torch.Tensor]) -> torch.Tensor:
-        return torch.stack([to_float(x.to(device), normaliser, "strong", generator) for x in chosen], dim=1)
 
     def step_loss(chosen: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        first, second = view(chosen), view(chosen)  # [B, m, C, H, W] each
+        first, second = phase.batch(chosen, device, "strong"), phase.batch(chosen, device, "strong")
         with autocast(device):
             projected = head(encoder(torch.cat([first, second]))).float()
         per_encoder = nt_xent(*projected.chunk(2))
         loss = per_encoder.sum()
         return loss, {"contrastive_loss": loss.item() / len(chosen)}
 
-    run_epochs(
-        module,
-        optimizer,
-        config.ae_epochs,
-        start_epoch,
-        lambda: class_batches(class_images, config.batch_size, generator),
-        step_loss,
-        on_epoch,
-        progress,
-        "contrastive",
-    )
+    phase.run(nn.ModuleList([encoder, head]), step_loss, "contrastive")

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from service.manifest import EpochChoice, TrainingLog
-from training.batches import Normaliser, class_batches, shuffled_batches, to_float
+from training.batches import Normaliser, shuffled_batches, to_float
 from training.data import Task
 from training.engine import (
     BestEpochs,
@@ -41,6 +41,7 @@ from training.epoch_choice import CRITERIA, RECORD_FIELDS, HeldOutScores, check_
 from training.errors import UserError
 from training.methods.config import MethodConfig, setting
 from training.methods.contrastive import ProjectionHead, pretrain_contrastive
+from training.methods.pretraining import PhaseOne, ignore_epoch
 from training.methods.rotation import RotationHead, pretrain_rotation
 from training.networks import GroupedAutoencoder, GroupedEncoder
 from training.scorer import Scorer
@@ -207,49 +208,20 @@ def embed(encoder: GroupedEncoder, images: torch.Tensor, normaliser: Normaliser,
     return torch.cat(out)
 
 
-def pretrain_autoencoders(
-    autoencoder: GroupedAutoencoder,
-    class_images: list[torch.Tensor],
-    normaliser: Normaliser,
-    config: DeepMADConfig,
-    optimizer: torch.optim.Optimizer,
-    generator: torch.Generator,
-    start_epoch: int,
-    on_epoch: EpochCallback,
-    progress: Progress | None = None,
-) -> None:
-    """Phase 1: autoencoder A_i on X_i only, MSE. Each step gives group i a batch of class i.
-
-    An epoch is ceil(max_i |X_i| / batch) steps; smaller classes wrap around within the epoch, so every
-    image of every class is seen at least once per epoch. ``on_epoch`` gets ``{"autoencoder_mse": ...}``.
-    """
+def pretrain_autoencoders(autoencoder: GroupedAutoencoder, phase: PhaseOne) -> None:
+    """Phase 1: autoencoder A_i on X_i only, MSE; each step gives group i a batch of class i (``PhaseOne``).
+    ``on_epoch`` gets ``{"autoencoder_mse": ...}``."""
     device = next(autoencoder.parameters()).device
 
     def step_loss(chosen: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        batch = torch.stack(
-            [to_float(x.to(device), normaliser, config.augmentation, generator) for x in chosen], dim=1
-        )  # [B, m, C, H, W]
+        batch = phase.batch(chosen, device, phase.config.augmentation)  # [B, m, C, H, W]
         with autocast(device):
             reconstruction = autoencoder(batch)
         # Mean squared error per autoencoder, summed over the m independent autoencoders.
         loss = (reconstruction.float() - batch).pow(2).mean(dim=(0, 2, 3, 4)).sum()
         return loss, {"autoencoder_mse": loss.item() / len(chosen)}
 
-    run_epochs(
-        autoencoder,
-        optimizer,
-        config.ae_epochs,
-        start_epoch,
-        lambda: class_batches(class_images, config.batch_size, generator),
-        step_loss,
-        on_epoch,
-        progress,
-        "autoencoders",
-    )
-
-
-def _ignore_epoch(epoch: int, means: dict[str, float]) -> None:
-    """The default ``on_epoch``: no log, no checkpoint."""
+    phase.run(autoencoder, step_loss, "autoencoders")
 
 
 @dataclass
@@ -269,7 +241,7 @@ class EncoderPhase:
     optimizer: torch.optim.Optimizer
     generator: torch.Generator
     start_epoch: int = 0
-    on_epoch: EpochCallback = _ignore_epoch
+    on_epoch: EpochCallback = ignore_epoch
     progress: Progress | None = None
 
     @property
@@ -419,11 +391,13 @@ def fit_deepmad(
     bar = progress_bar(run.progress)
     normaliser = inputs.normaliser.to(device)
     timer = Timer(device)
-    phase_one = (inputs.class_images, normaliser, config, ae_optimizer, inputs.generator, ae_start, after_ae_epoch, bar)
+    phase_one = PhaseOne(
+        inputs.class_images, normaliser, config, ae_optimizer, inputs.generator, ae_start, after_ae_epoch, bar
+    )
     if head is None:
-        pretrain_autoencoders(model, *phase_one)
+        pretrain_autoencoders(model, phase_one)
     else:
-        SELF_SUPERVISED[config.pretrain][1](model.encoder, head, *phase_one)
+        SELF_SUPERVISED[config.pretrain][1](model.encoder, head, phase_one)
     steps = -(-max(len(x) for x in inputs.class_images) // config.batch_size)
     seen = (config.ae_epochs - ae_start) * task.n_normal * config.batch_size * steps
     if seen:  # a run resumed after this phase keeps the rate it measured

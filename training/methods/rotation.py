@@ -9,17 +9,12 @@ memorise. DeepMAD's centres and contrastive phase then start from these weights;
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
-from training.batches import Normaliser, class_batches, to_float
-from training.engine import EpochCallback, Progress, autocast, run_epochs
+from training.engine import autocast
+from training.methods.pretraining import PhaseOne
 from training.networks import GroupedEncoder
-
-if TYPE_CHECKING:
-    from training.methods.deepmad import DeepMADConfig  # which imports this module for its phase 1
 
 TURNS = 4  # 0, 90, 180, 270 degrees
 
@@ -43,29 +38,14 @@ def turned(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(views), labels
 
 
-def pretrain_rotation(
-    encoder: GroupedEncoder,
-    head: RotationHead,
-    class_images: list[torch.Tensor],
-    normaliser: Normaliser,
-    config: DeepMADConfig,
-    optimizer: torch.optim.Optimizer,
-    generator: torch.Generator,
-    start_epoch: int,
-    on_epoch: EpochCallback,
-    progress: Progress | None = None,
-) -> None:
+def pretrain_rotation(encoder: GroupedEncoder, head: RotationHead, phase: PhaseOne) -> None:
     """Phase 1 by rotation prediction: group i gets a batch of class i in four turns; cross-entropy summed
     over the m encoders. Batches, epochs and augmentation are the autoencoder phase's; ``on_epoch`` gets
     ``{"rotation_loss": ...}`` (the mean over encoders, as the autoencoders' MSE)."""
     device = next(encoder.parameters()).device
-    module = nn.ModuleList([encoder, head])
 
     def step_loss(chosen: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        batch = torch.stack(
-            [to_float(x.to(device), normaliser, config.augmentation, generator) for x in chosen], dim=1
-        )  # [B, m, C, H, W]
-        views, labels = turned(batch)
+        views, labels = turned(phase.batch(chosen, device, phase.config.augmentation))
         with autocast(device):
             logits = head(encoder(views)).float()  # [4B, m, TURNS]
         per_encoder = nn.functional.cross_entropy(
@@ -74,14 +54,4 @@ def pretrain_rotation(
         loss = per_encoder.sum()
         return loss, {"rotation_loss": loss.item() / len(chosen)}
 
-    run_epochs(
-        module,
-        optimizer,
-        config.ae_epochs,
-        start_epoch,
-        lambda: class_batches(class_images, config.batch_size, generator),
-        step_loss,
-        on_epoch,
-        progress,
-        "rotation",
-    )
+    phase.run(nn.ModuleList([encoder, head]), step_loss, "rotation")
