@@ -74,7 +74,7 @@ class ClassifyContext:
 async def classify_context(request: Request) -> ClassifyContext:
     state = request.app.state
     model = await current_model(state.classifier)
-    return ClassifyContext(model, state.pipeline, state.settings, state.captures, request.scope[REQUEST_ID_KEY])
+    return ClassifyContext(model, state.pipeline, state.settings, state.captures, await request_id(request))
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]

@@ -28,6 +28,14 @@ def contrast_normalise(x: torch.Tensor) -> torch.Tensor:
     return centred / centred.abs().mean(dim=(1, 2, 3), keepdim=True).clamp_min(CONTRAST_EPS)
 
 
+def standardise(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, contrast: bool) -> torch.Tensor:
+    """Float [B, C, H, W] on the 0..1 scale -> the networks' input (``mean``/``std`` [1, C, 1, 1]); the one
+    rule for training batches (``Normaliser``) and the exported graph (``scorer.BaseScorer``)."""
+    if contrast:
+        x = contrast_normalise(x)
+    return (x - mean) / std
+
+
 @dataclass
 class Normaliser:
     """Per-channel standardisation with the training set's statistics (baked into the exported graph),
@@ -51,9 +59,7 @@ class Normaliser:
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """Float [B, C, H, W] on the 0..1 scale -> the networks' input."""
-        if self.contrast:
-            x = contrast_normalise(x)
-        return (x - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1)
+        return standardise(x, self.mean.view(1, -1, 1, 1), self.std.view(1, -1, 1, 1), self.contrast)
 
 
 def to_float(

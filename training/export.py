@@ -116,7 +116,7 @@ def evaluate(scorer: BaseScorer, task: Task, reject_rate: float) -> Evaluation:
     if test_distances.shape[1] > 1:
         routing = routing_metrics(test_distances[normal], task.test.labels[normal], task.column_names)
         # Routing on the validation photos: what routing levers are chosen on (the test split is for the table).
-        extra["validation_routing"] = float((val_distances.argmin(1) == task.val.labels).mean())
+        extra["validation_routing"] = routing_metrics(val_distances, task.val.labels, task.column_names).accuracy
         for column in range(test_distances.shape[1]):
             own = val_distances[task.val.labels == column, column]
             detectors.append(calibrate(own, choose_threshold(own, reject_rate).value))

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from training.batches import Normaliser, contrast_normalise
+from training.batches import Normaliser, standardise
 from training.networks import GroupedClassifier, GroupedEncoder
 
 
@@ -41,10 +41,7 @@ class BaseScorer(nn.Module):
         return self.encoder.groups
 
     def standardise(self, image: torch.Tensor) -> torch.Tensor:
-        x = image.permute(0, 3, 1, 2).float() / 255.0
-        if self.contrast:
-            x = contrast_normalise(x)
-        return (x - self.mean) / self.std
+        return standardise(image.permute(0, 3, 1, 2).float() / 255.0, self.mean, self.std, self.contrast)
 
     def columns(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Standardised [N, C, H, W] -> (per-detector distances [N, k], features [N, k, F])."""

@@ -66,12 +66,11 @@ class MethodConfig:
             choices = field.metadata.get("choices")
             if choices and value not in choices:
                 raise UserError(f"{flag_name(field.name)} must be one of {', '.join(choices)}, not {value!r}")
-            minimum, above = field.metadata.get("minimum"), field.metadata.get("above")
+            minimum, above, below = (field.metadata.get(k) for k in ("minimum", "above", "below"))
             if minimum is not None and not value >= minimum:
                 raise UserError(f"{flag_name(field.name)} must be at least {minimum}, got {value}")
             if above is not None and not value > above:
                 raise UserError(f"{flag_name(field.name)} must be greater than {above}, got {value}")
-            below = field.metadata.get("below")
             if below is not None and not value < below:
                 raise UserError(f"{flag_name(field.name)} must be less than {below}, got {value}")
 

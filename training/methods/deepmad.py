@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -46,10 +47,18 @@ from training.methods.rotation import RotationHead, pretrain_rotation
 from training.networks import GroupedAutoencoder, GroupedEncoder
 from training.scorer import Scorer
 
-# Self-supervised phase 1 in place of the autoencoders: (head, its training, its checkpoint part).
+
+class SelfSupervised(NamedTuple):
+    """A self-supervised phase 1 in place of the autoencoders: its head, its training, its checkpoint part."""
+
+    head: type[RotationHead | ProjectionHead]
+    train: Callable[[GroupedEncoder, RotationHead | ProjectionHead, PhaseOne], None]
+    checkpoint_part: str
+
+
 SELF_SUPERVISED = {
-    "rotation": (RotationHead, pretrain_rotation, "rotation_head"),
-    "contrastive": (ProjectionHead, pretrain_contrastive, "projection_head"),
+    "rotation": SelfSupervised(RotationHead, pretrain_rotation, "rotation_head"),
+    "contrastive": SelfSupervised(ProjectionHead, pretrain_contrastive, "projection_head"),
 }
 CENTRE_EPS = 0.1  # DeepSVDD: a centre component near 0 is pushed to +-eps (a zero unit is trivially matched)
 
@@ -313,13 +322,13 @@ class _Setup:
         # Self-supervised pretraining trains the encoders and a small head instead of the autoencoders.
         head = None
         if config.pretrain in SELF_SUPERVISED:
-            head = SELF_SUPERVISED[config.pretrain][0](task.n_normal, config.rep_dim).to(device)
+            head = SELF_SUPERVISED[config.pretrain].head(task.n_normal, config.rep_dim).to(device)
         pretrained = [*model.encoder.parameters(), *head.parameters()] if head is not None else model.parameters()
         ae_optimizer = torch.optim.Adam(pretrained, lr=config.ae_lr, weight_decay=config.weight_decay)
         enc_optimizer = torch.optim.Adam(model.encoder.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         parts = {"model": model, "ae_optimizer": ae_optimizer, "enc_optimizer": enc_optimizer}
         if head is not None:
-            parts[SELF_SUPERVISED[config.pretrain][2]] = head
+            parts[SELF_SUPERVISED[config.pretrain].checkpoint_part] = head
         best_epochs = held_out = None
         if config.epoch_choice != "last":
             best_epochs = BestEpochs(model.encoder, RECORD_FIELDS)
@@ -397,7 +406,7 @@ def fit_deepmad(
     if head is None:
         pretrain_autoencoders(model, phase_one)
     else:
-        SELF_SUPERVISED[config.pretrain][1](model.encoder, head, phase_one)
+        SELF_SUPERVISED[config.pretrain].train(model.encoder, head, phase_one)
     steps = -(-max(len(x) for x in inputs.class_images) // config.batch_size)
     seen = (config.ae_epochs - ae_start) * task.n_normal * config.batch_size * steps
     if seen:  # a run resumed after this phase keeps the rate it measured
