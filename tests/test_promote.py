@@ -199,3 +199,23 @@ def test_bad_input_exits_2(tmp_path: Path, audit: Path):
     result = promote("--candidate", model_dir(), "--current", current, "--audit", only_trash.parent)
     assert result.returncode == 2 and "needs normal and trash photos" in result.stderr
     assert not current.is_symlink() and not (tmp_path / "models" / "trashnet.versions").exists()
+
+
+@pytest.mark.parametrize("gamma", [1e9, -1e9])
+def test_a_candidate_whose_gamma_passes_or_rejects_everything_is_refused(tmp_path: Path, audit: Path, gamma: float):
+    current = copy_model(model_dir(), tmp_path / "models" / "trashnet")
+    candidate = copy_model(model_dir(), tmp_path / "candidate")
+    manifest = Manifest.load(candidate)
+    threshold = manifest.threshold.model_copy(update={"value": gamma})
+    write_manifest(candidate, manifest.model_copy(update={"threshold": threshold}))
+    result = promote("--candidate", candidate, "--current", current, "--audit", audit)
+    assert result.returncode == 3, result.stdout + result.stderr
+    expected = "refused: trash caught at gamma 0.0000" if gamma > 0 else "refused: normal-reject rate at gamma 1.0000"
+    assert expected in result.stdout
+    assert not current.is_symlink()
+
+
+def test_rollback_of_a_missing_current_exits_2_with_one_line(tmp_path: Path):
+    result = promote("--current", tmp_path / "missing" / "trashnet", "--rollback")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.startswith("error:") and result.stderr.count("\n") == 1

@@ -48,9 +48,12 @@ from training.model_store import ModelStore, check_artifact
 
 EXIT_PROMOTED, EXIT_RELOAD_FAILED, EXIT_BAD_INPUT, EXIT_REFUSED = 0, 1, 2, 3
 BATCH = 64
+REJECT_TOLERANCE = 0.05  # the candidate's normal-reject rate at its gamma may rise by at most this (absolute)
+CATCH_TOLERANCE = 0.05  # the candidate's trash caught at its gamma may fall by at most this (absolute)
 RULE = (
     "promote iff same class names and anomaly label, non-constant audit scores, "
-    "AUC >= current AUC + min_gain, and routing accuracy >= current routing accuracy - routing_tolerance"
+    "AUC >= current AUC + min_gain, routing accuracy >= current routing accuracy - routing_tolerance, "
+    "and at each model's own gamma: normal-reject rate <= current + 0.05 and trash caught >= current - 0.05"
 )
 
 
@@ -167,6 +170,22 @@ def decide(current: dict, candidate: dict, same_labels: bool, min_gain: float, t
         return (
             f"routing accuracy {candidate['routing_accuracy']:.4f} < current "
             f"{current['routing_accuracy']:.4f} - tolerance {tolerance:g}"
+        )
+    return decide_at_gamma(current, candidate)
+
+
+def decide_at_gamma(current: dict, candidate: dict) -> str | None:
+    """The bin acts on gamma, not on AUC: a candidate whose own gamma rejects or misses far more is refused."""
+    reject, catch = "normal_reject_rate_at_gamma", "tpr_at_gamma"
+    if candidate[reject] > current[reject] + REJECT_TOLERANCE:
+        return (
+            f"normal-reject rate at gamma {candidate[reject]:.4f} > current {current[reject]:.4f} "
+            f"+ tolerance {REJECT_TOLERANCE:g}"
+        )
+    if candidate[catch] < current[catch] - CATCH_TOLERANCE:
+        return (
+            f"trash caught at gamma {candidate[catch]:.4f} < current {current[catch]:.4f} "
+            f"- tolerance {CATCH_TOLERANCE:g}"
         )
     return None
 
@@ -329,6 +348,9 @@ def main(argv: list[str] | None = None) -> int:
         return run(args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except FileNotFoundError as exc:  # e.g. --current in a folder that does not exist
+        print(f"error: {exc.filename or exc}: {exc.strerror or 'not found'}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
 
