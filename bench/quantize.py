@@ -33,6 +33,7 @@ from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantTy
 
 from service.manifest import MODEL_FILE, Manifest, TestMetrics, sha256_file, write_atomic, write_manifest
 from training.data import load_dataset, make_task
+from training.errors import UserError
 from training.metrics import calibrate, choose_threshold, rates_at, roc_auc
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -209,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         task = rebuild_task(manifest, args.data)
-    except ValueError as exc:
+    except (ValueError, UserError) as exc:
         print(f"error: {args.model_dir}: {exc}", file=sys.stderr)
         return 2
 

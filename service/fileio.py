@@ -30,6 +30,23 @@ def fsync_folder(folder: str | Path) -> None:
         os.close(fd)
 
 
+def check_writable_folder(folder: str | Path) -> None:
+    """Write (then remove) a probe file in ``folder``, or in its nearest existing parent when it is still to be
+    made; raises OSError if that fails. Nothing is left behind.
+
+    A command checks its output folders with this before its work, so a long training or export fails in
+    its first second rather than after. A real write is the only check that holds for root, read-only
+    mounts and full disks alike (``os.access`` says yes to root everywhere)."""
+    existing = Path(folder).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(20, "a file stands where a folder is needed", str(existing))
+    fd, probe = tempfile.mkstemp(dir=existing, prefix=".write-check.", suffix=".tmp")
+    os.close(fd)
+    os.unlink(probe)
+
+
 def write_atomic(path: str | Path, data: bytes, *, sync_folder: bool = False) -> None:
     """Write to a temporary file in the same folder, fsync, then rename: readers never see half a file.
     ``sync_folder`` also fsyncs the folder, for writes that must survive a power cut once acknowledged

@@ -15,7 +15,7 @@ from python_multipart.multipart import parse_options_header
 from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from service.errors import ApiError
+from service.errors import ApiError, quoted
 from service.settings import Settings
 
 MULTIPART_OVERHEAD = 64 * 1024  # boundary lines and part headers around a file
@@ -111,7 +111,7 @@ def to_upload(filename: str | None, content_type: str | None, data: bytes, setti
         raise ApiError(
             415,
             "unsupported_media_type",
-            f"part {filename!r} has content type {content_type!r}; send an image/*",
+            f"part {quoted(filename)} has content type {quoted(content_type)}; send an image/*",
         )
     if len(data) > settings.max_upload_bytes:
         raise ApiError(413, "too_large", f"the image is {len(data)} bytes; the limit is {settings.max_upload_bytes}")
@@ -144,7 +144,7 @@ async def single_upload(request: Request, settings: Settings) -> Upload:
     raise ApiError(
         415,
         "unsupported_media_type",
-        f"content type {content_type or 'none'!r}: send multipart/form-data with a `file` "
+        f"content type {quoted(content_type or 'none')}: send multipart/form-data with a `file` "
         "field, or the raw image with an image/* content type",
     )
 
@@ -156,7 +156,7 @@ async def batch_uploads(request: Request, settings: Settings) -> list[Upload | t
         raise ApiError(
             415,
             "unsupported_media_type",
-            f"content type {content_type or 'none'!r}: send multipart/form-data with `files` fields",
+            f"content type {quoted(content_type or 'none')}: send multipart/form-data with `files` fields",
         )
     body = await read_body(request, settings.max_batch_bytes)
     fields = await parse_form(request, body, max_files=settings.max_batch_items + 1)

@@ -251,6 +251,8 @@ def test_resume_after_termination_gives_the_same_model(tmp_path: Path):
         (["--dataset", "trashnet", "--resume", "--checkpoint", "{tmp}/foreign.pt"], "not a training checkpoint"),
         (["--dataset", "trashnet", "--resume", "--checkpoint", "{tmp}/drocc.pt"], "made with other settings"),
         (["--dataset", "trashnet", "--out", "{tmp}/a-file"], "is a file"),
+        (["--dataset", "trashnet", "--out", "{tmp}/a-file/model"], "is not writable"),
+        (["--dataset", "trashnet", "--out", "/proc/deepmad-model"], "is not writable"),
         (["--dataset", "trashnet", "--anomaly-holdout", "0.01"], "leaves 0 selection"),
         (["--dataset", "trashnet", "--anomaly-holdout", "0.999"], "and 0 test anomalies"),
     ],

@@ -43,7 +43,7 @@ from pydantic import ValidationError
 from service.fileio import write_atomic
 from service.labels import anomaly_labels, valid_labels
 from service.manifest import Manifest
-from training.errors import UserError
+from training.errors import UserError, require_writable
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO_ROOT / "models" / "trashnet"
@@ -386,9 +386,13 @@ def run(args: argparse.Namespace) -> dict[str, Any] | str:
     if args.command == "import-label-studio":
         return import_label_studio(args.export_file, args.captures, labels)
     if args.format == "label-studio":
+        require_writable("--out", args.out.parent)
         tasks = label_studio_tasks(args.captures, manifest, args.image_url_prefix, args.include_labelled)
         write_atomic(args.out, (json.dumps(tasks, indent=2) + "\n").encode("utf-8"))
         return {"tasks": len(tasks), "out": str(args.out)}
+    require_writable("--out", args.out)
+    if args.audit_out is not None:
+        require_writable("--audit-out", args.audit_out)
     counts = export_folders(args.captures, args.out, args.audit_out, args.audit_share, labels)
     return {**counts, "out": str(args.out), "audit_out": str(args.audit_out) if args.audit_out else None}
 

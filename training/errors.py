@@ -5,10 +5,21 @@ from __future__ import annotations
 import signal
 import sys
 from collections.abc import Callable
+from pathlib import Path
+
+from service.fileio import check_writable_folder
 
 
 class UserError(Exception):
     """Bad input from the user (unknown data set, missing data, bad class names, unusable device)."""
+
+
+def require_writable(flag: str, folder: Path) -> None:
+    """A UserError naming ``flag`` when nothing can be written in ``folder`` (checked before the work starts)."""
+    try:
+        check_writable_folder(folder)
+    except OSError as exc:
+        raise UserError(f"{flag} {folder} is not writable: {exc.strerror or exc}") from None
 
 
 def run_command(body: Callable[[], int], interrupted: str) -> int:

@@ -23,7 +23,7 @@ from training.data import SOURCES, default_normal, load_dataset, make_task, pars
 from training.data.base import add_holdout_flags, check_anomaly_holdout
 from training.data.composites import with_composites
 from training.engine import read_checkpoint, resolve_device
-from training.errors import UserError, run_command
+from training.errors import UserError, require_writable, run_command
 from training.export import check_parity, evaluate, write_artifact
 from training.methods import CONFIG_TYPES, METHODS, Method, get_method
 from training.methods.config import add_config_flags
@@ -110,6 +110,7 @@ def check_args(args: argparse.Namespace) -> None:
     check_anomaly_holdout(args.anomaly_holdout, args.outlier_exposure, args.exposure_from_train)
     if args.out.exists() and not args.out.is_dir():
         raise UserError(f"--out {args.out} is a file; the artifact is a folder (model.onnx + manifest.json)")
+    require_writable("--out", args.out)
 
 
 def member_checkpoints(args: argparse.Namespace, config) -> list[tuple[object, Path]]:

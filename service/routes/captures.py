@@ -21,7 +21,7 @@ from service.auth import bearer_or_header, same_token
 from service.capture import CaptureWriter
 from service.capture_store import CONTENT_TYPES, CaptureNotFoundError, Order, Sidecar
 from service.dependencies import CapturesDep, ClassifierDep, ModelDep, SettingsDep
-from service.errors import ApiError, error_doc
+from service.errors import ApiError, error_doc, quoted
 from service.labels import anomaly_labels, valid_labels
 from service.routes.operations import static_page
 from service.schemas import CaptureList, FeedbackRequest
@@ -80,7 +80,7 @@ OperatorReader = Annotated[CaptureWriter, Depends(operator_reader)]
 async def feedback(body: FeedbackRequest, captures: Operator, model: ModelDep) -> Sidecar:
     labels = valid_labels(model.manifest)
     if body.label not in labels:
-        raise ApiError(422, "invalid_label", f"label {body.label!r} is not one of {labels}")
+        raise ApiError(422, "invalid_label", f"label {quoted(body.label)} is not one of {labels}")
     try:
         return await anyio.to_thread.run_sync(captures.store.label, body.id, body.label, "feedback")
     except CaptureNotFoundError:
@@ -131,7 +131,7 @@ async def capture_image(capture_id: str, captures: OperatorReader) -> Response:
         path = captures.store.image_path(capture_id)
         data = await anyio.Path(path).read_bytes()  # whole, so an eviction mid-response cannot cut it short
     except (CaptureNotFoundError, FileNotFoundError):
-        raise ApiError(404, "unknown_id", f"no capture with id {capture_id!r}") from None
+        raise ApiError(404, "unknown_id", f"no capture with id {quoted(capture_id)}") from None
     media_type = CONTENT_TYPES.get(path.suffix.lstrip("."), "application/octet-stream")
     return Response(data, media_type=media_type, headers={"Cache-Control": "private, max-age=86400"})
 

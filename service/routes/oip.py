@@ -53,7 +53,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from service.capture_store import new_id
 from service.classification import Pipeline, to_classifications
 from service.dependencies import CapturesDep, ClassifierDep, MetricsDep, PipelineDep, RequestIdDep, SettingsDep
-from service.errors import ApiError
+from service.errors import ApiError, quoted
 from service.imaging import ImageError
 from service.metrics import Metrics
 from service.middleware import VERDICT_KEY
@@ -233,9 +233,9 @@ def _named_model(classifier: Classifier, name: str, model_version: str | None) -
     model = _ready_model(classifier)
     manifest = model.manifest
     if name != manifest.name:
-        raise OipError(404, f"unknown model {name!r}; this server serves {manifest.name!r}")
+        raise OipError(404, f"unknown model {quoted(name)}; this server serves {manifest.name!r}")
     if model_version is not None and model_version != manifest.version:
-        raise OipError(404, f"model {name!r} has no version {model_version!r}; it serves {manifest.version!r}")
+        raise OipError(404, f"model {quoted(name)} has no version {quoted(model_version)}; it serves {manifest.version!r}")
     return model
 
 
@@ -419,13 +419,13 @@ def _the_input(parsed: InferRequest, binary: bytes, settings: Settings, model: L
     item = parsed.inputs[0]
     raw = _binary_part(item, binary)
     if any(dim < 0 for dim in item.shape):
-        raise OipError(400, f"input {item.name!r} has a negative dimension in shape {item.shape}")
+        raise OipError(400, f"input {quoted(item.name)} has a negative dimension in shape {item.shape}")
     if item.name == PHOTO_INPUT:
         return _Tensor(PHOTO_INPUT, _photos(item, raw, settings))
     if item.name == IMAGE_INPUT:
         return _Tensor(IMAGE_INPUT, _images(item, raw, settings, model))
     raise OipError(
-        400, f"unknown input {item.name!r}; this model takes {PHOTO_INPUT!r} (BYTES) or {IMAGE_INPUT!r} (UINT8)"
+        400, f"unknown input {quoted(item.name)}; this model takes {PHOTO_INPUT!r} (BYTES) or {IMAGE_INPUT!r} (UINT8)"
     )
 
 
@@ -435,16 +435,16 @@ def _binary_part(item: RequestInput, binary: bytes) -> bytes | None:
         if binary:
             raise OipError(400, f"the body carries {len(binary)} bytes of binary data that no input claims")
         if item.data is None:
-            raise OipError(400, f"input {item.name!r} has neither `data` nor parameters.binary_data_size")
+            raise OipError(400, f"input {quoted(item.name)} has neither `data` nor parameters.binary_data_size")
         return None
     if not isinstance(size, int) or isinstance(size, bool) or size != len(binary):
-        raise OipError(400, f"input {item.name!r}: binary_data_size {size!r}, but {len(binary)} bytes follow the JSON")
+        raise OipError(400, f"input {quoted(item.name)}: binary_data_size {size!r}, but {len(binary)} bytes follow the JSON")
     return binary
 
 
 def _batch_size(item: RequestInput, settings: Settings) -> int:
     if not item.shape or item.shape[0] < 1:
-        raise OipError(400, f"input {item.name!r} needs a batch dimension of at least 1, got shape {item.shape}")
+        raise OipError(400, f"input {quoted(item.name)} needs a batch dimension of at least 1, got shape {item.shape}")
     if item.shape[0] > settings.max_batch_items:
         raise OipError(413, f"{item.shape[0]} items in one request; the limit is {settings.max_batch_items}")
     return item.shape[0]
@@ -534,7 +534,7 @@ def _requested_outputs(parsed: InferRequest) -> list[tuple[str, bool]]:
     wanted = []
     for output in parsed.outputs:
         if output.name not in OUTPUTS:
-            raise OipError(400, f"unknown output {output.name!r}; this model has {list(OUTPUTS)}")
+            raise OipError(400, f"unknown output {quoted(output.name)}; this model has {list(OUTPUTS)}")
         if "classification" in output.parameters:
             raise OipError(400, "the classification extension is not supported; ask for `nearest_class`")
         wanted.append((output.name, output.parameters.get("binary_data", default_binary) is True))

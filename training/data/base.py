@@ -223,6 +223,11 @@ def make_task(
 
     train = normal_only(dataset.train, max_train_per_class)
     val = normal_only(dataset.val, None)
+    if len(val) == 0:
+        raise UserError(
+            f"the split left no validation photos of {', '.join(normal)} in {dataset.root}: γ is chosen on "
+            "held-out normal photos, so add photos to these classes (folders are split 70/10/20 per class)"
+        )
     for column, name in enumerate(normal):
         if not (train.labels == column).any():
             raise UserError(f"class {name!r} has no training images in {dataset.root}")
