@@ -17,7 +17,7 @@ $(VENV)/.serve: pyproject.toml
 
 $(VENV)/.dev: pyproject.toml $(VENV)/.serve
 	$(PIP) install -q $(TORCH)
-	$(PIP) install -q -e '.[serve,train,dev,bench]'
+	$(PIP) install -q -e '.[serve,train,pretrained,dev,bench]'
 	touch $@
 
 # Debian packages the tests use: Chromium for the upload page, Prometheus for the scrape test and its

@@ -33,6 +33,15 @@ class InputSpec(BaseModel):
     channels: int = Field(ge=1, le=3)
 
 
+class BackboneSpec(BaseModel):
+    """The pretrained network inside the graph (absent for the from-scratch encoders): which one, from
+    which weights (their file's sha256), and how many of its last blocks were fine-tuned."""
+
+    name: str
+    weights_sha256: str
+    tune_blocks: int = Field(ge=0)
+
+
 class Threshold(BaseModel):
     value: float
     rule: str = Field(description="how gamma was chosen, in words")
@@ -185,6 +194,7 @@ class Manifest(BaseModel):
     hyperparameters: dict[str, Any]
     class_names: list[str] = Field(description="one per column of the graph's distances output")
     input: InputSpec
+    backbone: BackboneSpec | None = None
     threshold: Threshold
     calibration: Calibration | None = None
     training_data: TrainingData

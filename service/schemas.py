@@ -80,6 +80,9 @@ class ModelInfo(BaseModel):
     method: str
     class_names: list[str]
     input: InputInfo
+    backbone: dict[str, Any] | None = Field(
+        default=None, description="the pretrained network in the graph (name, weights sha256, tuned blocks); null: none"
+    )
     threshold: float = Field(description="gamma in use")
     threshold_source: Literal["manifest", "override"]
     manifest_threshold: float

@@ -17,6 +17,7 @@ from service.manifest import (
     INPUT_NAME,
     MODEL_FILE,
     OUTPUT_NAMES,
+    BackboneSpec,
     Calibration,
     Manifest,
     TestMetrics,
@@ -54,6 +55,13 @@ def export_onnx(scorer: BaseScorer, path: Path) -> None:
             dynamo=False,
         )
     write_atomic(path, buffer.getvalue())
+
+
+def backbone_spec(scorer: BaseScorer) -> BackboneSpec | None:
+    backbone = getattr(scorer.encoder, "backbone", None)
+    if backbone is None:
+        return None
+    return BackboneSpec(name=backbone.name, weights_sha256=backbone.weights_sha256, tune_blocks=backbone.tune_blocks)
 
 
 @dataclass
@@ -162,6 +170,7 @@ def write_artifact(
         hyperparameters=hyperparameters,
         class_names=task.column_names,
         input={"height": height, "width": width, "channels": channels},
+        backbone=backbone_spec(scorer),
         threshold=evaluation.threshold,
         calibration=evaluation.calibration,
         training_data=TrainingData(

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from service.manifest import TrainingLog
+from training.backbones import check_input_size
 from training.data import SOURCES, default_normal, load_dataset, make_task, parse_class_selection
 from training.data.base import add_holdout_flags, check_anomaly_holdout
 from training.data.composites import with_composites
@@ -54,7 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="normal classes by name or index, comma separated (default: "
         "TrashNet's five recyclables, else the first two classes)",
     )
-    data.add_argument("--image-size", type=int, help="square input size (default: the source's, 32 or 28)")
+    data.add_argument(
+        "--input-size",
+        "--image-size",
+        dest="image_size",
+        type=int,
+        help="square input size the photos are resized to (default: the source's, 32 or 28)",
+    )
     data.add_argument("--max-train-per-class", type=int, help="subsample each normal class (seeded)")
     add_holdout_flags(data)
     data.add_argument(
@@ -103,8 +110,13 @@ def check_args(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and value < minimum:
             raise UserError(f"--{name.replace('_', '-')} must be at least {minimum}, got {value}")
-    if args.image_size is not None and args.image_size < MIN_IMAGE_SIZE:
-        raise UserError(f"--image-size must be at least {MIN_IMAGE_SIZE} (three 2x2 poolings), got {args.image_size}")
+    backbone = getattr(args, "backbone", "none")
+    if backbone != "none" and not hasattr(get_method(args.method).config_type, "backbone"):
+        raise UserError(f"--backbone works with the centre methods (deepmad, deepsvdd, deepsvdd-m), not {args.method}")
+    if backbone != "none":
+        check_input_size(backbone, args.image_size or 32)
+    elif args.image_size is not None and args.image_size < MIN_IMAGE_SIZE:
+        raise UserError(f"--input-size must be at least {MIN_IMAGE_SIZE} (three 2x2 poolings), got {args.image_size}")
     if not 0.0 < args.reject_rate < 1.0:
         raise UserError("--reject-rate must lie strictly between 0 and 1")
     check_anomaly_holdout(args.anomaly_holdout, args.outlier_exposure, args.exposure_from_train)

