@@ -218,6 +218,7 @@ class CaptureWriter:
 
     def _write_batch(self, jobs: list[_Job]) -> None:
         """Build the sidecars, write them as one group commit, count each outcome, settle the waiters."""
+        start = time.perf_counter()
         try:
             items = [(self._sidecar(job), job.data) for job in jobs]
             evictions = self.store.evictions
@@ -243,6 +244,7 @@ class CaptureWriter:
                     else CaptureOutcome(status="dropped", reason=outcome)
                 )
                 settled.setdefault(job.waiter[0], []).append((job.waiter[1], answer))
+        self.metrics.capture_batch_seconds.observe(time.perf_counter() - start)
         for loop, pairs in settled.items():
             with contextlib.suppress(RuntimeError):  # that loop has closed: nobody is waiting any more
                 loop.call_soon_threadsafe(_settle, pairs)

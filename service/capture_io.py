@@ -38,7 +38,7 @@ from pathlib import Path
 HEADER = struct.Struct("<Q")
 F_SETPIPE_SZ = 1031  # Linux: a 1 MiB pipe takes a whole batch in one write
 PIPE_BYTES = 1 << 20
-FSYNC_THREADS = 8
+FSYNC_THREADS = 16  # fsyncs in flight at once: the journal commits them together
 PACKAGE_PARENT = str(Path(__file__).resolve().parents[1])
 
 # One capture to write: (folder, image name, image bytes, sidecar name, sidecar bytes).
@@ -134,11 +134,15 @@ def _stage(index: int, capture: CaptureFiles, created: set[str]) -> _Staged | Ou
     return staged
 
 
-def _fsync_and_close(fd: int) -> None:
+def _fsync_and_close(fd: int) -> OSError | None:
+    """fsync then close one file; the error instead of raising it (one failed file fails its capture only)."""
     try:
         os.fsync(fd)
+    except OSError as exc:
+        return exc
     finally:
         os.close(fd)
+    return None
 
 
 def write_batch(
@@ -157,31 +161,23 @@ def write_batch(
             staged.append(result)
         else:
             outcomes[index] = result
+    fds = [fd for item in staged for fd, _, _ in item.files]
+    errors = dict(zip(fds, pool.map(_fsync_and_close, fds), strict=True))  # every file at once: one journal commit
     synced = []
-    for item, error in zip(staged, pool.map(_sync_files, staged), strict=True):
-        if error is None:
-            synced.append(item)
-        else:
+    for item in staged:
+        problems = [f"{final}: {errors[fd]}" for fd, _, final in item.files if errors[fd] is not None]
+        item.files = [(-1, tmp, final) for _, tmp, final in item.files]
+        if problems:
             item.discard()
-            outcomes[item.index] = ("write_error", error)
+            outcomes[item.index] = ("write_error", problems[0])
+        else:
+            synced.append(item)
     if not parent_alive():  # killed meanwhile: nobody will hear of this batch, leave nothing behind
         for item in synced:
             item.discard()
         raise EOFError("the service is gone")
     _publish(synced, outcomes, created)
     return [outcome if outcome is not None else ("write_error", "not written") for outcome in outcomes]
-
-
-def _sync_files(item: _Staged) -> str | None:
-    """fsync (then close) both temporary files of one capture; the error message, or None."""
-    error = None
-    for position, (fd, tmp, final) in enumerate(item.files):
-        try:
-            _fsync_and_close(fd)
-        except OSError as exc:
-            error = error or f"{final}: {exc}"
-        item.files[position] = (-1, tmp, final)
-    return error
 
 
 def _rename(item: _Staged, position: int, outcomes: list[Outcome | None]) -> bool:
