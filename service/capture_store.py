@@ -2,7 +2,8 @@
 
 A capture is ``<root>/<YYYY-MM-DD>/<id>.<ext>`` (the upload's bytes, unchanged) plus ``<id>.json``
 (the sidecar), each written atomically (``.<name>.*.tmp``, fsync, ``os.replace``, fsync the folder),
-image first. A capture exists iff its sidecar exists; files starting with ``.`` and images without a
+image first; ``add_batch`` does that for a whole batch at once, one fsync per folder (``capture_io``).
+A capture exists iff its sidecar exists; files starting with ``.`` and images without a
 sidecar are not captures (a ``kill -9`` can leave those; ``open`` removes them).
 
 ``CaptureStore`` keeps an index of the sidecars in memory for the byte budget and for listing; it
@@ -21,7 +22,8 @@ import os
 import re
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -29,6 +31,7 @@ from typing import Literal
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from service.capture_io import FSYNC_THREADS, CaptureFiles, Outcome, write_batch
 from service.fileio import write_atomic
 
 log = logging.getLogger("service.captures")
@@ -48,6 +51,7 @@ CONTENT_TYPES = {
 Verdict = Literal["normal", "anomalous"]
 Reason = Literal["anomalous", "uncertain", "sampled"]
 Order = Literal["newest", "oldest", "uncertain"]
+AddOutcome = Literal["written", "budget_full", "duplicate_id"]
 
 
 def new_id() -> str:
@@ -140,8 +144,12 @@ class CaptureNotFoundError(KeyError):
 class CaptureStore:
     """The capture folder with a byte budget that evicts the oldest unlabelled captures first."""
 
-    def __init__(self, root: Path, max_bytes: int):
+    def __init__(
+        self, root: Path, max_bytes: int, write_files: Callable[[list[CaptureFiles]], list[Outcome]] | None = None
+    ):
         self.root, self.max_bytes = Path(root), max_bytes
+        self._pool: ThreadPoolExecutor | None = None
+        self._write_files = write_files or self._write_here
         self.used_bytes = 0
         self.evictions = 0
         self._index: dict[str, Entry] = {}  # oldest first
@@ -170,27 +178,50 @@ class CaptureStore:
             self.used_bytes = sum(entry.bytes for entry in entries)
         log.info("capture folder %s: %d captures, %d bytes", self.root, len(self._index), self.used_bytes)
 
-    def add(self, sidecar: Sidecar, image: bytes) -> Literal["written", "budget_full", "duplicate_id"]:
-        """Write one capture (image, then sidecar), evicting old unlabelled ones to stay in budget.
+    def add(self, sidecar: Sidecar, image: bytes) -> AddOutcome:
+        """Write one capture (a batch of one); raises OSError when it could not be written."""
+        outcome, detail = self.add_batch([(sidecar, image)])[0]
+        if outcome == "write_error":
+            raise OSError(detail)
+        return outcome
+
+    def add_batch(self, items: list[tuple[Sidecar, bytes]]) -> list[tuple[AddOutcome | Literal["write_error"], str]]:
+        """Write several captures as one group commit (``capture_io``), evicting old unlabelled ones to stay
+        in budget; (outcome, detail) per item, in order, each ``written`` only once it is durable.
 
         An id that is already captured (a client sending the same X-Request-ID twice) is not
         overwritten: its label, if any, belongs to the first photo.
         """
-        payload = sidecar.to_bytes()
-        size = len(image) + len(payload)
-        folder = self.root / sidecar.time[:10]
-        sidecar_path = folder / f"{sidecar.id}{SIDECAR_SUFFIX}"
+        outcomes: list[tuple[str, str]] = [("", "")] * len(items)
+        planned: list[tuple[int, Sidecar, Path, int]] = []
+        files: list[CaptureFiles] = []
         with self._lock:
-            if sidecar.id in self._index or sidecar_path.exists():
-                return "duplicate_id"
-            if not self._make_room(size):
-                return "budget_full"
-            folder.mkdir(exist_ok=True)
-            write_atomic(folder / sidecar.image, image, sync_folder=True)
-            write_atomic(sidecar_path, payload, sync_folder=True)
-            self._index[sidecar.id] = self._entry(sidecar, folder, size, file_stamp(sidecar_path.stat()))
-            self.used_bytes += size
-        return "written"
+            for index, (sidecar, image) in enumerate(items):
+                payload = sidecar.to_bytes()
+                size = len(image) + len(payload)
+                if sidecar.id in self._index or any(sidecar.id == other.id for _, other, _, _ in planned):
+                    outcomes[index] = ("duplicate_id", "")
+                elif not self._make_room(size):
+                    outcomes[index] = ("budget_full", "")
+                else:
+                    self.used_bytes += size  # reserved: the next item's room is made around it
+                    folder = self.root / sidecar.time[:10]
+                    planned.append((index, sidecar, folder, size))
+                    files.append((str(folder), sidecar.image, image, f"{sidecar.id}{SIDECAR_SUFFIX}", payload))
+            written = self._write_files(files) if files else []
+            for (index, sidecar, folder, size), (outcome, detail) in zip(planned, written, strict=True):
+                if outcome == "written":
+                    self._index[sidecar.id] = self._entry(sidecar, folder, size, tuple(detail))
+                else:
+                    self.used_bytes -= size
+                outcomes[index] = (outcome, "" if detail is None else str(detail))
+        return outcomes  # type: ignore[return-value]
+
+    def _write_here(self, files: list[CaptureFiles]) -> list[Outcome]:
+        """The group commit in this process (tests, tools); the service hands it to a helper process."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(FSYNC_THREADS, thread_name_prefix="capture-fsync")
+        return write_batch(files, self._pool, lambda: True)
 
     def get(self, capture_id: str) -> Sidecar:
         entry = self._index.get(capture_id)

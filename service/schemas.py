@@ -30,6 +30,37 @@ class ModelRef(BaseModel):
     version: str
 
 
+CaptureStatus = Literal["off", "skipped", "queued", "written", "dropped"]
+DropReason = Literal["queue_full", "budget_full", "duplicate_id", "write_error", "error"]
+
+
+def _is_none(value: object) -> bool:
+    return value is None
+
+
+class CaptureOutcome(BaseModel):
+    """What became of this answer's photo, so a client need not read /metrics to know it was kept."""
+
+    status: CaptureStatus = Field(
+        description="off: capture not configured; skipped: the capture policy did not keep this photo; "
+        "queued: handed to the background writer (DEEPMAD_CAPTURE_MODE=queued; a kill -9 can still lose it); "
+        "written: on disk, fsynced (DEEPMAD_CAPTURE_MODE=durable); dropped: not kept, see reason"
+    )
+    # exclude_if: {"status": "off"} rather than {"status": "off", "id": null, "reason": null}
+    id: str | None = Field(
+        None, exclude_if=_is_none, description="the capture's id (the answer's id), when queued or written"
+    )
+    reason: DropReason | None = Field(
+        None,
+        exclude_if=_is_none,
+        description="why it was dropped: queue_full (the writer is behind), budget_full (only labelled captures "
+        "left in the byte budget), duplicate_id (this id was captured before), write_error (disk), error",
+    )
+
+
+CAPTURE_OFF = CaptureOutcome(status="off")
+
+
 class Classification(BaseModel):
     id: str = Field(description=REQUEST_ID_DOC)
     verdict: Literal["normal", "anomalous"] = Field(description="anomalous iff score >= threshold")
@@ -41,6 +72,9 @@ class Classification(BaseModel):
     nearest_class: str = Field(description="class whose centre is nearest: where a normal item goes")
     distances: dict[str, float] = Field(description="distance to each normal class's centre")
     model: ModelRef
+    capture: CaptureOutcome = Field(
+        default_factory=lambda: CAPTURE_OFF, description="what became of the photo: kept for labelling or not"
+    )
 
 
 class BatchItem(BaseModel):

@@ -95,6 +95,12 @@ class Settings(BaseSettings):
     capture_queue_size: int = Field(
         256, gt=0, description="captures waiting for the background writer; beyond it they are dropped"
     )
+    capture_mode: Literal["queued", "durable"] = Field(
+        "queued",
+        description="queued: answer at once, the photo written in the background (capture.status queued; a "
+        "kill -9 loses what is queued); durable: answer only once the photo is fsynced (capture.status "
+        "written), at the cost of the writer's batch latency (docs/flywheel.md)",
+    )
     operator_token: str | None = Field(
         None, description="token for POST /feedback, GET /captures and /review; unset disables them"
     )

@@ -62,8 +62,9 @@ def wait_for(condition, timeout: float = 20.0) -> bool:
 
 
 def without_id(answer: dict) -> dict:
-    """A /classify answer minus its per-request ``id``, to compare two answers for the same photo."""
-    return {key: value for key, value in answer.items() if key != "id"}
+    """A /classify answer minus what is per request (``id``, and ``capture``: what became of this upload),
+    to compare two answers for the same photo."""
+    return {key: value for key, value in answer.items() if key not in ("id", "capture")}
 
 
 # ---- bad inputs, each small in memory ----

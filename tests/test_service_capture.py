@@ -8,6 +8,7 @@ or dropped) and then checks exactly.
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import hashlib
 import io
@@ -535,3 +536,123 @@ def test_a_failing_disk_drops_counts_and_logs_once(model: Path, photos: list[Pat
         assert captures(client)["total"] == 0
         log = server.log()
     assert log.count("not written") == 1, log
+
+
+# ---- the capture outcome in every answer ----
+
+
+def infer_photos(client: httpx.Client, photos: list[Path]) -> dict:
+    """An Open Inference Protocol v2 request with the photos as a BYTES input (JSON, base64)."""
+    data = [base64.b64encode(photo.read_bytes()).decode() for photo in photos]
+    body = {"inputs": [{"name": "photo", "shape": [len(data)], "datatype": "BYTES", "data": data}]}
+    response = client.post("/v2/models/trashnet/infer", json=body)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_answers_say_off_and_skipped_and_queued(
+    model: Path, photos: list[Path], reference: dict[str, dict], tmp_path: Path
+) -> None:
+    """Capture off: ``off``; on, queued mode: ``queued`` with the answer's id for a kept photo, ``skipped`` for
+    one the policy leaves out; the v2 response says the same in ``parameters``."""
+    assert {answer["capture"]["status"] for answer in reference.values()} == {"off"}
+    scores = sorted(answer["score"] for answer in reference.values())
+    threshold = (scores[len(scores) // 2 - 1] + scores[len(scores) // 2]) / 2
+    folder = tmp_path / "captures"
+    flags = capture_flags(folder, "--threshold", str(threshold), "--capture-margin", "0", "--capture-normal-rate", "0")
+    with run_server(model, tmp_path, *flags) as server, server.client() as client:
+        answers = [classify(client, photo).json() for photo in photos]
+        v2 = infer_photos(client, photos[:2])
+        drained(client)
+        listed = {item["id"] for item in captures(client)["items"]}
+    for answer in answers:
+        kept = answer["verdict"] == "anomalous"
+        assert answer["capture"] == ({"status": "queued", "id": answer["id"]} if kept else {"status": "skipped"})
+    assert {answer["capture"]["status"] for answer in answers} == {"queued", "skipped"}
+    ids = {answer["id"] for answer in answers if answer["capture"]["status"] == "queued"}
+    v2_kept = [v == "anomalous" for v in next(o for o in v2["outputs"] if o["name"] == "verdict")["data"]]
+    assert v2["parameters"]["capture_status"] == ",".join("queued" if kept else "skipped" for kept in v2_kept)
+    assert "capture_reason" not in v2["parameters"]
+    v2_ids = next(o for o in v2["outputs"] if o["name"] == "id")["data"]
+    assert listed == ids | {i for i, kept in zip(v2_ids, v2_kept, strict=True) if kept}
+
+
+def test_durable_answers_come_once_written_and_a_full_queue_says_dropped(
+    model: Path, photos: list[Path], tmp_path: Path
+) -> None:
+    """Durable mode: a ``written`` answer's files are on disk when it arrives (no waiting for the writer);
+    with a queue of 2, a batch of 16 photos cannot all be queued: the rest say ``dropped``/``queue_full``."""
+    folder = tmp_path / "captures"
+    flags = capture_flags(folder, "--threshold", "0", "--capture-queue-size", "2")
+    with run_server(model, tmp_path, *flags, DEEPMAD_CAPTURE_MODE="durable") as server, server.client() as client:
+        for photo in photos[:3]:
+            answer = classify(client, photo).json()
+            assert answer["capture"] == {"status": "written", "id": answer["id"]}
+            sidecar = Sidecar.model_validate_json(next(folder.glob(f"*/{answer['id']}.json")).read_bytes())
+            image = (folder / sidecar.time[:10] / sidecar.image).read_bytes()
+            assert image == photo.read_bytes() and hashlib.sha256(image).hexdigest() == sidecar.image_sha256
+        assert infer_photos(client, photos[:1])["parameters"]["capture_status"] == "written"
+        jobs = [photos[i % len(photos)] for i in range(16)]
+        files = [("files", (p.name, p.read_bytes(), "image/jpeg")) for p in jobs]
+        batch = client.post("/classify/batch", files=files).json()["results"]
+        outcomes = [item["result"]["capture"] for item in batch]
+        dropped = [o for o in outcomes if o["status"] == "dropped"]
+        assert dropped and all(o == {"status": "dropped", "reason": "queue_full"} for o in dropped)
+        written = {o["id"] for o in outcomes if o["status"] == "written"}
+        assert len(written) + len(dropped) == 16
+        assert metric(client, "deepmad_captures_total", outcome="queue_full") == len(dropped)
+        on_disk = {path.stem for path in folder.glob("*/*.json")}
+        assert written <= on_disk and not {item["id"] for item in batch} - written & on_disk
+
+
+def test_kill_9_under_durable_capture_load_keeps_every_written_answer(
+    model: Path, photos: list[Path], tmp_path: Path
+) -> None:
+    """Every capture a client was told is ``written`` survives a SIGKILL mid-stream with its sidecar and its
+    sha256; after a restart no temporary file or image without a sidecar is left."""
+    folder = tmp_path / "captures"
+    acknowledged: dict[str, Path] = {}  # capture id -> the photo sent
+    lock, stop = threading.Lock(), threading.Event()
+    flags = capture_flags(folder, "--threshold", "0", "--capture-queue-size", "1024")
+    with run_server(model, tmp_path, *flags, DEEPMAD_CAPTURE_MODE="durable") as server:
+
+        def stream(offset: int) -> None:
+            with httpx.Client(base_url=server.url, timeout=10) as client:
+                for i in range(400):
+                    photo = photos[(offset + i) % len(photos)]
+                    if stop.is_set():
+                        return
+                    try:
+                        answer = client.post("/classify", content=photo.read_bytes(), headers=JPEG).json()
+                    except httpx.TransportError:
+                        return  # the server is gone
+                    if answer["capture"]["status"] == "written":
+                        with lock:
+                            acknowledged[answer["capture"]["id"]] = photo
+
+        threads = [threading.Thread(target=stream, args=(k,)) for k in range(6)]
+        for thread in threads:
+            thread.start()
+        try:
+            assert wait_for(lambda: len(acknowledged) >= 40, timeout=60)
+            server.process.send_signal(signal.SIGKILL)
+            server.process.wait()
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join()
+    assert len(acknowledged) >= 40
+    for capture_id, photo in acknowledged.items():
+        sidecar = Sidecar.model_validate_json(next(folder.glob(f"*/{capture_id}.json")).read_bytes())
+        image = (folder / sidecar.time[:10] / sidecar.image).read_bytes()
+        assert (
+            sidecar.image_sha256 == hashlib.sha256(image).hexdigest() == hashlib.sha256(photo.read_bytes()).hexdigest()
+        )
+
+    with run_server(model, tmp_path, *capture_flags(folder)) as server, server.client() as client:
+        listed = {item["id"] for item in captures(client)["items"]}
+    assert set(acknowledged) <= listed
+    assert not [path for path in folder.rglob(".*") if path.is_file()], "a temporary file survived the restart"
+    sidecars = {path.stem for path in visible_files(folder) if path.suffix == ".json"}
+    images = {path.stem for path in visible_files(folder) if path.suffix != ".json"}
+    assert images == sidecars == listed

@@ -1,7 +1,8 @@
 """``POST /classify`` (one photo) and ``POST /classify/batch`` (several, per-item results and errors).
 
 Both answer with ids (the request's, from ``RequestIdMiddleware``; batch items get their own) and
-offer each answered photo to the capture writer, which decides and queues without waiting.
+offer each answered photo to the capture writer, which decides and queues without waiting (in durable
+capture mode the answer waits until the photo is on disk); each answer's ``capture`` says the outcome.
 """
 
 from __future__ import annotations
@@ -52,12 +53,12 @@ ID_HEADER = {"X-Request-ID": {"description": "the request's id", "schema": {"typ
 RESPONSES = {200: {"headers": ID_HEADER}, **ERRORS}
 
 
-def offer_captures(
+async def offer_captures(
     captures: CaptureWriter | None, model: LoadedModel, answered: list[tuple[Upload, Classification]]
 ) -> None:
+    """Each answer's ``capture`` says what became of its photo (left ``off`` without a capture folder)."""
     if captures is not None:
-        for upload, result in answered:
-            captures.offer(model, upload, result)
+        await captures.capture(model, answered)
 
 
 @router.post(
@@ -70,7 +71,7 @@ def offer_captures(
 async def classify(request: Request, context: ClassifyContextDep) -> Classification:
     upload = await single_upload(request, context.settings)
     result = await context.pipeline.classify(context.model, upload, context.request_id)
-    offer_captures(context.captures, context.model, [(upload, result)])
+    await offer_captures(context.captures, context.model, [(upload, result)])
     request.scope[VERDICT_KEY] = result.verdict
     return result
 
@@ -90,6 +91,6 @@ async def classify_batch(request: Request, context: ClassifyContextDep) -> Batch
         for upload, item in zip(items, results, strict=True)
         if isinstance(upload, Upload) and item.result is not None
     ]
-    offer_captures(context.captures, context.model, answered)
+    await offer_captures(context.captures, context.model, answered)
     request.scope[VERDICT_KEY] = "batch"
     return BatchResponse(id=context.request_id, results=results, model=context.model.ref)

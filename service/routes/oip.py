@@ -20,7 +20,8 @@ class, in the manifest's order), ``score`` FP32 [N], ``nearest`` INT64 [N], ``ne
 [N], ``verdict`` BYTES [N] (``normal`` / ``anomalous``: score >= threshold) and ``id`` BYTES [N] (the
 answer's id for ``POST /feedback``: the request's X-Request-ID for one item, a new id per item of a
 batch, as ``/classify`` and ``/classify/batch``); the response's ``parameters.threshold`` is the
-threshold in use. Photos are offered to the capture writer like ``/classify``'s uploads.
+threshold in use. Photos are offered to the capture writer like ``/classify``'s uploads, and
+``parameters.capture_status`` says what became of each (``capture_reason`` when one was dropped).
 
 The binary tensor data extension is supported both ways (tritonclient uses it by default): the
 request header ``Inference-Header-Content-Length`` gives the JSON's length, the tensors follow it in
@@ -50,6 +51,7 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from service.capture import SKIPPED
 from service.capture_store import new_id
 from service.classification import Pipeline, to_classifications
 from service.dependencies import CapturesDep, ClassifierDep, MetricsDep, PipelineDep, RequestIdDep, SettingsDep
@@ -362,11 +364,24 @@ async def _infer(
     ids = [hooks.request_id] if n == 1 else [new_id() for _ in range(n)]  # batch items: own ids, as /classify/batch
     answers = _answers(hooks.metrics, model, scores, ids)
     if tensor.name == PHOTO_INPUT and hooks.captures is not None:  # photos worth labelling, as /classify
-        for photo, answer in zip(tensor.payload, answers, strict=True):
-            hooks.captures.offer(model, Upload(filename=None, content_type=None, data=photo), answer)
+        uploads = [Upload(filename=None, content_type=None, data=photo) for photo in tensor.payload]
+        await hooks.captures.capture(model, list(zip(uploads, answers, strict=True)))
+    elif hooks.captures is not None:  # ready tensors are not photos: nothing to label
+        for answer in answers:
+            answer.capture = SKIPPED
     results = _results(scores, answers)
     request.scope[VERDICT_KEY] = results["verdict"][0] if len(results["verdict"]) == 1 else "batch"
-    return _respond(model, parsed, wanted, results)
+    return _respond(model, parsed, wanted, results, capture_parameters(answers))
+
+
+def capture_parameters(answers: list[Classification]) -> dict[str, str]:
+    """The capture outcomes as the protocol's scalar parameters: ``capture_status`` (and, when any photo was
+    dropped, ``capture_reason``), one comma-separated entry per item in input order."""
+    outcomes = [answer.capture for answer in answers]
+    parameters = {"capture_status": ",".join(outcome.status for outcome in outcomes)}
+    if any(outcome.reason for outcome in outcomes):
+        parameters["capture_reason"] = ",".join(outcome.reason or "" for outcome in outcomes)
+    return parameters
 
 
 class _Tensor:
@@ -592,7 +607,11 @@ LITTLE_ENDIAN = {"FP32": "<f4", "INT64": "<i8"}
 
 
 def _respond(
-    model: LoadedModel, parsed: InferRequest, wanted: list[tuple[str, bool]], results: dict[str, np.ndarray]
+    model: LoadedModel,
+    parsed: InferRequest,
+    wanted: list[tuple[str, bool]],
+    results: dict[str, np.ndarray],
+    parameters: dict[str, str],
 ) -> Response:
     outputs, blobs = [], []
     for name, as_binary in wanted:
@@ -612,7 +631,7 @@ def _respond(
     answer: dict[str, Any] = {
         "model_name": manifest.name,
         "model_version": manifest.version,
-        "parameters": {"threshold": model.threshold},
+        "parameters": {"threshold": model.threshold, **parameters},
         "outputs": outputs,
     }
     if parsed.id is not None:
