@@ -235,7 +235,9 @@ def _named_model(classifier: Classifier, name: str, model_version: str | None) -
     if name != manifest.name:
         raise OipError(404, f"unknown model {quoted(name)}; this server serves {manifest.name!r}")
     if model_version is not None and model_version != manifest.version:
-        raise OipError(404, f"model {quoted(name)} has no version {quoted(model_version)}; it serves {manifest.version!r}")
+        raise OipError(
+            404, f"model {quoted(name)} has no version {quoted(model_version)}; it serves {manifest.version!r}"
+        )
     return model
 
 
@@ -438,7 +440,9 @@ def _binary_part(item: RequestInput, binary: bytes) -> bytes | None:
             raise OipError(400, f"input {quoted(item.name)} has neither `data` nor parameters.binary_data_size")
         return None
     if not isinstance(size, int) or isinstance(size, bool) or size != len(binary):
-        raise OipError(400, f"input {quoted(item.name)}: binary_data_size {size!r}, but {len(binary)} bytes follow the JSON")
+        raise OipError(
+            400, f"input {quoted(item.name)}: binary_data_size {size!r}, but {len(binary)} bytes follow the JSON"
+        )
     return binary
 
 
