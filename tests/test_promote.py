@@ -3,12 +3,14 @@ into a running service without a failed request, and rolled back."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -18,19 +20,24 @@ from service.manifest import Manifest, write_manifest
 from tests.capture_support import tree_files
 from tests.conftest import REPO_ROOT
 from tests.service_support import copy_model, corrupt_model, model_dir, photo_subset, run_server
+from training.model_store import ModelStore
 
 TOKEN = "promote-test-token"
 
 
-def promote(*args: object, token: str | None = None) -> subprocess.CompletedProcess[str]:
+def promote_env(token: str | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DEEPMAD_") or k == "DEEPMAD_DATA_ROOT"}
     env["PYTHONPATH"] = str(REPO_ROOT)
     if token:
         env["DEEPMAD_ADMIN_TOKEN"] = token
+    return env
+
+
+def promote(*args: object, token: str | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "training.promote", *map(str, args)],
         cwd=REPO_ROOT,
-        env=env,
+        env=promote_env(token),
         capture_output=True,
         text=True,
         timeout=600,
@@ -104,7 +111,8 @@ def test_a_worse_candidate_is_refused_and_nothing_changes(tmp_path: Path, audit:
     after = tree_files(models)
     records = [name for name in after if name.startswith("trashnet.decisions/")]
     assert len(records) == 1 and records[0].endswith("-refused.json")
-    assert {k: v for k, v in after.items() if k not in records} == before  # byte-identical, no version made
+    unchanged = {k: v for k, v in after.items() if k not in records and k != ".trashnet.lock"}
+    assert unchanged == before  # byte-identical, no version made (the lock file is the store's, empty)
     assert not current.is_symlink()
     record = json.loads(after[records[0]])
     metrics = record["metrics"]
@@ -166,6 +174,53 @@ def test_promotion_reload_and_rollback_against_a_running_service(tmp_path: Path,
     assert promoted["metrics"]["candidate"]["auc"] == promoted["metrics"]["current"]["auc"]
     assert rolled_back["to_version"] == "0001" and rolled_back["reload"]["serving"] == version
     assert not [p for p in (tmp_path / "models").rglob(".*") if p.name != ".trashnet.lock"]  # no temp left behind
+
+
+def start_promote(*args: object) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "training.promote", *map(str, args)],
+        cwd=REPO_ROOT,
+        env=promote_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def blocked_on(lock: Path) -> int:
+    """How many processes wait for the flock on ``lock`` (the ``->`` lines of /proc/locks for its inode)."""
+    inode = f":{lock.stat().st_ino} "
+    return sum(1 for line in Path("/proc/locks").read_text().splitlines() if "->" in line and inode in line)
+
+
+def test_parallel_promotions_are_judged_one_after_the_other(tmp_path: Path, audit: Path):
+    """Two promotions started together: the second is judged against the model the first swapped in."""
+    shipped = model_dir()
+    current = copy_model(shipped, tmp_path / "models" / "trashnet")
+    candidates = {v: relabelled_copy(shipped, tmp_path / v, v) for v in ("9.1.0-first", "9.2.0-second")}
+    store = ModelStore(current)
+    # The test holds the store's lock until both runs wait for it, so they truly run at the same time:
+    # whatever a run reads before taking the lock, it has read while the other run was also alive.
+    with open(store.lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        runs = [start_promote("--candidate", c, "--current", current, "--audit", audit) for c in candidates.values()]
+        while blocked_on(store.lock_path) < 2:
+            exited = [run for run in runs if run.poll() is not None]
+            assert not exited, exited[0].communicate()[0]
+            time.sleep(0.2)
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    outputs = [run.communicate(timeout=600)[0] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], outputs
+    decisions = [json.loads(p.read_text()) for p in (tmp_path / "models" / "trashnet.decisions").glob("*.json")]
+    first, second = sorted(decisions, key=lambda d: d["new_version"])
+    assert (first["previous_version"], first["new_version"]) == ("0001", "0002")
+    assert (second["previous_version"], second["new_version"]) == ("0002", "0003")
+    assert first["metrics"]["current"]["model"]["version"] == Manifest.load(shipped).version
+    # The second gate compared its candidate with the first one's, not with the model both started from.
+    assert second["metrics"]["current"]["model"]["version"] == first["metrics"]["candidate"]["model"]["version"]
+    assert store.history() == ["0001", "0002", "0003"] and os.readlink(current) == "trashnet.versions/0003"
+    assert Manifest.load(current).version == second["metrics"]["candidate"]["model"]["version"]
+    assert {Manifest.load(store.versions / n).version for n in ("0002", "0003")} == set(candidates)
 
 
 def test_bad_input_exits_2(tmp_path: Path, audit: Path):

@@ -35,7 +35,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import parse_qs, quote, urlparse
 from xml.sax.saxutils import quoteattr
 
 from pydantic import ValidationError
@@ -55,7 +55,7 @@ DEFAULT_AUDIT_SHARE = 0.2
 # Names shared by the labeling config (docs/label-studio.xml), the tasks and the importer.
 LS_IMAGE = "image"  # <Image name="image" value="$image"/>
 LS_CHOICES = "label"  # <Choices name="label" toName="image">
-LS_LOCAL_FILES = "/data/local-files/?d="  # Label Studio's local-files URL (LOCAL_FILES_DOCUMENT_ROOT)
+LS_LOCAL_FILES = "/data/local-files/?d="  # Label Studio's local-files URL, relative to LOCAL_FILES_DOCUMENT_ROOT
 
 
 @dataclass(frozen=True)
@@ -234,6 +234,15 @@ def labeling_config(labels: list[str]) -> str:
     )
 
 
+def local_files_prefix(captures: Path) -> str:
+    """The image URL prefix when Label Studio's document root is the folder that holds ``captures``.
+
+    Label Studio refuses a Local Files storage on the document root itself, so the storage is the capture
+    folder, one level down, and each URL names the capture folder before ``<day>/<id>.<ext>``.
+    """
+    return f"{LS_LOCAL_FILES}{quote(Path(os.path.abspath(captures)).name)}/"
+
+
 def label_studio_tasks(
     captures: Path, manifest: Manifest, url_prefix: str, include_labelled: bool
 ) -> list[dict[str, Any]]:
@@ -364,9 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="model folder whose labels are valid")
     export.add_argument(
         "--image-url-prefix",
-        default=LS_LOCAL_FILES,
         help="label-studio: prefix of each task's image URL before the path inside --captures (default: Label "
-        "Studio's local files, with LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT set to the capture folder)",
+        "Studio's local files, /data/local-files/?d=<capture folder name>/, with "
+        "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT set to the folder that holds the capture folder)",
     )
     export.add_argument("--include-labelled", action="store_true", help="label-studio: also labelled captures")
     imports = commands.add_parser("import-label-studio", help="apply a Label Studio JSON export as labels")
@@ -387,7 +396,8 @@ def run(args: argparse.Namespace) -> dict[str, Any] | str:
         return import_label_studio(args.export_file, args.captures, labels)
     if args.format == "label-studio":
         require_writable("--out", args.out.parent)
-        tasks = label_studio_tasks(args.captures, manifest, args.image_url_prefix, args.include_labelled)
+        prefix = args.image_url_prefix if args.image_url_prefix is not None else local_files_prefix(args.captures)
+        tasks = label_studio_tasks(args.captures, manifest, prefix, args.include_labelled)
         write_atomic(args.out, (json.dumps(tasks, indent=2) + "\n").encode("utf-8"))
         return {"tasks": len(tasks), "out": str(args.out)}
     require_writable("--out", args.out)

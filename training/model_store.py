@@ -96,10 +96,18 @@ class ModelStore:
     def _write_history(self, history: list[str]) -> None:
         write_atomic(self.versions / HISTORY_FILE, (json.dumps({"current": history}, indent=2) + "\n").encode())
 
+    @property
+    def lock_path(self) -> Path:
+        return self.current.with_name(f".{self.current.name}.lock")
+
     @contextmanager
     def locked(self) -> Iterator[None]:
-        """One promotion or rollback at a time per model folder."""
-        with open(self.current.with_name(f".{self.current.name}.lock"), "w") as handle:
+        """One promotion or rollback at a time per model folder (an flock, so a killed holder frees it).
+
+        training.promote holds it from reading the current model to the reload, so a candidate is always
+        judged against the model it replaces.
+        """
+        with open(self.lock_path, "w") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
                 yield

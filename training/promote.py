@@ -9,12 +9,19 @@ the current model's gamma does), TPR and reject rate at each model's own gamma, 
 nearest class of normal items), and per class.
 
 The rule (RULE below): the candidate is promoted only when it serves the same classes, its scores are
-not constant, its AUC >= the current AUC + --min-gain, and its routing accuracy >= the current one -
---routing-tolerance. An audit tree with fewer than --min-audit-anomalies anomaly photos (default 5) is
-not judged at all: on one or two photos the AUC is a coin flip (bench/flywheel.py measured a gate
-decided by a single audit trash photo). Exit 0 promoted (or rolled back), 3 refused (the reason is
-printed), 2 bad input or an audit tree too small to judge, 1 when the swap happened but the service's
-reload failed (the service keeps its old model).
+not constant, its AUC >= the current AUC + --min-gain, its routing accuracy >= the current one -
+--routing-tolerance, and, at each model's own gamma (what the bin acts on), its normal-reject rate is at
+most 0.05 above the current model's and its trash caught at most 0.05 below it (decide_at_gamma): a
+candidate with the same AUC but a gamma that rejects every recyclable, or passes every trash item, is
+refused. An audit tree with fewer than --min-audit-anomalies anomaly photos (default 5) is not judged at
+all: on one or two photos the AUC is a coin flip (bench/flywheel.py measured a gate decided by a single
+audit trash photo). Exit 0 promoted (or rolled back), 3 refused (the reason is printed), 2 bad input or
+an audit tree too small to judge, 1 when the swap happened but the service's reload failed (the service
+keeps its old model).
+
+One promotion or rollback at a time per model folder: the store's lock (ModelStore.locked) is taken
+before the current model is read and held through the decision, the swap and the reload, so of two runs
+started together the second is judged against the model the first swapped in.
 
 Example:
     python -m training.promote --candidate runs/bin-candidate --current models/trashnet \\
@@ -253,13 +260,14 @@ def base_record(decision: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_rollback(args: argparse.Namespace, store: ModelStore) -> int:
+    """Switch back and reload under the lock, so a promotion cannot slip in between the two."""
     with store.locked():
         rolled_from, rolled_to = store.rollback()
-    manifest = check_artifact(store.current)
-    record = {**base_record("rolled-back", args), "from_version": rolled_from, "to_version": rolled_to}
-    record["model"] = {"name": manifest.name, "version": manifest.version, "sha256": manifest.model_sha256}
-    print(f"rolled back {store.current}: version folder {rolled_from} -> {rolled_to} ({manifest.version})")
-    return finish(args, store, record, manifest.version)
+        manifest = check_artifact(store.current)
+        record = {**base_record("rolled-back", args), "from_version": rolled_from, "to_version": rolled_to}
+        record["model"] = {"name": manifest.name, "version": manifest.version, "sha256": manifest.model_sha256}
+        print(f"rolled back {store.current}: version folder {rolled_from} -> {rolled_to} ({manifest.version})")
+        return finish(args, store, record, manifest.version)
 
 
 def finish(args: argparse.Namespace, store: ModelStore, record: dict[str, Any], version: str) -> int:
@@ -285,6 +293,13 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--candidate and --audit are required (or --rollback)")
     if args.candidate.resolve() == args.current.resolve():
         raise UserError("--candidate is the current model folder")
+    # Locked before the current model is read: a promotion that ran meanwhile is what this one is judged against.
+    with store.locked():
+        return run_promotion(args, store)
+
+
+def run_promotion(args: argparse.Namespace, store: ModelStore) -> int:
+    """Score, decide, swap and reload; the caller holds the store's lock throughout."""
     current_model, candidate_model = open_model(args.current), open_model(args.candidate)
     labels = valid_labels(current_model.manifest)
     normal, anomaly = (
@@ -317,8 +332,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"refused: {reason}")
         print(f"decision record: {store.record(record)}")
         return EXIT_REFUSED
-    with store.locked():
-        previous, new = store.promote(args.candidate)
+    previous, new = store.promote(args.candidate)
     record.update(previous_version=previous, new_version=new)
     print(f"promoted {candidate['model']['version']} to {store.current} (version folder {new}; previous {previous})")
     return finish(args, store, record, candidate_model.manifest.version)
