@@ -36,6 +36,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -153,6 +154,7 @@ def fit(out: Path, args: argparse.Namespace, *data_args: object) -> None:
         "training.fit", *data_args, "--augment", "--ae-epochs", args.ae_epochs, "--epochs", args.epochs,
         "--max-train-per-class", args.max_train_per_class, "--seed", args.seed, "--threads", args.threads,
         "--quiet", "--out", out, "--checkpoint", out.with_suffix(".pt"), "--version", out.name,
+        *shlex.split(args.recipe),
     )  # fmt: skip
     if result.returncode != 0:
         raise RuntimeError(f"training.fit failed for {out}:\n{result.stderr[-2000:]}")
@@ -289,10 +291,12 @@ def run_order(order: str, args: argparse.Namespace, splits: Splits, round0: Path
             else:
                 candidate = work / f"candidate-r{round_number}"
                 holdout, exposure = split
+                retrain_started = time.monotonic()
                 fit(
                     candidate, args, "--dataset", "folder", "--data", tree, "--normal", ",".join(TRASHNET_NORMAL),
                     "--anomaly-holdout", f"{holdout:.4f}", "--outlier-exposure", "--exposure-from-train", exposure,
                 )  # fmt: skip
+                record["retrain_seconds"] = round(time.monotonic() - retrain_started, 1)
                 record["candidate"] = test.evaluate(candidate)
                 gate = run_module(
                     "training.promote", "--candidate", candidate, "--current", current, "--audit", audit,
@@ -320,6 +324,7 @@ def print_round(order: str, record: dict) -> None:
     )
     if candidate:
         line += f"  | candidate AUC {candidate['auc']:.3f} TPR@gamma {candidate['tpr_at_gamma']:.3f}"
+        line += f" (retrained in {record['retrain_seconds']:.0f} s)"
     if "gate" in record:
         line += f"  gate: {record['gate']['decision']}"
     print(line, flush=True)
@@ -380,6 +385,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--seed-per-class", type=int, help="recyclable training photos per class in the training tree (default: all)"
+    )
+    parser.add_argument(
+        "--recipe",
+        default="",
+        help="more training.fit flags for every training, e.g. the pretrained model's: "
+        "'--backbone efficientnet-lite0 --input-size 128 --rep-dim 32 --lr 1e-3 --delta 2 --weight-decay 1e-2'",
     )
     parser.add_argument("--ae-epochs", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=15)

@@ -323,6 +323,40 @@ else
 fi
 
 # ---------------------------------------------------------------------------------------------------
+step "The pretrained model in the same image (DEEPMAD_MODEL_DIR=/models/trashnet-lite0)"
+PRETRAINED="$CONTAINER-lite0"
+PRETRAINED_PORT=$((PORT + 1))
+PRETRAINED_FLAGS=("${RUN_FLAGS[@]/$PORT/$PRETRAINED_PORT}")  # the published port (docker) or DEEPMAD_PORT (podman)
+engine_quiet run -d --name "$PRETRAINED" "${PRETRAINED_FLAGS[@]}" --read-only --tmpfs /tmp --cap-drop ALL \
+    --security-opt no-new-privileges -e DEEPMAD_MODEL_DIR=/models/trashnet-lite0 "$IMAGE" \
+    || fail "could not start the pretrained-model container"
+BASE_URL="http://127.0.0.1:$PRETRAINED_PORT" python3 - "${PHOTOS[@]}" <<'PY' || { engine logs --tail 20 "$PRETRAINED" >&2; engine rm -f "$PRETRAINED" >/dev/null; fail "the pretrained model did not answer"; }
+import json, os, sys, time, urllib.request, uuid
+
+base = os.environ["BASE_URL"]
+for _ in range(180):
+    try:
+        urllib.request.urlopen(base + "/readyz", timeout=2)
+        break
+    except OSError:
+        time.sleep(0.5)
+model = json.loads(urllib.request.urlopen(base + "/model", timeout=5).read())
+assert model["input"]["height"] == 128 and model["backbone"]["name"] == "efficientnet-lite0", model["input"]
+print(f"    model: {model['name']} {model['version']}, input {model['input']}, backbone {model['backbone']['name']}")
+for path in sys.argv[1:]:
+    boundary = uuid.uuid4().hex
+    photo = open(path, "rb").read()
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"p.jpg\"\r\n"
+            f"Content-Type: image/jpeg\r\n\r\n").encode() + photo + f"\r\n--{boundary}--\r\n".encode()
+    request = urllib.request.Request(base + "/classify", data=body, method="POST",
+                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    answer = json.loads(urllib.request.urlopen(request, timeout=30).read())
+    assert answer["verdict"] in ("normal", "anomalous") and len(answer["distances"]) == 5, answer
+    print(f"    {os.path.basename(os.path.dirname(path))}: {answer['verdict']}, nearest {answer['nearest_class']}")
+PY
+engine_quiet rm -f "$PRETRAINED"
+
+# ---------------------------------------------------------------------------------------------------
 step "Stop and remove the container"
 started=$SECONDS
 engine_quiet stop -t 15 "$CONTAINER"

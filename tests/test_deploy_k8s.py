@@ -173,6 +173,30 @@ def test_tokens_and_model_volume_components(tmp_path: Path) -> None:
     assert mounts["/models"]["readOnly"] is True
 
 
+def test_pretrained_model_component_switches_the_model_folder(tmp_path: Path) -> None:
+    """One documented setting moves a fleet to the pretrained model; the ConfigMap's hash rolls the pods."""
+    overlay = tmp_path / "site"
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": [str(K8S_DIR / "overlays" / "cpu")],
+                "components": [str(K8S_DIR / "components" / "pretrained-model")],
+            }
+        )
+    )
+    objects = render(overlay)
+    validate_all(objects)
+    config = by_kind(objects, "ConfigMap")
+    assert config["data"]["DEEPMAD_MODEL_DIR"] == "/models/trashnet-lite0"
+    default = by_kind(render(K8S_DIR / "overlays" / "cpu"), "ConfigMap")
+    assert default["data"]["DEEPMAD_MODEL_DIR"] == "/models/trashnet"
+    assert config["metadata"]["name"] != default["metadata"]["name"]
+    assert (REPO_ROOT / "models" / "trashnet-lite0" / "manifest.json").is_file()
+
+
 def test_kserve_inference_service_runs_our_container_with_the_v2_protocol() -> None:
     objects = render(K8S_DIR / "kserve")
     runtime, isvc = by_kind(objects, "ServingRuntime"), by_kind(objects, "InferenceService")

@@ -33,17 +33,21 @@ from training.scorer import Scorer
 
 
 class GroupedHead(nn.Module):
-    """m two-layer heads on one shared feature vector: [B, F] -> [B, m, D] (no biases, DeepSVDD's rule)."""
+    """m heads on one shared feature vector: [B, F] -> [B, m, D], no biases (DeepSVDD's rule against a
+    constant map onto the centre). ``hidden`` > 0: two layers with a leaky ReLU between; 0: one linear map."""
 
     def __init__(self, groups: int, in_dim: int, hidden: int, rep_dim: int):
         super().__init__()
         self.groups, self.rep_dim = groups, rep_dim
-        self.first = nn.Linear(in_dim, groups * hidden, bias=False)  # m first layers read the same input: one matmul
-        self.second = nn.Conv1d(groups * hidden, groups * rep_dim, 1, bias=False, groups=groups)
+        width = hidden or rep_dim
+        self.first = nn.Linear(in_dim, groups * width, bias=False)  # m first layers read the same input: one matmul
+        self.second = nn.Conv1d(groups * hidden, groups * rep_dim, 1, bias=False, groups=groups) if hidden else None
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        hidden = F.leaky_relu(self.first(features), LEAK)
-        return self.second(hidden.unsqueeze(-1)).reshape(features.shape[0], self.groups, self.rep_dim)
+        out = self.first(features)
+        if self.second is not None:
+            out = self.second(F.leaky_relu(out, LEAK).unsqueeze(-1))
+        return out.reshape(features.shape[0], self.groups, self.rep_dim)
 
 
 class BackboneEncoder(nn.Module):

@@ -139,7 +139,9 @@ class DeepMADConfig(MethodConfig):
         "with --backbone: the last N MBConv blocks and the head convolution train with the heads (0: frozen)",
         minimum=0,
     )
-    head_hidden: int = setting(256, "with --backbone: hidden units of each class's two-layer head", minimum=1)
+    head_hidden: int = setting(
+        256, "with --backbone: hidden units of each class's two-layer head (0: one linear map per class)", minimum=0
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
