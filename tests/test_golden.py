@@ -127,3 +127,19 @@ def test_process_sighup_with_mismatched_golden_keeps_serving(tmp_path: Path, tra
         assert "golden scores mismatch" in client.get("/model").json()["last_load_error"]
         after = client.post("/classify", content=photo, headers=headers).json()
         assert after["score"] == before["score"] and server.process.poll() is None
+
+
+@pytest.mark.slow
+def test_golden_cli_adds_golden_scores_without_touching_graph_or_metrics(tmp_path: Path):
+    older = copy_model(SHIPPED_MODEL, tmp_path / "older")
+    shipped = Manifest.load(SHIPPED_MODEL)
+    write_manifest(older, shipped.model_copy(update={"golden": None}))
+    command = [sys.executable, "-m", "training.golden", "--model", str(older)]
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    rewritten = Manifest.load(older)
+    assert rewritten.model_dump(exclude={"golden"}) == shipped.model_dump(exclude={"golden"})
+    assert rewritten.golden.score == pytest.approx(shipped.golden.score, abs=1e-5)
+    assert load_model(older, Settings()).golden.status == "verified"
+    missing = subprocess.run([*command[:-1], str(tmp_path / "none")], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and missing.stderr.startswith("error: ")
