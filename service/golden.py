@@ -31,10 +31,11 @@ DEFAULT_COUNT = 8
 COARSE = 8  # side of the flat blocks of the photo-like references (a 32x32 input: 4x4 blocks)
 
 # |got - want| <= atol + rtol * |want|, on every score and distance. FP32: what another CPU's float
-# kernels or a GPU's TF32 convolutions may move (measured ~1e-5 between AVX-512 and AVX2); INT8: the
-# requantisation steps a float rounding difference may flip, far below the ~1 (mean) and ~5 (max)
-# score units that the saturating kernels moved the shipped INT8 graph (see docs/performance.md).
-FP32_TOLERANCE = (1e-3, 1e-3)
+# kernels (measured: 3.8e-6 between AVX-512 and AVX2) or a GPU's TF32 convolutions (~1e-3 relative per
+# layer; not measured, no GPU lent) may move; INT8: the requantisation steps a float rounding difference
+# may flip. Both far below the ~1 (mean) and ~5 (max) score units by which the saturating kernels moved
+# the full-range INT8 graph (its golden check fails 35 of 48 outputs; docs/performance.md).
+FP32_TOLERANCE = (0.01, 0.005)
 INT8_TOLERANCE = (0.05, 0.02)
 
 Run = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]  # images -> distances, score, nearest
