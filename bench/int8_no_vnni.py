@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     from training.quantize import rebuild_task, score_graph
 
     task = rebuild_task(Manifest.load(args.model_dir), args.data)
-    step = max(1, len(task.test.images) // args.limit) if args.limit else 1
+    step = max(1, -(-len(task.test.images) // args.limit)) if args.limit else 1
     images, anomalous = task.test.images[::step], task.test_anomalous[::step]
     folders = [args.model_dir.resolve(), args.int8_dir.resolve()]
     with tempfile.TemporaryDirectory(prefix="deepmad-novnni-") as tmp:
