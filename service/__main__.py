@@ -89,8 +89,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     from service.app import create_app
+    from service.model import ModelLoadError, load_model
 
-    app = create_app(settings, handle_sighup=True)
+    preloaded = None
+    if settings.require_model:
+        try:  # the full load (ORT session, golden scores on this CPU) before uvicorn: one line, not a traceback
+            preloaded = load_model(settings.model_dir, settings)
+        except ModelLoadError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    app = create_app(settings, handle_sighup=True, preloaded=preloaded)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False)
     server = uvicorn.Server(config)
     server.run()

@@ -30,7 +30,7 @@ from service.classification import Pipeline
 from service.errors import install_error_handlers
 from service.metrics import Metrics
 from service.middleware import MetricsMiddleware, RequestIdMiddleware
-from service.model import Classifier, ModelLoadError
+from service.model import Classifier, GoldenMismatchError, LoadedModel, ModelLoadError
 from service.reloading import Reloader
 from service.routes import admin, captures, classify, oip, operations
 from service.settings import Settings
@@ -46,9 +46,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = state.settings
     state.pipeline.start()
     try:
-        model = await anyio.to_thread.run_sync(state.classifier.load)
+        if state.preloaded is not None:
+            model = state.classifier.adopt(state.preloaded)
+        else:
+            model = await anyio.to_thread.run_sync(state.classifier.load)
         state.metrics.set_model(model)
     except ModelLoadError as exc:
+        if isinstance(exc, GoldenMismatchError):
+            state.metrics.golden_mismatches.labels("startup").inc()
         if settings.require_model:
             log.error("cannot start: %s", exc)
             raise
@@ -71,8 +76,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             await anyio.to_thread.run_sync(state.captures.close)
 
 
-def create_app(settings: Settings | None = None, *, handle_sighup: bool = False) -> FastAPI:
-    """Build the app. The model loads in the lifespan (use ``with TestClient(app)`` in tests)."""
+def create_app(
+    settings: Settings | None = None, *, handle_sighup: bool = False, preloaded: LoadedModel | None = None
+) -> FastAPI:
+    """Build the app. The model loads in the lifespan (use ``with TestClient(app)`` in tests), unless
+    ``preloaded`` (``python -m service`` loads it first, so a refused model is one line and exit 2)."""
     settings = settings or Settings()
     metrics = Metrics(drift_window=settings.drift_window)
     classifier = Classifier(settings, observer=metrics.observe_inference)
@@ -92,6 +100,7 @@ def create_app(settings: Settings | None = None, *, handle_sighup: bool = False)
     app.state.reloader = Reloader(classifier, metrics)
     app.state.captures = CaptureWriter(settings, metrics, settings.capture_dir) if settings.capture_dir else None
     app.state.handle_sighup = handle_sighup
+    app.state.preloaded = preloaded
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_middleware(RequestIdMiddleware)  # outermost: even a 404 carries an X-Request-ID
     install_error_handlers(app)

@@ -184,6 +184,22 @@ class TrainingLog(BaseModel):
         return {**{k: v for k, v in data.items() if k in known}, "losses": {**data.get("losses", {}), **losses}}
 
 
+class GoldenScores(BaseModel):
+    """The graph's outputs on seeded reference inputs (``service.golden``), made where the artifact was
+    written; the service recomputes them on load and refuses the artifact beyond the tolerance."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    seed: str
+    count: int = Field(gt=0)
+    score: list[float]
+    nearest: list[int]
+    distances: list[list[float]]
+    atol: float = Field(ge=0)
+    rtol: float = Field(ge=0)
+    made_on: str = Field(description="provider and CPU kind the values were computed on")
+
+
 class Manifest(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
@@ -206,6 +222,7 @@ class Manifest(BaseModel):
         default_factory=list, description="per detector column: P_i({i}|x) for the Dempster-Shafer combination"
     )
     training_log: TrainingLog | None = None
+    golden: GoldenScores | None = Field(default=None, description="absent in artifacts made before golden scores")
 
     @model_validator(mode="before")
     @classmethod

@@ -76,9 +76,17 @@ class Metrics:
             ["trigger"],
             registry=r,
         )
+        self.golden_mismatches = Counter(
+            f"{PREFIX}_model_golden_mismatch",
+            "Artifacts refused because this CPU/provider did not reproduce their golden scores, by trigger",
+            ["trigger"],
+            registry=r,
+        )
         for trigger in ("http", "sighup"):
             self.reloads.labels(trigger)
             self.reload_failures.labels(trigger)
+        for trigger in ("startup", "http", "sighup"):
+            self.golden_mismatches.labels(trigger)
         self.drift = ScoreDrift(drift_window)
         self._add_capture_metrics(r)
 

@@ -25,6 +25,7 @@ import numpy as np
 import onnxruntime as ort
 from pydantic import ValidationError
 
+from service.golden import GoldenCheck, session_run, verify
 from service.manifest import INPUT_NAME, MANIFEST_FILE, MODEL_FILE, OUTPUT_NAMES, Calibration, Manifest
 from service.schemas import ModelRef
 from service.settings import Settings
@@ -34,6 +35,10 @@ log = logging.getLogger("service.model")
 
 class ModelLoadError(RuntimeError):
     """The model folder cannot be served: missing, corrupt, or not following the artifact contract."""
+
+
+class GoldenMismatchError(ModelLoadError):
+    """The graph loads but, on this CPU and provider, does not reproduce its manifest's golden outputs."""
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,7 @@ class LoadedModel:
     ref: ModelRef  # {name, version}, as every response names the model
     providers: tuple[str, ...]
     loaded_at: str
+    golden: GoldenCheck  # the golden scores recomputed here at load (or why they were not)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -138,6 +144,7 @@ def load_model(model_dir: str | Path, settings: Settings) -> LoadedModel:
         raise ModelLoadError(f"ONNX Runtime cannot load {model_path}: {exc}") from None
 
     _check_signature(session, manifest, model_path)
+    golden = _check_golden(session, manifest, model_path)
     threshold = float(manifest.threshold.value if settings.threshold is None else settings.threshold)
     model = LoadedModel(
         model_dir=model_dir,
@@ -149,16 +156,19 @@ def load_model(model_dir: str | Path, settings: Settings) -> LoadedModel:
         ref=ModelRef(name=manifest.name, version=manifest.version),
         providers=tuple(session.get_providers()),
         loaded_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        golden=golden,
     )
     _warm_up(model)
     log.info(
-        "loaded model %s %s (%s) from %s on %s, threshold %.6g",
+        "loaded model %s %s (%s) from %s on %s, threshold %.6g; golden scores %s: %s",
         manifest.name,
         manifest.version,
         manifest.method,
         model_dir,
         ",".join(model.providers),
         model.threshold,
+        golden.status,
+        golden.detail,
     )
     return model
 
@@ -188,6 +198,18 @@ def _check_signature(session: ort.InferenceSession, manifest: Manifest, model_pa
     missing = [name for name in OUTPUT_NAMES if name not in outputs]
     if missing:
         raise ModelLoadError(f"{model_path} lacks outputs {missing}; the contract is {list(OUTPUT_NAMES)}")
+
+
+def _check_golden(session: ort.InferenceSession, manifest: Manifest, model_path: Path) -> GoldenCheck:
+    """Recompute the manifest's golden outputs with this session; GoldenMismatchError when they moved."""
+    spec = manifest.input
+    try:
+        check = verify(session_run(session), (spec.height, spec.width, spec.channels), manifest.golden)
+    except Exception as exc:  # onnxruntime's own error types
+        raise ModelLoadError(f"golden-score run of {model_path} failed: {exc}") from None
+    if check.status == "mismatch":
+        raise GoldenMismatchError(f"{model_path} refused: golden scores mismatch: {check.detail}")
+    return check
 
 
 def _warm_up(model: LoadedModel) -> None:
@@ -343,6 +365,13 @@ class Classifier:
             except ModelLoadError as exc:
                 self.last_error = str(exc)
                 raise
+            self._model = model
+            self.last_error = None
+            return model
+
+    def adopt(self, model: LoadedModel) -> LoadedModel:
+        """Serve a model loaded before the app started (``python -m service``'s pre-flight load)."""
+        with self._reload_lock:
             self._model = model
             self.last_error = None
             return model

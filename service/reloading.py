@@ -1,6 +1,7 @@
 """Reloading the model folder (``POST /admin/reload`` and SIGHUP): counted, logged, never fatal.
 
-A failed reload leaves the previous model serving (``Classifier.load`` swaps only on success).
+A failed reload leaves the previous model serving (``Classifier.load`` swaps only on success); that
+includes an artifact whose golden scores this CPU does not reproduce (also counted on its own).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import logging
 import anyio
 
 from service.metrics import Metrics
-from service.model import Classifier, LoadedModel, ModelLoadError
+from service.model import Classifier, GoldenMismatchError, LoadedModel, ModelLoadError
 
 log = logging.getLogger("service")
 
@@ -29,6 +30,8 @@ class Reloader:
             model = await anyio.to_thread.run_sync(self.classifier.load)
         except ModelLoadError as exc:
             self.metrics.reload_failures.labels(trigger).inc()
+            if isinstance(exc, GoldenMismatchError):
+                self.metrics.golden_mismatches.labels(trigger).inc()
             log.error("reload (%s) failed, still serving %s: %s", trigger, describe(previous), exc)
             raise
         self.metrics.reloads.labels(trigger).inc()

@@ -108,6 +108,15 @@ class InputInfo(BaseModel):
     channels: int
 
 
+class GoldenInfo(BaseModel):
+    status: Literal["verified", "absent"] = Field(
+        description="verified: this CPU/provider reproduced the manifest's golden scores at load; absent: an "
+        "older manifest without them (not checked). A mismatch is never served."
+    )
+    detail: str
+    largest_gap: float | None = Field(None, description="largest |output here - golden output|")
+
+
 class ModelInfo(BaseModel):
     name: str
     version: str
@@ -129,6 +138,10 @@ class ModelInfo(BaseModel):
     created_at: str
     loaded_at: str
     providers: list[str]
+    golden: GoldenInfo
+    last_load_error: str | None = Field(
+        None, description="why the last reload was refused (e.g. a golden-score mismatch); null after a good load"
+    )
 
 
 class ReloadResponse(BaseModel):

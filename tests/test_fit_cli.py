@@ -16,8 +16,11 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from service.golden import FP32_TOLERANCE
 from service.imaging import load_image_file
 from service.manifest import Manifest, sha256_file, write_manifest
+from service.model import load_model
+from service.settings import Settings
 from tests.conftest import REPO_ROOT
 from training.data import load_dataset, make_task
 from training.data.folders import TRASHNET_NORMAL
@@ -70,6 +73,8 @@ def test_fit_writes_a_verified_artifact(small_model: Path):
     assert "--dataset trashnet" in manifest.command
     assert 0.0 < manifest.threshold.normal_reject_rate < 0.15
     assert manifest.calibration.probability(manifest.threshold.value) == pytest.approx(0.5)
+    assert manifest.golden is not None and manifest.golden.atol == FP32_TOLERANCE[0]  # an FP32 graph's tolerance
+    assert load_model(small_model, Settings()).golden.status == "verified"
 
 
 def _photos(trashnet_dir: Path, klass: str, count: int) -> np.ndarray:

@@ -28,6 +28,7 @@ from service.manifest import (
 )
 from training.data import Task
 from training.evaluation.dempster_shafer import combined_anomaly_probability
+from training.golden import golden_for
 from training.memorisation import distance_gap
 from training.metrics import calibrate, choose_threshold, rates_at, roc_auc
 from training.routing import routing_metrics
@@ -186,6 +187,7 @@ def write_artifact(
         command=command,
         detector_calibration=evaluation.detector_calibrations,
         training_log=training_log,
+        golden=golden_for(model_path, (height, width, channels)),
     )
     write_manifest(out, manifest)
     return manifest

@@ -8,10 +8,10 @@ from pathlib import Path
 from fastapi import APIRouter
 from fastapi.responses import HTMLResponse, Response
 
-from service.dependencies import MetricsDep, ModelDep
+from service.dependencies import ClassifierDep, MetricsDep, ModelDep
 from service.errors import ERRORS
 from service.metrics import CONTENT_TYPE_LATEST
-from service.schemas import Health, InputInfo, ModelInfo, Readiness
+from service.schemas import GoldenInfo, Health, InputInfo, ModelInfo, Readiness
 
 STATIC_DIR = Path(__file__).resolve().parents[1] / "static"
 
@@ -36,7 +36,7 @@ async def readyz(model: ModelDep) -> Readiness:
 
 
 @router.get("/model", response_model=ModelInfo, summary="The model being served (manifest subset)", **NEEDS_MODEL)
-async def model_info(model: ModelDep) -> ModelInfo:
+async def model_info(model: ModelDep, classifier: ClassifierDep) -> ModelInfo:
     manifest = model.manifest
     data = manifest.training_data
     return ModelInfo(
@@ -64,6 +64,8 @@ async def model_info(model: ModelDep) -> ModelInfo:
         created_at=manifest.created_at,
         loaded_at=model.loaded_at,
         providers=list(model.providers),
+        golden=GoldenInfo(status=model.golden.status, detail=model.golden.detail, largest_gap=model.golden.worst),
+        last_load_error=classifier.last_error,
     )
 
 

@@ -1,0 +1,104 @@
+"""INT8 on an x86 CPU without VNNI, emulated: ORT's outputs under ``qemu-x86_64 -cpu Haswell`` (AVX2, no
+VNNI), the metrics computed natively.
+
+    apt-get install qemu-user                                        # QEMU 7.2+: TCG emulates AVX2
+    .venv/bin/python -m bench.int8_no_vnni                           # models/trashnet vs models/trashnet-int8
+    .venv/bin/python -m bench.int8_no_vnni --int8-dir OLD --limit 96 # any INT8 artifact, fewer photos (faster)
+
+ONNX Runtime has no option that turns its VNNI kernels off (``session.x64quantprecision`` swaps U8S8 for
+U8U8 on a non-VNNI CPU; it does not make a VNNI CPU take the saturating path), but it picks its kernels
+from CPUID, and QEMU's user-mode emulator reports the CPU model it is given. A child process under
+QEMU loads each artifact through the service (golden scores checked there) and writes the graphs'
+outputs on the manifest's own test split; this process compares them with native outputs. Only ORT runs
+in the child: QEMU 7.2's AVX2 emulation gets numpy's ``argsort`` wrong (its ranks of 469 random
+floats correlate 0.87 with the native ones), so no sorting, AUC or rank is computed under emulation.
+Slow: about 10 minutes of CPU for the two graphs on 469 photos.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from service.manifest import Manifest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CPU_MODEL = "Haswell"  # AVX2 + FMA, no AVX-512, no VNNI
+
+
+def child(images_path: Path, out: Path, model_dirs: list[Path]) -> int:
+    """In the emulator: load each artifact through the service, record its golden check and outputs."""
+    from service.golden import session_run
+    from service.model import ModelLoadError, load_model
+    from service.settings import Settings
+
+    images = np.load(images_path)
+    report = {}
+    for index, folder in enumerate(model_dirs):
+        try:
+            model = load_model(folder, Settings(intra_op_threads=1))
+            report[str(folder)] = f"loaded, golden scores {model.golden.status}: {model.golden.detail}"
+            run = session_run(model.session)
+        except ModelLoadError as exc:
+            report[str(folder)] = f"refused: {exc}"
+            import onnxruntime as ort
+
+            run = session_run(ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"]))
+        distances, score, nearest = run(images)
+        np.savez(out / f"{index}.npz", score=score, nearest=nearest)
+    (out / "report.json").write_text(json.dumps(report))
+    return 0
+
+
+def ranks(values: np.ndarray) -> np.ndarray:
+    return np.argsort(np.argsort(values))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.int8_no_vnni", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model-dir", type=Path, default=REPO_ROOT / "models" / "trashnet")
+    parser.add_argument("--int8-dir", type=Path, default=REPO_ROOT / "models" / "trashnet-int8")
+    parser.add_argument("--data", type=Path, help="TrashNet folder (default: DEEPMAD_DATA_ROOT/trashnet)")
+    parser.add_argument("--limit", type=int, help="every n-th test photo so that at most this many are scored")
+    parser.add_argument("--child", nargs="+", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        return child(args.child[0], args.child[1], args.child[2:])
+    qemu = shutil.which("qemu-x86_64")
+    if qemu is None:
+        print("error: qemu-x86_64 not found (apt-get install qemu-user)", file=sys.stderr)
+        return 2
+    from training.metrics import roc_auc
+    from training.quantize import rebuild_task, score_graph
+
+    task = rebuild_task(Manifest.load(args.model_dir), args.data)
+    step = max(1, -(-len(task.test.images) // args.limit)) if args.limit else 1
+    images, anomalous = task.test.images[::step], task.test_anomalous[::step]
+    folders = [args.model_dir.resolve(), args.int8_dir.resolve()]
+    with tempfile.TemporaryDirectory(prefix="deepmad-novnni-") as tmp:
+        np.save(Path(tmp) / "images.npy", images)
+        command = [qemu, "-cpu", CPU_MODEL, sys.executable, "-m", "bench.int8_no_vnni", "--child",
+                   str(Path(tmp) / "images.npy"), tmp, *map(str, folders)]  # fmt: skip
+        subprocess.run(command, cwd=REPO_ROOT, check=True, stderr=subprocess.DEVNULL)
+        emulated = [np.load(Path(tmp) / f"{i}.npz")["score"] for i in range(2)]
+        report = json.loads((Path(tmp) / "report.json").read_text())
+    native = [score_graph(folder / "model.onnx", task).test[::step] for folder in folders]
+    print(f"{len(images)} test photos ({int(anomalous.sum())} trash); emulated: qemu -cpu {CPU_MODEL} (AVX2, no VNNI)")
+    for label, folder, here, there in zip(("fp32", "int8"), folders, native, emulated, strict=True):
+        print(f"{label}: {report[str(folder)]}")
+        print(f"  AUC native {roc_auc(here, anomalous):.4f}, no-VNNI {roc_auc(there, anomalous):.4f}; "
+              f"largest |no-VNNI - native| {float(np.max(np.abs(there - here))):.3g}")  # fmt: skip
+    here, there = (float(np.corrcoef(ranks(fp32), ranks(int8))[0, 1]) for fp32, int8 in (native, emulated))
+    print(f"int8 rank correlation to fp32: native {here:.4f}, no-VNNI {there:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""``python -m training.quantize`` as a user runs it: bad input is one error line and exit 2; a good run
+writes an artifact the service loads, with gamma chosen by training's rule on the INT8 graph's own
+validation scores and golden scores made here."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.manifest import Manifest
+from service.model import load_model
+from service.settings import Settings
+from tests.conftest import REPO_ROOT, SHIPPED_MODEL
+from training.metrics import choose_threshold
+from training.quantize import rebuild_task
+
+pytestmark = pytest.mark.slow
+
+
+def quantize(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "training.quantize", *args],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("error: "), result.stderr
+    return errors[0]
+
+
+def test_missing_model_folder_is_one_line(tmp_path: Path):
+    line = one_error_line(quantize("--model", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")))
+    assert "nowhere" in line and "not a folder" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_data_is_one_line(tmp_path: Path):
+    line = one_error_line(
+        quantize("--model", str(SHIPPED_MODEL), "--out", str(tmp_path / "out"), "--data", str(tmp_path / "no-data"))
+    )
+    assert "no-data" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_writes_a_servable_int8_artifact_with_gamma_from_its_own_validation_scores(tmp_path: Path, trashnet_dir: Path):
+    out = tmp_path / "int8"
+    result = quantize("--model", str(SHIPPED_MODEL), "--out", str(out), "--data", str(trashnet_dir))
+    assert result.returncode == 0, result.stderr
+    assert "wrote" in result.stdout
+    model = load_model(out, Settings())  # sha256 and golden scores checked here, on this CPU
+    assert model.golden.status == "verified" and model.manifest.golden.atol > 0.01  # the INT8 tolerance
+    manifest, source = model.manifest, Manifest.load(SHIPPED_MODEL)
+    assert manifest.version == f"{source.version}+int8"
+    assert manifest.test_metrics.auc >= source.test_metrics.auc - 0.005
+    task = rebuild_task(source, trashnet_dir)
+    val_scores = model.run(task.val.images).score
+    expected = choose_threshold(val_scores, source.hyperparameters["reject_rate"])
+    assert manifest.threshold.value == pytest.approx(expected.value, rel=1e-6)
+    assert manifest.threshold.value != pytest.approx(source.threshold.value, rel=1e-4)  # re-chosen, not copied
+    assert np.std(val_scores) > 0.5
