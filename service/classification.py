@@ -16,7 +16,7 @@ from typing import TypeVar
 import anyio
 import numpy as np
 
-from service.capture_store import new_id
+from service.capture_format import new_id
 from service.errors import ApiError
 from service.imaging import ImageError, load_image
 from service.metrics import Metrics

@@ -32,7 +32,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.app import create_app
 from service.capture import capture_reason
-from service.capture_store import CaptureStore, Sidecar
+from service.capture_format import Sidecar
+from service.capture_store import CaptureStore
 from service.fileio import write_atomic
 from service.labels import anomaly_labels, valid_labels
 from service.manifest import Manifest

@@ -52,7 +52,7 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from service.capture import SKIPPED
-from service.capture_store import new_id
+from service.capture_format import new_id
 from service.classification import Pipeline, to_classifications
 from service.dependencies import CapturesDep, ClassifierDep, MetricsDep, PipelineDep, RequestIdDep, SettingsDep
 from service.errors import ApiError, quoted
