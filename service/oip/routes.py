@@ -17,7 +17,7 @@ from fastapi.routing import APIRoute
 
 from service.capture_format import new_id
 from service.classification import PhotoError, Pipeline
-from service.dependencies import ClassifierDep, PipelineDep, RequestIdDep, SettingsDep
+from service.dependencies import ClassifierDep, PipelineDep, RequestIdDep
 from service.errors import ApiError, quoted
 from service.imaging import ImageError
 from service.middleware import VERDICT_KEY
@@ -36,7 +36,6 @@ from service.oip.types import (
     Ready,
     ServerMetadata,
 )
-from service.settings import Settings
 from service.uploads import Upload
 
 
@@ -184,10 +183,8 @@ async def model_version_metadata(classifier: ClassifierDep, name: str, model_ver
     openapi_extra=INFER_BODY,
     summary="Classify photos (BYTES) or ready model inputs (UINT8)",
 )
-async def infer(
-    request: Request, name: str, settings: SettingsDep, pipeline: PipelineDep, request_id: RequestIdDep
-) -> Response:
-    return await _infer(request, settings, pipeline, request_id, name, None)
+async def infer(request: Request, name: str, pipeline: PipelineDep, request_id: RequestIdDep) -> Response:
+    return await _infer(request, pipeline, request_id, name, None)
 
 
 @router.post(
@@ -198,21 +195,16 @@ async def infer(
     summary="Classify with a named model version",
 )
 async def infer_version(
-    request: Request,
-    name: str,
-    model_version: str,
-    settings: SettingsDep,
-    pipeline: PipelineDep,
-    request_id: RequestIdDep,
+    request: Request, name: str, model_version: str, pipeline: PipelineDep, request_id: RequestIdDep
 ) -> Response:
-    return await _infer(request, settings, pipeline, request_id, name, model_version)
+    return await _infer(request, pipeline, request_id, name, model_version)
 
 
 async def _infer(
-    request: Request, settings: Settings, pipeline: Pipeline, request_id: str, name: str, model_version: str | None
+    request: Request, pipeline: Pipeline, request_id: str, name: str, model_version: str | None
 ) -> Response:
     """Read and decode the protocol's tensor, then the Pipeline call ``/classify`` makes, then encode."""
-    model = _named_model(pipeline.classifier, name, model_version)
+    model, settings = _named_model(pipeline.classifier, name, model_version), pipeline.settings
     body = await codec.read_body(request, codec.body_limit(settings, model))
     parsed, binary = codec.split_body(request, body)
     tensor = codec.the_input(parsed, binary, settings, model)

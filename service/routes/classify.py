@@ -52,13 +52,12 @@ ID_HEADER = {"X-Request-ID": {"description": "the request's id", "schema": {"typ
 RESPONSES = {200: {"headers": ID_HEADER}, **ERRORS}
 
 
-@router.post(
-    "/classify",
-    response_model=Classification,
-    responses=RESPONSES,
-    openapi_extra=SINGLE_BODY,
-    summary="Classify one photo",
-)
+def documented(response_model: type, body: dict, summary: str) -> dict:
+    """The OpenAPI parts of a classify route: its answer, the shared errors, the hand-declared body."""
+    return {"response_model": response_model, "responses": RESPONSES, "openapi_extra": body, "summary": summary}
+
+
+@router.post("/classify", **documented(Classification, SINGLE_BODY, "Classify one photo"))
 async def classify(request: Request, context: ClassifyContextDep) -> Classification:
     upload = await single_upload(request, context.settings)
     result = await context.pipeline.classify(context.model, upload, context.request_id)
@@ -66,13 +65,10 @@ async def classify(request: Request, context: ClassifyContextDep) -> Classificat
     return result
 
 
-@router.post(
-    "/classify/batch",
-    response_model=BatchResponse,
-    responses=RESPONSES,
-    openapi_extra=BATCH_BODY,
-    summary="Classify several photos; per-item results and errors",
-)
+BATCH_SUMMARY = "Classify several photos; per-item results and errors"
+
+
+@router.post("/classify/batch", **documented(BatchResponse, BATCH_BODY, BATCH_SUMMARY))
 async def classify_batch(request: Request, context: ClassifyContextDep) -> BatchResponse:
     items = await batch_uploads(request, context.settings)
     results = await context.pipeline.classify_batch(context.model, items)
