@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,40 +27,20 @@ from pathlib import Path
 import numpy as np
 
 from bench.loadgen import BOUNDARY, LoadResult, multipart_request, run_load
+from bench.processes import ServerStartError, service_command, service_env, started
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextmanager
 def service(model_dir: Path, *flags: str) -> Iterator[int]:
     """``python -m service`` on a free port until the block ends; yields the port once /readyz answers."""
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DEEPMAD_")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    command = [sys.executable, "-m", "service", "--model-dir", str(model_dir), "--port", str(port), *flags]
-    process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    command = service_command(model_dir, *flags)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            if process.poll() is not None:
-                raise SystemExit(f"error: the service exited: {process.stderr.read().decode()[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise SystemExit("error: the service was not ready after 60 s") from None
-                time.sleep(0.2)
-        yield port
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+        with started(command, "/readyz", env=service_env(), name="the service", timeout_s=60, stop_timeout_s=30) as up:
+            yield up.port
+    except ServerStartError as exc:
+        raise SystemExit(f"error: {exc}") from None
 
 
 def metric(port: int, name: str) -> float:

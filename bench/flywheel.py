@@ -49,13 +49,20 @@ from typing import Any
 import httpx
 import numpy as np
 
-from bench.processes import free_port, service_env, stop, wait_until_ready
+from bench.processes import service_command, service_env, started
 from service.imaging import load_image_file
 from service.model import load_model
 from service.settings import Settings
 from training.captures import SHA_PREFIX, iter_captures
 from training.data.base import ANOMALY_SPLIT_SEED, SPLIT_SEED, split_per_class
-from training.data.folders import FOLDER_SPLIT, TRASHNET_ANOMALY, TRASHNET_NORMAL, image_files
+from training.data.folders import (
+    FOLDER_SPLIT,
+    TRASHNET_ANOMALY,
+    TRASHNET_NORMAL,
+    class_folders,
+    folder_files,
+    image_files,
+)
 from training.metrics import roc_auc
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -81,13 +88,8 @@ class Splits:
 
 def trashnet_splits(root: Path) -> Splits:
     """The files behind ``load_trashnet`` + ``make_task(anomaly_holdout=0.5)``: same seeds, same order."""
-    names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    files: list[Path] = []
-    labels: list[int] = []
-    for index, name in enumerate(names):
-        found = image_files(root / name)
-        files += found
-        labels += [index] * len(found)
+    names = class_folders(root)
+    files, labels = folder_files(root, names)
     label_array = np.asarray(labels)
     train, val, test = split_per_class(label_array, FOLDER_SPLIT, SPLIT_SEED)
     trash = np.flatnonzero(label_array == names.index(TRASHNET_ANOMALY))
@@ -178,21 +180,16 @@ def folder_exposure(n_trash: int) -> tuple[float, int] | None:
 @contextlib.contextmanager
 def bin_service(model_dir: Path, captures: Path, log_path: Path, normal_rate: float | None) -> Iterator[str]:
     """The real service on 127.0.0.1 with capture on; yields its base URL."""
-    port = free_port()
     env = service_env(
         DEEPMAD_CAPTURE_DIR=str(captures), DEEPMAD_OPERATOR_TOKEN=OPERATOR_TOKEN, DEEPMAD_ADMIN_TOKEN=ADMIN_TOKEN
     )
     if normal_rate is not None:
         env["DEEPMAD_CAPTURE_NORMAL_RATE"] = str(normal_rate)
-    command = [sys.executable, "-m", "service", "--model-dir", str(model_dir), "--port", str(port)]
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_ready(process, f"{url}/readyz", 120, "the service", lambda: log_path.read_text()[-2000:])
-        yield url
-    finally:
-        stop(process, timeout_s=20)
+    command = service_command(model_dir)
+    with started(
+        command, "/readyz", env=env, name="the service", timeout_s=120, log_path=log_path, stop_timeout_s=20
+    ) as running:
+        yield running.url
 
 
 def make_stream(splits: Splits, total: int, trash_share: float, seed: int) -> list[tuple[Path, str]]:

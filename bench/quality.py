@@ -60,7 +60,7 @@ def spread(values: list[float]) -> str:
     return f"{mean:.3f} ± {half:.3f}"
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--ae-epochs", type=int, default=10)
@@ -68,69 +68,48 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=REPO_ROOT / "runs" / "quality")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--threads", type=int, help="torch threads per training (default: torch's)")
-    options = parser.parse_args()
+    return parser
+
+
+def variant_rows(name: str, options: argparse.Namespace, schedule: list[str]) -> list[tuple]:
+    """One training variant: a model per seed, alone and with the mirror view, then the seeds' ensembles."""
+    slug = SLUGS.get(name, name.replace(" + ", "-").replace(" ", "-"))
+    folder = options.runs / slug
+    base = [*COMMON, *schedule, *VARIANTS[name]]
+    singles, flipped, seconds = [], [], []
+    for seed in range(options.seeds):
+        checkpoint = folder / f"checkpoint-seed{seed}.pt"
+        resume = ["--resume"] if checkpoint.exists() else []
+        metrics, took = fit(
+            [*base, "--seed", str(seed), "--out", str(folder / f"seed{seed}"), "--checkpoint", str(checkpoint), *resume]
+        )
+        singles.append(metrics)
+        seconds.append(took)
+        metrics, _ = fit(
+            [*base, "--seed", str(seed), "--flip-tta", "--resume", "--out", str(folder / f"seed{seed}-flip")]
+            + ["--checkpoint", str(folder / "checkpoint.pt")]
+        )
+        flipped.append(metrics)
+    rows = [(name, "single model", singles, statistics.fmean(seconds)), (name, "+ mirror view", flipped, 0.0)]
+    if options.seeds > 1:
+        for flags, label in (
+            ([], f"ensemble of {options.seeds}"),
+            (["--flip-tta"], f"ensemble of {options.seeds} + mirror view"),
+        ):
+            metrics, _ = fit(
+                [*base, "--seed", "0", "--ensemble", str(options.seeds), *flags, "--resume"]
+                + ["--out", str(folder / label.replace(" ", "-")), "--checkpoint", str(folder / "checkpoint.pt")]
+            )
+            rows.append((name, label, [metrics], options.seeds * statistics.fmean(seconds)))
+    return rows
+
+
+def main() -> None:
+    options = build_parser().parse_args()
     schedule = ["--ae-epochs", str(options.ae_epochs), "--epochs", str(options.epochs)]
     if options.threads:
         schedule += ["--threads", str(options.threads)]
-    rows = []
-    for name in options.variants.split(","):
-        slug = SLUGS.get(name, name.replace(" + ", "-").replace(" ", "-"))
-        folder = options.runs / slug
-        base = [*COMMON, *schedule, *VARIANTS[name]]
-        singles, flipped, seconds = [], [], []
-        for seed in range(options.seeds):
-            checkpoint = folder / f"checkpoint-seed{seed}.pt"
-            metrics, took = fit(
-                [
-                    *base,
-                    "--seed",
-                    str(seed),
-                    "--out",
-                    str(folder / f"seed{seed}"),
-                    "--checkpoint",
-                    str(checkpoint),
-                    *(["--resume"] if checkpoint.exists() else []),
-                ]
-            )
-            singles.append(metrics)
-            seconds.append(took)
-            metrics, _ = fit(
-                [
-                    *base,
-                    "--seed",
-                    str(seed),
-                    "--flip-tta",
-                    "--resume",
-                    "--out",
-                    str(folder / f"seed{seed}-flip"),
-                    "--checkpoint",
-                    str(folder / "checkpoint.pt"),
-                ]
-            )
-            flipped.append(metrics)
-        rows.append((name, "single model", singles, statistics.fmean(seconds)))
-        rows.append((name, "+ mirror view", flipped, 0.0))
-        if options.seeds > 1:
-            for flags, label in (
-                ([], f"ensemble of {options.seeds}"),
-                (["--flip-tta"], f"ensemble of {options.seeds} + mirror view"),
-            ):
-                metrics, _ = fit(
-                    [
-                        *base,
-                        "--seed",
-                        "0",
-                        "--ensemble",
-                        str(options.seeds),
-                        *flags,
-                        "--resume",
-                        "--out",
-                        str(folder / label.replace(" ", "-")),
-                        "--checkpoint",
-                        str(folder / "checkpoint.pt"),
-                    ]
-                )
-                rows.append((name, label, [metrics], options.seeds * statistics.fmean(seconds)))
+    rows = [row for name in options.variants.split(",") for row in variant_rows(name, options, schedule)]
     print(
         f"\nTrashNet 5/1, {options.ae_epochs} autoencoder + {options.epochs} encoder epochs, "
         f"seeds 0..{options.seeds - 1}; AUC mean ± half-range over seeds\n"

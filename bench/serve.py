@@ -48,9 +48,7 @@ import asyncio
 import contextlib
 import json
 import os
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -65,7 +63,7 @@ from fastapi.responses import JSONResponse
 from PIL import Image
 
 from bench.loadgen import LoadResult, multipart_request, run_load
-from bench.processes import free_port, wait_until_ready
+from bench.processes import started
 from service.imaging import load_image
 from service.model import load_model
 from service.settings import Settings
@@ -116,17 +114,6 @@ class ServerSpec:
         return [part.format(port=port) for part in self.command]
 
 
-def _stop(process: subprocess.Popen) -> None:
-    """Stop the server and every process it started (LitServe and BentoML fork workers)."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(15)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-
-
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -174,27 +161,12 @@ class Running:
         return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
-def log_tail(log) -> str:
-    log.seek(0)
-    return log.read().decode(errors="replace")[-3000:]
-
-
 @contextlib.contextmanager
 def server(spec: ServerSpec, model_dir: Path) -> Iterator[Running]:
     """Start ``spec`` in its own process group, wait until its ready path answers 200, stop it on exit."""
-    port = free_port()
-    log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in the finally below)
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "DEEPMAD_MODEL_DIR": str(model_dir), **spec.env}
-    process = subprocess.Popen(
-        spec.argv(port), cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    try:
-        url = f"http://127.0.0.1:{port}{spec.ready_path}"
-        wait_until_ready(process, url, 240, spec.name, lambda: log_tail(log))
-        yield Running(port, process.pid)  # start_new_session: the group's id is the leader's pid
-    finally:
-        _stop(process)
-        log.close()
+    with started(spec.argv, spec.ready_path, env=env, name=spec.name, timeout_s=240, own_group=True) as running:
+        yield Running(running.port, running.process.pid)  # own session: the group's id is the leader's pid
 
 
 PY = sys.executable

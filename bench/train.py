@@ -200,12 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-train-per-class", type=int, help="cap per class (default 200; quick 50; 0: all)")
     parser.add_argument("--devices", default="auto", help="comma-separated: cpu,cuda (auto: cpu, and cuda if present)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-    parser.add_argument(
-        "--repeats",
-        type=int,
-        default=1,
-        help="interleaved rounds of all rows; the median run is shown (of two: the faster)",
-    )
+    repeats = "interleaved rounds of all rows; the median run is shown (of two: the faster)"
+    parser.add_argument("--repeats", type=int, default=1, help=repeats)
     parser.add_argument("--ablation", action="store_true", help="also together with each setting alone")
     parser.add_argument("--worker", choices=[*ROWS, *ABLATION], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

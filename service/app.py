@@ -31,8 +31,9 @@ from service.errors import install_error_handlers
 from service.metrics import Metrics
 from service.middleware import MetricsMiddleware, RequestIdMiddleware
 from service.model import Classifier, GoldenMismatchError, LoadedModel, ModelLoadError
+from service.oip import routes as oip
 from service.reloading import Reloader
-from service.routes import admin, captures, classify, oip, operations
+from service.routes import admin, captures, classify, operations
 from service.settings import Settings
 
 log = logging.getLogger("service")
@@ -96,9 +97,9 @@ def create_app(
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.classifier = classifier
-    app.state.pipeline = Pipeline(settings, classifier, metrics)
-    app.state.reloader = Reloader(classifier, metrics)
     app.state.captures = CaptureWriter(settings, metrics, settings.capture_dir) if settings.capture_dir else None
+    app.state.pipeline = Pipeline(settings, classifier, metrics, app.state.captures)
+    app.state.reloader = Reloader(classifier, metrics)
     app.state.handle_sighup = handle_sighup
     app.state.preloaded = preloaded
     app.add_middleware(MetricsMiddleware, metrics=metrics)

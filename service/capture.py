@@ -23,8 +23,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from service.capture_format import CaptureModel, Reason, Sidecar, image_extension, utc_timestamp
 from service.capture_io import PIPE_BYTES, BatchWriterProcess
-from service.capture_store import CaptureModel, CaptureStore, Reason, Sidecar, image_extension, utc_timestamp
+from service.capture_store import CaptureStore
 from service.metrics import Metrics
 from service.model import LoadedModel
 from service.schemas import CaptureOutcome, Classification

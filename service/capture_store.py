@@ -1,10 +1,9 @@
-"""The capture folder on disk (contract: ``capture-format.md``): write, label, list and evict captures.
+"""The capture folder on disk: write, label, list and evict captures (format: ``service.capture_format``).
 
-A capture is ``<root>/<YYYY-MM-DD>/<id>.<ext>`` (the upload's bytes, unchanged) plus ``<id>.json``
-(the sidecar), each written atomically (``.<name>.*.tmp``, fsync, ``os.replace``, fsync the folder),
-image first; ``add_batch`` does that for a whole batch at once, one fsync per folder (``capture_io``).
-A capture exists iff its sidecar exists; files starting with ``.`` and images without a
-sidecar are not captures (a ``kill -9`` can leave those; ``open`` removes them).
+A capture (docs/capture-format.md) is an image plus its sidecar, each written atomically
+(``.<name>.*.tmp``, fsync, ``os.replace``, fsync the folder), image first; ``add_batch`` does that for
+a whole batch at once, one fsync per folder (``capture_io``). Files starting with ``.`` and images
+without a sidecar are not captures (a ``kill -9`` can leave those; ``open`` removes them).
 
 ``CaptureStore`` keeps an index of the sidecars in memory for the byte budget and for listing; it
 re-reads a sidecar from disk before evicting it, so a label written by another process (a Label Studio
@@ -14,98 +13,32 @@ such a label is listed without a restart. One lock orders writes, labels and evi
 
 from __future__ import annotations
 
-import datetime as dt
-import io
-import json
 import logging
 import os
-import re
 import threading
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from PIL import Image, UnidentifiedImageError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
+from service.capture_format import (
+    SIDECAR_SUFFIX,
+    Sidecar,
+    SidecarError,
+    day_folder,
+    day_folders,
+    read_sidecar,
+    sidecar_path,
+    sidecar_paths,
+    write_sidecar,
+)
 from service.capture_io import FSYNC_THREADS, CaptureFiles, Outcome, write_batch
-from service.fileio import write_atomic
 
 log = logging.getLogger("service.captures")
 
-ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-SIDECAR_SUFFIX = ".json"
-IMAGE_EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "GIF": "gif", "TIFF": "tiff"}
-CONTENT_TYPES = {
-    "jpg": "image/jpeg",
-    "png": "image/png",
-    "webp": "image/webp",
-    "bmp": "image/bmp",
-    "gif": "image/gif",
-    "tiff": "image/tiff",
-    "bin": "application/octet-stream",
-}
-Verdict = Literal["normal", "anomalous"]
-Reason = Literal["anomalous", "uncertain", "sampled"]
 Order = Literal["newest", "oldest", "uncertain"]
 AddOutcome = Literal["written", "budget_full", "duplicate_id"]
-
-
-def new_id() -> str:
-    return uuid.uuid4().hex
-
-
-def valid_id(value: str | None) -> bool:
-    return bool(value) and ID_PATTERN.fullmatch(value) is not None
-
-
-def utc_timestamp(moment: dt.datetime) -> str:
-    """``2026-11-29T01:23:45.123456Z``: UTC, microseconds, sorts as text."""
-    return moment.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def image_extension(data: bytes) -> str:
-    """The file extension of the image format in ``data`` (header only), ``bin`` if unknown."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            return IMAGE_EXTENSIONS.get(image.format or "", "bin")
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-        return "bin"
-
-
-class CaptureModel(BaseModel):
-    name: str
-    version: str
-    sha256: str
-
-
-class Sidecar(BaseModel):
-    """The JSON beside each captured image (unknown fields are kept when a label is written)."""
-
-    model_config = ConfigDict(extra="allow", protected_namespaces=())
-
-    id: str = Field(pattern=ID_PATTERN.pattern)
-    time: str = Field(description="UTC ISO 8601 time of the classification")
-    image: str = Field(description="file name of the image in the same folder")
-    image_sha256: str
-    image_bytes: int
-    content_type: str | None
-    model: CaptureModel
-    score: float
-    threshold: float
-    verdict: Verdict
-    nearest_class: str
-    distances: dict[str, float]
-    reason: Reason
-    label: str | None = None
-    labelled_at: str | None = None
-    label_source: str | None = None
-
-    def to_bytes(self) -> bytes:
-        return (json.dumps(self.model_dump(mode="json"), indent=2, ensure_ascii=False) + "\n").encode("utf-8")
 
 
 def file_stamp(stat: os.stat_result) -> tuple[int, int, int]:
@@ -130,7 +63,7 @@ class Entry:
 
     @property
     def sidecar_path(self) -> Path:
-        return self.folder / f"{self.id}{SIDECAR_SUFFIX}"
+        return sidecar_path(self.folder, self.id)
 
     @property
     def image_path(self) -> Path:
@@ -165,14 +98,14 @@ class CaptureStore:
         probe.write_bytes(b"")  # fail now, with the path in the message, if the folder is not writable
         probe.unlink()
         with self._lock:
-            for folder in self._day_folders():
+            for folder in day_folders(self.root):
                 for path in folder.iterdir():
                     stem, _, suffix = path.name.rpartition(".")
                     leftover = path.name.startswith(".") and path.name.endswith(".tmp")
                     orphan = not path.name.startswith(".") and f".{suffix}" != SIDECAR_SUFFIX
-                    if leftover or (orphan and not (folder / f"{stem}{SIDECAR_SUFFIX}").exists()):
+                    if leftover or (orphan and not sidecar_path(folder, stem).exists()):
                         path.unlink(missing_ok=True)
-            entries = [entry for path in self._sidecar_paths() if (entry := self._read_entry(path))]
+            entries = [entry for path in sidecar_paths(self.root) if (entry := self._read_entry(path))]
             entries.sort(key=lambda entry: entry.time)
             self._index = {entry.id: entry for entry in entries}
             self.used_bytes = sum(entry.bytes for entry in entries)
@@ -205,9 +138,9 @@ class CaptureStore:
                     outcomes[index] = ("budget_full", "")
                 else:
                     self.used_bytes += size  # reserved: the next item's room is made around it
-                    folder = self.root / sidecar.time[:10]
+                    folder = day_folder(self.root, sidecar.time)
                     planned.append((index, sidecar, folder, size))
-                    files.append((str(folder), sidecar.image, image, f"{sidecar.id}{SIDECAR_SUFFIX}", payload))
+                    files.append((str(folder), sidecar.image, image, sidecar_path(folder, sidecar.id).name, payload))
             written = self._write_files(files) if files else []
             for (index, sidecar, folder, size), (outcome, detail) in zip(planned, written, strict=True):
                 if outcome == "written":
@@ -228,7 +161,7 @@ class CaptureStore:
         if entry is None:
             raise CaptureNotFoundError(capture_id)
         try:
-            return Sidecar.model_validate_json(entry.sidecar_path.read_bytes())
+            return read_sidecar(entry.sidecar_path)
         except FileNotFoundError:
             raise CaptureNotFoundError(capture_id) from None
 
@@ -245,18 +178,10 @@ class CaptureStore:
             if entry is None:
                 raise CaptureNotFoundError(capture_id)
             try:
-                sidecar = Sidecar.model_validate_json(entry.sidecar_path.read_bytes())
+                sidecar = read_sidecar(entry.sidecar_path).with_label(label, source)
             except FileNotFoundError:
                 raise CaptureNotFoundError(capture_id) from None
-            sidecar = sidecar.model_copy(
-                update={
-                    "label": label,
-                    "labelled_at": utc_timestamp(dt.datetime.now(dt.timezone.utc)),
-                    "label_source": source,
-                }
-            )
-            payload = sidecar.to_bytes()
-            write_atomic(entry.sidecar_path, payload, sync_folder=True)
+            payload = write_sidecar(entry.sidecar_path, sidecar)
             size = sidecar.image_bytes + len(payload)
             self.used_bytes += size - entry.bytes
             entry.bytes, entry.labelled = size, True
@@ -288,7 +213,7 @@ class CaptureStore:
         page = []
         for entry in entries[offset : offset + limit]:
             try:
-                page.append(Sidecar.model_validate_json(entry.sidecar_path.read_bytes()))
+                page.append(read_sidecar(entry.sidecar_path))
             except FileNotFoundError:  # evicted since
                 continue
         return len(entries), page
@@ -318,8 +243,8 @@ class CaptureStore:
     def _refresh(self) -> None:
         """Pick up sidecars written, rewritten or removed by another process (cheap: one stat each)."""
         seen = set()
-        for path in self._sidecar_paths():
-            capture_id = path.name[: -len(SIDECAR_SUFFIX)]
+        for path in sidecar_paths(self.root):
+            capture_id = path.stem
             seen.add(capture_id)
             entry = self._index.get(capture_id)
             try:
@@ -336,22 +261,13 @@ class CaptureStore:
         for capture_id in [key for key in self._index if key not in seen]:
             self.used_bytes -= self._index.pop(capture_id).bytes
 
-    def _day_folders(self) -> Iterator[Path]:
-        return (path for path in sorted(self.root.iterdir()) if path.is_dir() and not path.name.startswith("."))
-
-    def _sidecar_paths(self) -> Iterator[Path]:
-        for folder in self._day_folders():
-            for path in folder.iterdir():
-                if path.name.endswith(SIDECAR_SUFFIX) and not path.name.startswith("."):
-                    yield path
-
     def _read_entry(self, path: Path) -> Entry | None:
         try:
             stat = path.stat()
-            sidecar = Sidecar.model_validate_json(path.read_bytes())
+            sidecar = read_sidecar(path)
         except FileNotFoundError:
             return None
-        except (ValidationError, ValueError, OSError) as exc:
+        except (SidecarError, OSError) as exc:
             log.warning("skipping unreadable capture sidecar %s: %s", path, exc)
             return None
         return self._entry(sidecar, path.parent, sidecar.image_bytes + stat.st_size, file_stamp(stat))

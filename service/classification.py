@@ -2,8 +2,10 @@
 
 ``to_classifications`` is the one place where the graph's outputs become answers (verdict at the
 threshold in use, probability from the calibration centred on it, nearest class, distances by name).
-``Pipeline`` runs it for the routes: decoding happens in worker threads bounded by a capacity limiter
-(with ``decode_inline``, on the event loop instead), and every result is counted in the metrics.
+``Pipeline`` runs it for every route that classifies, the product's and the Open Inference Protocol's:
+decoding happens in worker threads bounded by a capacity limiter (with ``decode_inline``, on the event
+loop instead), every result is counted in the metrics, and every answered photo is offered to the
+capture writer.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from typing import TypeVar
 import anyio
 import numpy as np
 
-from service.capture_store import new_id
+from service.capture import SKIPPED, CaptureWriter
+from service.capture_format import new_id
 from service.errors import ApiError
 from service.imaging import ImageError, load_image
 from service.metrics import Metrics
@@ -54,11 +57,22 @@ def to_classifications(model: LoadedModel, scores: Scores, ids: list[str]) -> li
     return results
 
 
-class Pipeline:
-    """Classifies uploads for the routes; ``start`` (in the app's lifespan) makes the thread limiter."""
+class PhotoError(Exception):
+    """Photo ``index`` of a request that must decode whole did not decode; ``error`` says why."""
 
-    def __init__(self, settings: Settings, classifier: Classifier, metrics: Metrics):
-        self.settings, self.classifier, self.metrics = settings, classifier, metrics
+    def __init__(self, index: int, error: ImageError):
+        super().__init__(error.message)
+        self.index, self.error = index, error
+
+
+class Pipeline:
+    """The one data plane of every route that classifies (``/classify``, ``/classify/batch``, the Open
+    Inference Protocol's ``infer``): decode, score, answers counted in the metrics, photos offered to the
+    capture writer, so a fix to any step reaches them all. ``start`` (in the lifespan) makes the limiter.
+    """
+
+    def __init__(self, settings: Settings, classifier: Classifier, metrics: Metrics, captures: CaptureWriter | None):
+        self.settings, self.classifier, self.metrics, self.captures = settings, classifier, metrics, captures
         self.limiter: anyio.CapacityLimiter | None = None
 
     def start(self) -> None:
@@ -66,15 +80,47 @@ class Pipeline:
         self.limiter = anyio.CapacityLimiter(self.settings.decode_concurrency)
 
     async def classify(self, model: LoadedModel, upload: Upload, result_id: str) -> Classification:
-        """One image; decoding in a worker thread, then (micro-batching on) the wait holds no thread."""
-        if self.classifier.batcher is None:
-            return await self._off_loop(self._classify_one, model, upload.data, result_id)
-        array = await self._off_loop(self.decode, model, upload.data)
-        return self._shape(model, await self.classifier.score_async(model, array[None]), [result_id])[0]
+        """One photo (``/classify``); a decode error is raised as it is."""
+        try:
+            return (await self.classify_photos(model, [upload], [result_id]))[0]
+        except PhotoError as exc:
+            raise exc.error from None
+
+    async def classify_photos(self, model: LoadedModel, uploads: list[Upload], ids: list[str]) -> list[Classification]:
+        """Photos that must all decode (else ``PhotoError`` for the first that does not), in one ORT call;
+        one photo with micro-batching on waits for its batch without holding a thread."""
+        photos = [upload.data for upload in uploads]
+        if self.classifier.batcher is None or len(photos) > 1:
+            answers = await self._off_loop(self._classify_photos, model, photos, ids)
+        else:
+            images = await self._off_loop(self._decode_all, model, photos)
+            answers = self._answers(model, await self.classifier.score_async(model, images), ids)
+        await self._capture(model, list(zip(uploads, answers, strict=True)))
+        return answers
+
+    async def classify_images(self, model: LoadedModel, images: np.ndarray, ids: list[str]) -> list[Classification]:
+        """Ready model inputs (no decode); they are not photos, so there is nothing to label: ``skipped``."""
+        answers = await self._off_loop(self._score, model, images, ids)
+        if self.captures is not None:
+            for answer in answers:
+                answer.capture = SKIPPED
+        return answers
 
     async def classify_batch(self, model: LoadedModel, items: list[BatchInput]) -> list[BatchItem]:
         """Several images in one ORT call; each item has its own id and its own result or 4xx error."""
-        return await self._off_loop(self._classify_many, model, items)
+        results = await self._off_loop(self._classify_many, model, items)
+        answered = [
+            (upload, item.result)
+            for upload, item in zip(items, results, strict=True)
+            if isinstance(upload, Upload) and item.result is not None
+        ]
+        await self._capture(model, answered)
+        return results
+
+    async def _capture(self, model: LoadedModel, answered: list[tuple[Upload, Classification]]) -> None:
+        """Each answer's ``capture`` says what became of its photo (left ``off`` without a capture folder)."""
+        if self.captures is not None and answered:
+            await self.captures.capture(model, answered)
 
     async def _off_loop(self, work: Callable[..., T], *args: object) -> T:
         """``work`` in a worker thread under the limiter; with ``decode_inline``, on the event loop itself
@@ -90,14 +136,26 @@ class Pipeline:
         self.metrics.decode_seconds.observe(time.perf_counter() - start)
         return array
 
-    def _shape(self, model: LoadedModel, scores: Scores, ids: list[str]) -> list[Classification]:
+    def _decode_all(self, model: LoadedModel, photos: list[bytes]) -> np.ndarray:
+        arrays = []
+        for index, photo in enumerate(photos):
+            try:
+                arrays.append(self.decode(model, photo))
+            except ImageError as exc:
+                raise PhotoError(index, exc) from None
+        return np.stack(arrays)
+
+    def _answers(self, model: LoadedModel, scores: Scores, ids: list[str]) -> list[Classification]:
         results = to_classifications(model, scores, ids)
         for result in results:
             self.metrics.observe_result(result.verdict, result.nearest_class, result.score, result.threshold)
         return results
 
-    def _classify_one(self, model: LoadedModel, data: bytes, result_id: str) -> Classification:
-        return self._shape(model, self.classifier.score(model, self.decode(model, data)[None]), [result_id])[0]
+    def _score(self, model: LoadedModel, images: np.ndarray, ids: list[str]) -> list[Classification]:
+        return self._answers(model, self.classifier.score(model, images), ids)
+
+    def _classify_photos(self, model: LoadedModel, photos: list[bytes], ids: list[str]) -> list[Classification]:
+        return self._score(model, self._decode_all(model, photos), ids)
 
     def _classify_many(self, model: LoadedModel, items: list[BatchInput]) -> list[BatchItem]:
         out: list[BatchItem] = []
@@ -118,7 +176,7 @@ class Pipeline:
                 entry.status, entry.error = exc.status, ErrorDetail(code=exc.code, message=exc.message)
         if arrays:
             ids = [out[index].id for index in positions]
-            scored = self._shape(model, self.classifier.score(model, np.stack(arrays)), ids)
+            scored = self._score(model, np.stack(arrays), ids)
             for index, result in zip(positions, scored, strict=True):
                 out[index].result = result
         return out

@@ -67,14 +67,13 @@ class ClassifyContext:
     model: LoadedModel
     pipeline: Pipeline
     settings: Settings
-    captures: CaptureWriter | None
     request_id: str
 
 
 async def classify_context(request: Request) -> ClassifyContext:
     state = request.app.state
     model = await current_model(state.classifier)
-    return ClassifyContext(model, state.pipeline, state.settings, state.captures, await request_id(request))
+    return ClassifyContext(model, state.pipeline, state.settings, await request_id(request))
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]

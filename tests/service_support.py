@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import io
+import itertools
 import math
 import shutil
 import signal
 import struct
 import subprocess
-import sys
 import time
 import zlib
 from collections.abc import Iterator
@@ -19,11 +19,12 @@ import httpx
 import pytest
 from PIL import Image
 
-from bench.processes import ServerStartError, free_port, service_env, stop, wait_until_ready
-from tests.conftest import REPO_ROOT
+from bench.processes import ServerStartError, service_command, service_env, started
+from bench.processes import free_port as free_port  # re-exported: tests import it from here
 from tests.conftest import model_dir as model_dir  # re-exported: the service tests import it from here
 
 RECYCLABLES = ("cardboard", "glass", "metal", "paper", "plastic")
+SERVER_NUMBERS = itertools.count()  # each server's log file in tmp_path has a name of its own
 
 
 def photo_subset(trashnet_dir: Path, per_class: int, trash: int) -> tuple[list[Path], list[Path]]:
@@ -112,22 +113,15 @@ class Server:
 @contextmanager
 def run_server(model: Path, tmp_path: Path, *args: str, **env: str) -> Iterator[Server]:
     """``python -m service`` on 127.0.0.1 and a free port; waits for /readyz; stops it afterwards."""
-    port = free_port()
-    log_path = tmp_path / f"server-{port}.log"
-    command = [sys.executable, "-m", "service", "--model-dir", str(model), "--port", str(port), *args]
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(
-            command, cwd=REPO_ROOT, env=service_env(**env), stdout=log, stderr=subprocess.STDOUT, text=True
-        )
-    server = Server(process, f"http://127.0.0.1:{port}", log_path)
+    log_path = tmp_path / f"server-{next(SERVER_NUMBERS)}.log"
     try:
-        try:
-            wait_until_ready(process, f"{server.url}/readyz", 60, "server", server.log)
-        except ServerStartError as error:
-            pytest.fail(str(error))
-        yield server
-    finally:
-        stop(process)
+        with started(
+            service_command(model, *args), "/readyz", env=service_env(**env), name="server", timeout_s=60,
+            log_path=log_path,
+        ) as running:  # fmt: skip
+            yield Server(running.process, running.url, log_path)
+    except ServerStartError as error:
+        pytest.fail(str(error))
 
 
 def copy_model(source: Path, target: Path) -> Path:

@@ -250,7 +250,7 @@ def test_label_studio_round_trip(tmp_path: Path, model, photos):
         assert result["from_name"] == choices_tag.get("name") and result["to_name"] == image_tag.get("name")
         assert result["type"] == "choices" and result["value"]["choices"][0] in choice_values
         sidecar = read_capture(captures / "2026-11-28" / f"{task['data']['capture_id']}.json").sidecar
-        expected = "trash" if sidecar["verdict"] == "anomalous" else sidecar["nearest_class"]
+        expected = "trash" if sidecar.verdict == "anomalous" else sidecar.nearest_class
         assert result["value"]["choices"] == [expected]
         margins.append(prediction["score"])
     assert margins == sorted(margins) and len(set(margins)) > len(margins) // 2  # uncertain first, not constant
@@ -278,11 +278,11 @@ def test_label_studio_round_trip(tmp_path: Path, model, photos):
     for n, task in enumerate(tasks):
         sidecar = read_capture(captures / "2026-11-28" / f"{task['data']['capture_id']}.json").sidecar
         if n < 2:
-            assert sidecar["label"] is None and sidecar["label_source"] is None
+            assert sidecar.label is None and sidecar.label_source is None
         else:
-            assert sidecar["label"] == truth[task["data"]["capture_id"]]
-            assert sidecar["label_source"] == "label-studio" and sidecar["labelled_at"].endswith("Z")
-    assert read_capture(captures / "2026-11-28" / "done1.json").sidecar["label_source"] == "feedback"
+            assert sidecar.label == truth[task["data"]["capture_id"]]
+            assert sidecar.label_source == "label-studio" and sidecar.labelled_at.endswith("Z")
+    assert read_capture(captures / "2026-11-28" / "done1.json").sidecar.label_source == "feedback"
     assert not [p for p in captures.rglob(".*")]  # no temp file left behind
 
     again = ok(captures_cli("import-label-studio", export_file, "--captures", captures))

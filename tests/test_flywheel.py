@@ -95,7 +95,7 @@ def test_one_flywheel_round_end_to_end(tmp_path: Path, data_dir: Path):
         start, first = summary["results"][order]
         assert start["labelled"] == 0 and first["labelled"] == 40 and first["captures"] == 60
         labelled = [c for c in iter_captures(out / order / "captures") if c.label is not None]
-        assert len(labelled) == 40 and {c.sidecar["label_source"] for c in labelled} == {"feedback"}
+        assert len(labelled) == 40 and {c.sidecar.label_source for c in labelled} == {"feedback"}
         export = first["export"]
         assert export["labelled"] == 40 and export["written"] + export["audit_written"] + export["duplicates"] == 40
         assert first["gate"]["decision"] in {"promoted", "refused", "not judged"}  # half trash: retrained

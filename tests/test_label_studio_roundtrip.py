@@ -205,5 +205,5 @@ def test_tasks_labelled_in_label_studio_land_on_their_captures(label_studio: Lab
     }
     for capture_id in truth:
         sidecar = read_capture(captures / "2026-11-28" / f"{capture_id}.json").sidecar
-        assert sidecar.get("label") == labelled.get(capture_id), capture_id
-        assert (sidecar.get("label_source") == "label-studio") == (capture_id in labelled)
+        assert sidecar.label == labelled.get(capture_id), capture_id
+        assert (sidecar.label_source == "label-studio") == (capture_id in labelled)

@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -32,7 +33,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.app import create_app
 from service.capture import capture_reason
-from service.capture_store import CaptureStore, Sidecar
+from service.capture_format import Sidecar
+from service.capture_store import CaptureStore
 from service.fileio import write_atomic
 from service.labels import anomaly_labels, valid_labels
 from service.manifest import Manifest
@@ -273,6 +275,21 @@ def test_32_concurrent_clients_with_capture_on_get_no_errors(
         assert metric(client, "deepmad_requests_total", endpoint="/classify", status="500", verdict="none") == 0
 
 
+def kill_9_once(server, stream: Callable[[int], None], clients: int, stop: threading.Event, when) -> None:
+    """``clients`` threads run ``stream(k)`` against ``server``; SIGKILL it once ``when()`` holds."""
+    threads = [threading.Thread(target=stream, args=(k,)) for k in range(clients)]
+    for thread in threads:
+        thread.start()
+    try:
+        assert wait_for(when, timeout=60)
+        server.process.send_signal(signal.SIGKILL)
+        server.process.wait()
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+
+
 def test_kill_9_mid_capture_stream_leaves_no_partial_capture(model: Path, photos: list[Path], tmp_path: Path) -> None:
     folder = tmp_path / "captures"
     uploads = {hashlib.sha256(p.read_bytes()).hexdigest() for p in photos}
@@ -289,17 +306,7 @@ def test_kill_9_mid_capture_stream_leaves_no_partial_capture(model: Path, photos
                     except httpx.TransportError:
                         return  # the server is gone
 
-        threads = [threading.Thread(target=stream, args=(k,)) for k in range(4)]
-        for thread in threads:
-            thread.start()
-        try:
-            assert wait_for(lambda: len(list(folder.rglob("*.json"))) >= 12, timeout=60)
-            server.process.send_signal(signal.SIGKILL)
-            server.process.wait()
-        finally:
-            stop.set()
-            for thread in threads:
-                thread.join()
+        kill_9_once(server, stream, 4, stop, lambda: len(list(folder.rglob("*.json"))) >= 12)
     sidecars = [path for path in visible_files(folder) if path.suffix == ".json"]
     assert len(sidecars) >= 12
     for path in visible_files(folder):
@@ -630,17 +637,7 @@ def test_kill_9_under_durable_capture_load_keeps_every_written_answer(
                         with lock:
                             acknowledged[answer["capture"]["id"]] = photo
 
-        threads = [threading.Thread(target=stream, args=(k,)) for k in range(6)]
-        for thread in threads:
-            thread.start()
-        try:
-            assert wait_for(lambda: len(acknowledged) >= 40, timeout=60)
-            server.process.send_signal(signal.SIGKILL)
-            server.process.wait()
-        finally:
-            stop.set()
-            for thread in threads:
-                thread.join()
+        kill_9_once(server, stream, 6, stop, lambda: len(acknowledged) >= 40)
     assert len(acknowledged) >= 40
     for capture_id, photo in acknowledged.items():
         sidecar = Sidecar.model_validate_json(next(folder.glob(f"*/{capture_id}.json")).read_bytes())

@@ -25,7 +25,7 @@ from service.manifest import Manifest
 from tests.monitoring_support import check_alert
 from tests.service_support import model_dir, run_server
 from training.data.base import SPLIT_SEED, split_per_class
-from training.data.folders import FOLDER_SPLIT, TRASHNET_NORMAL, image_files
+from training.data.folders import FOLDER_SPLIT, TRASHNET_NORMAL, class_folders, folder_files
 
 # docker/alerts.yml fires DeepmadScoreDrift above this PSI (the usual "significant shift" level).
 PSI_ALERT = 0.25
@@ -72,13 +72,8 @@ def test_window_reference_and_empty_states() -> None:
 
 def held_out_recyclables(trashnet_dir: Path, count: int) -> list[Path]:
     """Recyclable photos of the validation and test split (training's own 70/10/20 split, fixed seed)."""
-    classes = sorted(p.name for p in trashnet_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
-    files: list[Path] = []
-    labels: list[int] = []
-    for label, name in enumerate(classes):
-        found = image_files(trashnet_dir / name)
-        files += found
-        labels += [label] * len(found)
+    classes = class_folders(trashnet_dir)
+    files, labels = folder_files(trashnet_dir, classes)
     _, val, test = split_per_class(np.asarray(labels), FOLDER_SPLIT, SPLIT_SEED)
     held = [files[i] for i in np.union1d(val, test) if classes[labels[i]] in TRASHNET_NORMAL]
     step = len(held) / count

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 import tritonclient.http as triton
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
 from service.imaging import load_image
@@ -268,3 +270,76 @@ def test_photos_sent_over_v2_are_captured_for_labelling(tmp_path: Path, photos: 
         auth = {"Authorization": f"Bearer {token}"}
         assert wait_for(lambda: http.get(f"/captures/{ids[0]}/image", headers=auth).status_code == 200)
         assert http.get(f"/captures/{ids[0]}/image", headers=auth).content == photo
+
+
+CLASSIFY_ROUTE, INFER_ROUTE = "/classify", "/v2/models/{name}/infer"
+
+
+def counted(http) -> Counter:
+    """Every counter and histogram sample on /metrics except timings' values (their counts stay), the
+    two inference routes under one name, other routes (the scrapes and polls themselves) left out."""
+    out: Counter = Counter()
+    for family in text_string_to_metric_families(http.get("/metrics").text):
+        if family.type not in ("counter", "histogram"):
+            continue
+        for sample in family.samples:
+            timing = family.name.endswith("_seconds") and not sample.name.endswith("_count")
+            labels = dict(sample.labels)
+            if (
+                sample.name.endswith("_created")
+                or timing
+                or labels.get("endpoint", INFER_ROUTE)
+                not in (
+                    CLASSIFY_ROUTE,
+                    INFER_ROUTE,
+                )
+            ):
+                continue
+            labels.pop("endpoint", None)
+            out[(sample.name, tuple(sorted(labels.items())))] += sample.value
+    return out
+
+
+def pending(http) -> float:
+    families = text_string_to_metric_families(http.get("/metrics").text)
+    return next(s.value for f in families for s in f.samples if s.name == "deepmad_capture_pending")
+
+
+def test_a_v2_photo_is_captured_and_counted_as_a_classify_upload(tmp_path: Path, photos: list[Path]) -> None:
+    """One data plane: the same photo through /classify and through v2 infer leaves the same capture and
+    moves every Prometheus counter by the same amounts."""
+    token = "oip-operator-token"
+    env = {
+        "DEEPMAD_CAPTURE_DIR": str(tmp_path / "captures"),
+        "DEEPMAD_CAPTURE_NORMAL_RATE": "1",
+        "DEEPMAD_OPERATOR_TOKEN": token,
+    }
+    auth, photo = {"Authorization": f"Bearer {token}"}, photos[-1].read_bytes()
+    with run_server(model_dir(), tmp_path, **env) as running, running.client() as http:
+
+        def drained() -> None:
+            assert wait_for(lambda: pending(http) == 0), "capture writer did not drain"
+
+        before = counted(http)
+        headers = {"content-type": "image/jpeg", "X-Request-ID": "via-classify"}
+        answer = http.post("/classify", content=photo, headers=headers).json()
+        drained()
+        middle = counted(http)
+        client = triton.InferenceServerClient(url=running.url.removeprefix("http://"))
+        try:
+            result = client.infer("trashnet", [photo_input([photo])], headers={"X-Request-ID": "via-oip-0001"})
+        finally:
+            client.close()
+        drained()
+        after = counted(http)
+        listed = http.get("/captures", headers=auth, params={"limit": 10}).json()["items"]
+    assert answer["capture"]["status"] == "queued"
+    assert result.get_response()["parameters"]["capture_status"] == "queued"
+    by_id = {item["id"]: item for item in listed}
+    assert set(by_id) == {"via-classify", "via-oip-0001"}
+    same = ("image_sha256", "image_bytes", "model", "score", "threshold", "verdict", "nearest_class", "distances")
+    assert {k: by_id["via-classify"][k] for k in same} == {k: by_id["via-oip-0001"][k] for k in same}
+    via_classify, via_oip = middle - before, after - middle
+    assert via_classify == via_oip
+    assert via_oip[("deepmad_captures_total", (("outcome", "written"),))] == 1
+    assert sum(v for (name, _), v in via_oip.items() if name == "deepmad_classifications_total") == 1

@@ -1,7 +1,7 @@
 """``python -m training.captures``: the bin's labelled captures -> training and audit trees, and Label Studio.
 
-The capture store (``<root>/<YYYY-MM-DD>/<id>.<ext>`` + the sidecar ``<id>.json``, written by the
-service; docs/flywheel.md has the format) is read here without torch, so this module also runs in the
+The capture store is written by the service and read here through the same contract module,
+``service.capture_format`` (docs/capture-format.md), without torch, so this module also runs in the
 serve image. Three commands:
 
 * ``export``: labelled captures -> a class-folder tree for ``python -m training.fit --dataset folder``
@@ -25,11 +25,9 @@ Example:
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import hashlib
 import json
 import os
-import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -40,6 +38,7 @@ from xml.sax.saxutils import quoteattr
 
 from pydantic import ValidationError
 
+from service.capture_format import Sidecar, SidecarError, read_sidecar, sidecar_paths, write_sidecar
 from service.fileio import write_atomic
 from service.labels import anomaly_labels, valid_labels
 from service.manifest import Manifest
@@ -47,8 +46,6 @@ from training.errors import UserError, require_writable
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO_ROOT / "models" / "trashnet"
-CAPTURE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-DAY_FOLDER = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 SHA_PREFIX = 16  # hex digits of the image sha256 in an exported file name (64 bits)
 AUDIT_SALT = b"deepmad-audit-v1:"
 DEFAULT_AUDIT_SHARE = 0.2
@@ -60,27 +57,26 @@ LS_LOCAL_FILES = "/data/local-files/?d="  # Label Studio's local-files URL, rela
 
 @dataclass(frozen=True)
 class Capture:
-    """One capture on disk: its sidecar (the JSON object) and where its image lies."""
+    """One capture on disk: its typed sidecar and where its image lies."""
 
     sidecar_path: Path
-    sidecar: dict[str, Any]
+    sidecar: Sidecar
 
     @property
     def id(self) -> str:
-        return self.sidecar["id"]
+        return self.sidecar.id
 
     @property
     def image_path(self) -> Path:
-        return self.sidecar_path.parent / self.sidecar["image"]
+        return self.sidecar_path.parent / self.sidecar.image
 
     @property
     def label(self) -> str | None:
-        return self.sidecar.get("label")
+        return self.sidecar.label
 
     @property
     def margin(self) -> float:
-        """|score - threshold|: how close the model was to the other verdict (small = uncertain)."""
-        return abs(float(self.sidecar["score"]) - float(self.sidecar["threshold"]))
+        return self.sidecar.margin
 
 
 def anomaly_label(manifest: Manifest) -> str:
@@ -104,39 +100,24 @@ def iter_captures(root: Path) -> Iterator[Capture]:
     """Every capture under ``root`` in (day, id) order; a capture exists iff its sidecar does."""
     if not root.is_dir():
         raise UserError(f"capture folder {root} does not exist (the service's --capture-dir)")
-    for day in sorted(p for p in root.iterdir() if p.is_dir() and DAY_FOLDER.match(p.name)):
-        for sidecar_path in sorted(day.glob("*.json")):
-            if sidecar_path.name.startswith("."):
-                continue
-            yield read_capture(sidecar_path)
+    for sidecar_path in sidecar_paths(root):
+        yield read_capture(sidecar_path)
 
 
 def read_capture(sidecar_path: Path) -> Capture:
+    """One capture; a file that is not a sidecar is the user's error here (the service skips it)."""
     try:
-        sidecar = json.loads(sidecar_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return Capture(sidecar_path, read_sidecar(sidecar_path))
+    except SidecarError as exc:
+        raise UserError(str(exc)) from None
+    except OSError as exc:
         raise UserError(f"{sidecar_path}: not a capture sidecar ({exc})") from None
-    missing = [key for key in ("id", "image", "image_sha256", "score", "threshold", "verdict") if key not in sidecar]
-    if not isinstance(sidecar, dict) or missing:
-        raise UserError(f"{sidecar_path}: not a capture sidecar (missing {missing})")
-    if sidecar["id"] != sidecar_path.stem or not CAPTURE_ID.match(sidecar["id"]):
-        raise UserError(f"{sidecar_path}: its id {sidecar['id']!r} does not name the file")
-    return Capture(sidecar_path, sidecar)
-
-
-def write_sidecar(capture: Capture, sidecar: dict[str, Any]) -> None:
-    """Rewrite a sidecar the way the service does: atomically, with the folder fsync-ed."""
-    write_atomic(capture.sidecar_path, (json.dumps(sidecar, indent=2) + "\n").encode("utf-8"), sync_folder=True)
 
 
 def in_audit(capture_id: str, share: float) -> bool:
     """Whether a capture belongs to the audit set: a hash of its id, so it never moves between exports."""
     digest = hashlib.sha256(AUDIT_SALT + capture_id.encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") / 2**64 < share
-
-
-def now_utc() -> str:
-    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 # ---- export to class folders ----
@@ -185,12 +166,12 @@ def export_folders(
             raise UserError(f"{capture.sidecar_path}: label {capture.label!r} is not one of {labels}")
         labelled.append(capture)
     # The newest label of a photo wins when one photo was captured (and labelled) several times.
-    labelled.sort(key=lambda c: (c.sidecar.get("labelled_at") or "", c.sidecar.get("time") or ""))
+    labelled.sort(key=lambda c: (c.sidecar.labelled_at or "", c.sidecar.time))
     for capture in labelled:
         counts["labelled"] += 1
         data = capture.image_path.read_bytes()
         digest = hashlib.sha256(data).hexdigest()
-        if digest != capture.sidecar["image_sha256"]:
+        if digest != capture.sidecar.image_sha256:
             raise UserError(f"{capture.image_path}: its sha256 differs from the sidecar's (a damaged capture)")
         key = digest[:SHA_PREFIX]
         audit = in_audit(capture.id, audit_share)
@@ -256,21 +237,20 @@ def label_studio_tasks(
     tasks = []
     for capture in sorted(chosen, key=lambda c: c.margin):
         side = capture.sidecar
-        predicted = anomalous if side["verdict"] == "anomalous" else side.get("nearest_class")
+        predicted = anomalous if side.verdict == "anomalous" else side.nearest_class
         relative = capture.image_path.relative_to(captures).as_posix()
-        model = side.get("model") or {}
         tasks.append(
             {
                 "data": {
                     LS_IMAGE: f"{url_prefix}{relative}",
                     "capture_id": capture.id,
-                    "deepmad_score": side["score"],
-                    "deepmad_threshold": side["threshold"],
-                    "deepmad_verdict": side["verdict"],
+                    "deepmad_score": side.score,
+                    "deepmad_threshold": side.threshold,
+                    "deepmad_verdict": side.verdict,
                 },
                 "predictions": [
                     {
-                        "model_version": f"{model.get('name', '?')} {model.get('version', '?')}",
+                        "model_version": f"{side.model.name} {side.model.version}",
                         "score": round(capture.margin, 6),
                         "result": [
                             {
@@ -341,11 +321,10 @@ def import_label_studio(export_file: Path, captures: Path, labels: list[str]) ->
             continue
         updates.append((capture, label))
     for capture, label in updates:
-        if capture.label == label and capture.sidecar.get("label_source") == "label-studio":
+        if capture.label == label and capture.sidecar.label_source == "label-studio":
             counts["unchanged"] += 1
             continue
-        sidecar = {**capture.sidecar, "label": label, "labelled_at": now_utc(), "label_source": "label-studio"}
-        write_sidecar(capture, sidecar)
+        write_sidecar(capture.sidecar_path, capture.sidecar.with_label(label, "label-studio"))
         counts["labelled"] += 1
     return counts
 

@@ -12,6 +12,11 @@ from pathlib import Path
 MODEL_DIR = Path(os.environ.get("DEEPMAD_MODEL_DIR", Path(__file__).resolve().parents[2] / "models" / "trashnet"))
 
 
+def served(manifest: dict) -> tuple[list[str], float, dict]:
+    """What every peer needs of the manifest: class names, the threshold, the input spec (height, width, channels)."""
+    return manifest["class_names"], manifest["threshold"]["value"], manifest["input"]
+
+
 def answer(distances, score, nearest, class_names: list[str], threshold: float) -> dict:
     """One image's answer from its row of class distances, its score and its nearest class index."""
     return {

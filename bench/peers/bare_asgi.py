@@ -17,7 +17,7 @@ import json
 
 import onnxruntime as ort
 
-from bench.peers.answer import MODEL_DIR, answer
+from bench.peers.answer import MODEL_DIR, answer, served
 from service.imaging import load_image
 from service.uploads import one_file_part
 
@@ -25,9 +25,7 @@ manifest = json.loads((MODEL_DIR / "manifest.json").read_text())
 options = ort.SessionOptions()
 options.intra_op_num_threads = 1
 session = ort.InferenceSession(str(MODEL_DIR / "model.onnx"), options, providers=["CPUExecutionProvider"])
-class_names = manifest["class_names"]
-threshold = manifest["threshold"]["value"]
-spec = manifest["input"]
+class_names, threshold, spec = served(manifest)
 
 
 async def app(scope, receive, send) -> None:

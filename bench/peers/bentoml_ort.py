@@ -20,7 +20,7 @@ import numpy as np
 import onnxruntime as ort
 from PIL.Image import Image
 
-from bench.peers.answer import MODEL_DIR, answer
+from bench.peers.answer import MODEL_DIR, answer, served
 from service.imaging import to_model_input
 
 
@@ -29,9 +29,7 @@ class TrashnetClassifier:
     def __init__(self) -> None:
         manifest = json.loads((MODEL_DIR / "manifest.json").read_text())
         self.session = ort.InferenceSession(str(MODEL_DIR / "model.onnx"), providers=["CPUExecutionProvider"])
-        self.class_names = manifest["class_names"]
-        self.threshold = manifest["threshold"]["value"]
-        self.spec = manifest["input"]
+        self.class_names, self.threshold, self.spec = served(manifest)
 
     @bentoml.api(batchable=True, max_batch_size=16)
     def classify(self, file: list[Image]) -> list[dict]:

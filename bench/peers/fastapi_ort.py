@@ -13,14 +13,12 @@ import json
 import onnxruntime as ort
 from fastapi import FastAPI, UploadFile
 
-from bench.peers.answer import MODEL_DIR, answer
+from bench.peers.answer import MODEL_DIR, answer, served
 from service.imaging import load_image
 
 manifest = json.loads((MODEL_DIR / "manifest.json").read_text())
 session = ort.InferenceSession(str(MODEL_DIR / "model.onnx"), providers=["CPUExecutionProvider"])
-class_names = manifest["class_names"]
-threshold = manifest["threshold"]["value"]
-spec = manifest["input"]
+class_names, threshold, spec = served(manifest)
 
 app = FastAPI(title="FastAPI + ONNX Runtime peer")
 

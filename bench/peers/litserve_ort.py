@@ -18,7 +18,7 @@ import litserve as ls
 import numpy as np
 import onnxruntime as ort
 
-from bench.peers.answer import MODEL_DIR, answer
+from bench.peers.answer import MODEL_DIR, answer, served
 from service.imaging import load_image
 
 MAX_BATCH_SIZE = 16
@@ -29,9 +29,7 @@ class TrashnetAPI(ls.LitAPI):
     def setup(self, device):
         manifest = json.loads((MODEL_DIR / "manifest.json").read_text())
         self.session = ort.InferenceSession(str(MODEL_DIR / "model.onnx"), providers=["CPUExecutionProvider"])
-        self.class_names = manifest["class_names"]
-        self.threshold = manifest["threshold"]["value"]
-        self.spec = manifest["input"]
+        self.class_names, self.threshold, self.spec = served(manifest)
 
     def decode_request(self, request):
         spec = self.spec

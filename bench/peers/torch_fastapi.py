@@ -24,7 +24,7 @@ import torch
 from fastapi import FastAPI, UploadFile
 from onnx import numpy_helper
 
-from bench.peers.answer import MODEL_DIR, answer
+from bench.peers.answer import MODEL_DIR, answer, served
 from service.imaging import load_image
 from training.batches import Normaliser
 from training.networks import BN_EPS, GroupedEncoder
@@ -59,9 +59,7 @@ def scorer_from_onnx(model_dir: str | Path) -> tuple[Scorer, dict]:
 
 torch.set_num_threads(1)
 model, manifest = scorer_from_onnx(MODEL_DIR)
-class_names = manifest["class_names"]
-threshold = manifest["threshold"]["value"]
-spec = manifest["input"]
+class_names, threshold, spec = served(manifest)
 
 app = FastAPI(title="FastAPI + torch peer")
 

@@ -19,7 +19,8 @@ from fastapi.responses import HTMLResponse, Response
 
 from service.auth import bearer_or_header, same_token
 from service.capture import CaptureWriter
-from service.capture_store import CONTENT_TYPES, CaptureNotFoundError, Order, Sidecar
+from service.capture_format import CONTENT_TYPES, Sidecar
+from service.capture_store import CaptureNotFoundError, Order
 from service.dependencies import CapturesDep, ClassifierDep, ModelDep, SettingsDep
 from service.errors import ApiError, error_doc, quoted
 from service.labels import anomaly_labels, valid_labels

@@ -1,7 +1,8 @@
 """``POST /classify`` (one photo) and ``POST /classify/batch`` (several, per-item results and errors).
 
-Both answer with ids (the request's, from ``RequestIdMiddleware``; batch items get their own) and
-offer each answered photo to the capture writer, which decides and queues without waiting (in durable
+Both answer with ids (the request's, from ``RequestIdMiddleware``; batch items get their own); the
+``Pipeline`` (the one data plane, shared with the Open Inference Protocol) offers each answered photo to
+the capture writer, which decides and queues without waiting (in durable
 capture mode the answer waits until the photo is on disk); each answer's ``capture`` says the outcome.
 """
 
@@ -9,13 +10,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from service.capture import CaptureWriter
 from service.dependencies import ClassifyContextDep
 from service.errors import ERRORS
 from service.middleware import VERDICT_KEY
-from service.model import LoadedModel
 from service.schemas import BatchResponse, Classification
-from service.uploads import Upload, batch_uploads, single_upload
+from service.uploads import batch_uploads, single_upload
 
 router = APIRouter(tags=["classify"])
 
@@ -53,44 +52,25 @@ ID_HEADER = {"X-Request-ID": {"description": "the request's id", "schema": {"typ
 RESPONSES = {200: {"headers": ID_HEADER}, **ERRORS}
 
 
-async def offer_captures(
-    captures: CaptureWriter | None, model: LoadedModel, answered: list[tuple[Upload, Classification]]
-) -> None:
-    """Each answer's ``capture`` says what became of its photo (left ``off`` without a capture folder)."""
-    if captures is not None:
-        await captures.capture(model, answered)
+def documented(response_model: type, body: dict, summary: str) -> dict:
+    """The OpenAPI parts of a classify route: its answer, the shared errors, the hand-declared body."""
+    return {"response_model": response_model, "responses": RESPONSES, "openapi_extra": body, "summary": summary}
 
 
-@router.post(
-    "/classify",
-    response_model=Classification,
-    responses=RESPONSES,
-    openapi_extra=SINGLE_BODY,
-    summary="Classify one photo",
-)
+@router.post("/classify", **documented(Classification, SINGLE_BODY, "Classify one photo"))
 async def classify(request: Request, context: ClassifyContextDep) -> Classification:
     upload = await single_upload(request, context.settings)
     result = await context.pipeline.classify(context.model, upload, context.request_id)
-    await offer_captures(context.captures, context.model, [(upload, result)])
     request.scope[VERDICT_KEY] = result.verdict
     return result
 
 
-@router.post(
-    "/classify/batch",
-    response_model=BatchResponse,
-    responses=RESPONSES,
-    openapi_extra=BATCH_BODY,
-    summary="Classify several photos; per-item results and errors",
-)
+BATCH_SUMMARY = "Classify several photos; per-item results and errors"
+
+
+@router.post("/classify/batch", **documented(BatchResponse, BATCH_BODY, BATCH_SUMMARY))
 async def classify_batch(request: Request, context: ClassifyContextDep) -> BatchResponse:
     items = await batch_uploads(request, context.settings)
     results = await context.pipeline.classify_batch(context.model, items)
-    answered = [
-        (upload, item.result)
-        for upload, item in zip(items, results, strict=True)
-        if isinstance(upload, Upload) and item.result is not None
-    ]
-    await offer_captures(context.captures, context.model, answered)
     request.scope[VERDICT_KEY] = "batch"
     return BatchResponse(id=context.request_id, results=results, model=context.model.ref)

@@ -210,27 +210,9 @@ def make_task(
     for column, name in enumerate(normal):
         remap[index_of[name]] = column
     rng = np.random.default_rng(seed)
-
-    def normal_only(split: LabeledImages, cap: int | None) -> LabeledImages:
-        keep = []
-        for name in normal:
-            where = np.flatnonzero(split.labels == index_of[name])
-            if cap is not None and len(where) > cap:
-                where = np.sort(rng.choice(where, cap, replace=False))
-            keep.append(where)
-        chosen = np.sort(np.concatenate(keep))
-        return LabeledImages(split.images[chosen], remap[split.labels[chosen]])
-
-    train = normal_only(dataset.train, max_train_per_class)
-    val = normal_only(dataset.val, None)
-    if len(val) == 0:
-        raise UserError(
-            f"the split left no validation photos of {', '.join(normal)} in {dataset.root}: γ is chosen on "
-            "held-out normal photos, so add photos to these classes (folders are split 70/10/20 per class)"
-        )
-    for column, name in enumerate(normal):
-        if not (train.labels == column).any():
-            raise UserError(f"class {name!r} has no training images in {dataset.root}")
+    train = _normal_only(dataset.train, [index_of[name] for name in normal], remap, max_train_per_class, rng)
+    val = _normal_only(dataset.val, [index_of[name] for name in normal], remap, None, rng)
+    _check_normal_splits(train, val, normal, dataset.root)
     test_labels = remap[dataset.test.labels]
     anomalous = test_labels < 0
     anomaly_classes = [n for n in dataset.class_names if n not in normal and (dataset.test.labels == index_of[n]).any()]
@@ -261,6 +243,32 @@ def make_task(
         exposure=exposure,
         outlier_exposure=outlier_exposure,
     )
+
+
+def _normal_only(
+    split: LabeledImages, classes: list[int], remap: np.ndarray, cap: int | None, rng: np.random.Generator
+) -> LabeledImages:
+    """The split's images of ``classes`` (at most ``cap`` each, a seeded choice), relabelled by ``remap``."""
+    keep = []
+    for label in classes:
+        where = np.flatnonzero(split.labels == label)
+        if cap is not None and len(where) > cap:
+            where = np.sort(rng.choice(where, cap, replace=False))
+        keep.append(where)
+    chosen = np.sort(np.concatenate(keep))
+    return LabeledImages(split.images[chosen], remap[split.labels[chosen]])
+
+
+def _check_normal_splits(train: LabeledImages, val: LabeledImages, normal: list[str], root: str) -> None:
+    """γ is chosen on validation photos and every class needs training photos: say which is missing."""
+    if len(val) == 0:
+        raise UserError(
+            f"the split left no validation photos of {', '.join(normal)} in {root}: γ is chosen on "
+            "held-out normal photos, so add photos to these classes (folders are split 70/10/20 per class)"
+        )
+    for column, name in enumerate(normal):
+        if not (train.labels == column).any():
+            raise UserError(f"class {name!r} has no training images in {root}")
 
 
 def _hold_out_anomalies(

@@ -39,7 +39,14 @@ def decode_files(files: list[Path], shape: tuple[int, int, int]) -> np.ndarray:
     return cached_array(files_key(files, shape), build)
 
 
-def read_class_folders(root: Path, class_names: list[str], shape: tuple[int, int, int]) -> LabeledImages:
+def class_folders(root: Path) -> list[str]:
+    """The class folders of a ``<root>/<class>/*`` tree, sorted; hidden ones are not classes."""
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def folder_files(root: Path, class_names: list[str]) -> tuple[list[Path], list[int]]:
+    """Every image of each class folder, class by class in name order, and its class's index: the order
+    every split of a folder tree is drawn from (training's, and the benchmarks' and tests' that redo it)."""
     files: list[Path] = []
     labels: list[int] = []
     for label, name in enumerate(class_names):
@@ -48,6 +55,11 @@ def read_class_folders(root: Path, class_names: list[str], shape: tuple[int, int
             raise UserError(f"no images in {root / name}")
         files += found
         labels += [label] * len(found)
+    return files, labels
+
+
+def read_class_folders(root: Path, class_names: list[str], shape: tuple[int, int, int]) -> LabeledImages:
+    files, labels = folder_files(root, class_names)
     return LabeledImages(decode_files(files, shape), np.asarray(labels, dtype=np.int64))
 
 
@@ -59,7 +71,7 @@ def _require_dir(root: Path, what: str, flag_hint: str) -> None:
 def load_folder(root: Path, shape: tuple[int, int, int], test_only: tuple[str, ...] = ()) -> DataSet:
     """``<root>/<class>/*``: a seeded 70/10/20 split per class; ``test_only`` classes go wholly to test."""
     _require_dir(root, "image folder", "pass --data PATH")
-    class_names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    class_names = class_folders(root)
     if len(class_names) < 2:
         raise UserError(f"{root} needs at least two class folders, found {class_names}")
     everything = read_class_folders(root, class_names, shape)
