@@ -11,7 +11,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # torch is pinned to the wheels this project is developed against (CPU or CUDA hosts alike).
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: serve test lint system-deps train-trashnet smoke clean
+.PHONY: serve test lint system-deps train-trashnet train-trashnet-pretrained smoke clean
 
 $(VENV)/.serve: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,14 @@ lint: $(VENV)/.dev
 train-trashnet: $(VENV)/.dev
 	$(PY) -m training.fit --dataset trashnet --anomaly-holdout 0.5 --outlier-exposure --augment \
 		--ae-epochs 40 --epochs 120 --seed 1 --version 1.3.0 --out models/trashnet
+
+# The pretrained model: DeepMAD heads on ImageNet EfficientNet-Lite0 features at 224x224, outlier
+# exposure on the same 30 trash photos, chosen by 5-fold CV (bench/pretrained.py; docs/quality.md, "Round 3").
+# About 9 minutes on 2 busy cores, nearly all of it feature extraction and scoring; the heads take seconds.
+train-trashnet-pretrained: $(VENV)/.dev
+	$(PY) -m training.fit --dataset trashnet --anomaly-holdout 0.5 --outlier-exposure --augment \
+		--backbone efficientnet-lite0 --input-size 224 --rep-dim 32 --head-hidden 256 --lr 1e-3 --delta 2 \
+		--weight-decay 1e-2 --epochs 30 --batch-size 256 --seed 0 --threads 2 --version 2.0.0 --out models/trashnet-lite0
 
 # Build the CPU image with docker or podman, run it, classify real photos (docs/deployment.md).
 smoke:

@@ -54,6 +54,7 @@ from training.methods.deepmad import DeepMADConfig
 from training.metrics import roc_auc
 from training.scorer import Scorer
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 REJECT_RATE = 0.05
 FOLD_SEED = 20163
 BACKBONE = "efficientnet-lite0"
@@ -191,9 +192,20 @@ def cross_validate(recipe: Recipe, side: Side, fixed: torch.Tensor, tune_blocks:
     return np.asarray(results)
 
 
-def recipes(sizes: list[int], tunes: list[int]) -> list[tuple[str, int, int, bool, Recipe]]:
+def parse_heads(spec: str) -> dict[str, float]:
+    """``epochs=15,weight_decay=0.01`` -> overrides of the heads' recipe (a screening run's settings)."""
+    overrides: dict[str, float] = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        key, _, value = item.partition("=")
+        if key not in HEAD or not value:
+            raise UserError(f"--heads takes NAME=VALUE pairs of {', '.join(HEAD)}, got {item!r}")
+        overrides[key] = type(HEAD[key])(float(value))
+    return overrides
+
+
+def recipes(sizes: list[int], tunes: list[int], heads: dict | None = None) -> list[tuple[str, int, int, bool, Recipe]]:
     """(name, size, tune_blocks, trash in training, recipe) rows of the table."""
-    base = DeepMADConfig(backbone=BACKBONE, **HEAD)
+    base = DeepMADConfig(backbone=BACKBONE, **{**HEAD, **(heads or {})})
     rows = []
     for size in sizes:
         for tune in tunes:
@@ -206,8 +218,24 @@ def recipes(sizes: list[int], tunes: list[int]) -> list[tuple[str, int, int, boo
     return rows
 
 
-def serving_cost(size: int, repeats: int = 50) -> tuple[float, float]:
-    """(median ms per photo at batch 1 on one ONNX Runtime thread, graph MB) of the whole exported graph."""
+def graph_cost(path: Path, size: int, repeats: int = 50) -> float:
+    """Median ms per photo at batch 1 on one ONNX Runtime thread."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    photo = np.random.default_rng(0).integers(0, 256, (1, size, size, 3), dtype=np.uint8)
+    session.run(None, {INPUT_NAME: photo})
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        session.run(None, {INPUT_NAME: photo})
+        times.append(time.perf_counter() - started)
+    return 1000 * float(np.median(times))
+
+
+def serving_cost(size: int) -> tuple[float, float]:
+    """(ms per photo, graph MB) of the whole exported Lite0 graph at one input size (heads' weights do not
+    change the cost, so untrained heads stand in)."""
     backbone = Backbone.pretrained(BACKBONE)
     head = GroupedHead(5, backbone.out_dim, HEAD["head_hidden"], HEAD["rep_dim"])
     encoder = BackboneEncoder(backbone, head, size, torch.zeros(backbone.out_dim), torch.ones(backbone.out_dim))
@@ -215,17 +243,23 @@ def serving_cost(size: int, repeats: int = 50) -> tuple[float, float]:
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "model.onnx"
         export_onnx(scorer, path)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = options.inter_op_num_threads = 1
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        photo = np.random.default_rng(0).integers(0, 256, (1, size, size, 3), dtype=np.uint8)
-        session.run(None, {INPUT_NAME: photo})
-        times = []
-        for _ in range(repeats):
-            started = time.perf_counter()
-            session.run(None, {INPUT_NAME: photo})
-            times.append(time.perf_counter() - started)
-        return 1000 * float(np.median(times)), path.stat().st_size / 1e6
+        return graph_cost(path, size), path.stat().st_size / 1e6
+
+
+def print_serving(sizes: list[int]) -> None:
+    print(f"# load average {os.getloadavg()[0]:.2f}; ONNX Runtime, CPU, 1 thread, batch 1, fp32")
+    print("| graph | input | ms per photo | graph MB |")
+    print("|---|---|---|---|")
+    scratch = REPO_ROOT / "models" / "trashnet" / "model.onnx"
+    if scratch.is_file():
+        megabytes = scratch.stat().st_size / 1e6
+        print(
+            f"| models/trashnet (LeNet encoders) | 32x32 | {graph_cost(scratch, 32):.2f} | {megabytes:.1f} |",
+            flush=True,
+        )
+    for size in sizes:
+        milliseconds, megabytes = serving_cost(size)
+        print(f"| Lite0 + DeepMAD heads | {size}x{size} | {milliseconds:.2f} | {megabytes:.1f} |", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -234,6 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tune-blocks", default="0", help="fine-tuned last blocks, comma separated")
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--only", help="rows whose name contains this text")
+    parser.add_argument(
+        "--heads", default="", help="the DeepMAD heads' settings to screen, e.g. epochs=15,weight_decay=0.01"
+    )
     parser.add_argument(
         "--serving", action="store_true", help="only the serving cost of the whole graph per input size (no CV)"
     )
@@ -246,19 +283,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.folds < 2:
             raise UserError("--folds must be at least 2")
         if args.serving:
-            print(f"# load average {os.getloadavg()[0]:.2f}; ONNX Runtime, CPU, 1 thread, batch 1, fp32")
-            print("| input | ms per photo | graph MB |")
-            print("|---|---|---|")
-            for size in sizes:
-                milliseconds, megabytes = serving_cost(size)
-                print(f"| {size}x{size} | {milliseconds:.2f} | {megabytes:.1f} |", flush=True)
+            print_serving(sizes)
             return 0
         print(f"# load average {os.getloadavg()[0]:.2f}; {args.folds}-fold CV on the training side (no test photo)")
         print("| recipe | input | trash in training | AUC | trash caught at 5% false reject | routing | s/fold |")
         print("|---|---|---|---|---|---|---|")
         cache: dict[tuple[int, int], torch.Tensor] = {}
         sides: dict[int, Side] = {}
-        for name, size, tune, with_trash, recipe in recipes(sizes, tunes):
+        heads = parse_heads(args.heads)
+        if heads:
+            print(f"# DeepMAD heads: {HEAD | heads}")
+        for name, size, tune, with_trash, recipe in recipes(sizes, tunes, heads):
             if args.only and args.only not in name:
                 continue
             side = sides.setdefault(size, training_side(size))

@@ -19,6 +19,7 @@ import torch
 
 from service.imaging import load_image_file
 from service.manifest import Manifest
+from tests.conftest import REPO_ROOT
 from tests.service_support import run_server
 from tests.test_fit_cli import fit
 from training.backbones import Backbone, weights_file
@@ -110,3 +111,29 @@ def test_fine_tuning_moves_the_tuned_blocks_only(trashnet_dir: Path):
     assert moved and all(k.startswith("tuned.") for k in moved), sorted(moved)[:5]
     untouched = Backbone.pretrained("efficientnet-lite0", 1).state_dict()
     assert all(torch.equal(untouched[k], after[k]) for k in after if k.startswith("frozen."))
+
+
+SHIPPED_LITE0 = REPO_ROOT / "models" / "trashnet-lite0"
+
+
+def test_the_shipped_pretrained_model_serves_real_photos(trashnet_dir: Path, tmp_path: Path):
+    """models/trashnet-lite0 as a bin serves it: golden scores verified on this CPU, 224x224 input, trash
+    flagged more often than recyclables, scores spread (not a collapsed network)."""
+    manifest = Manifest.load(SHIPPED_LITE0)
+    assert manifest.input.height == 224 and manifest.backbone.name == "efficientnet-lite0"
+    assert manifest.golden is not None
+    photos = {k: sorted((trashnet_dir / k).glob("*.jpg"))[:8] for k in [*TRASHNET_NORMAL, "trash"]}
+    with run_server(SHIPPED_LITE0, tmp_path) as server, server.client() as client:
+        described = client.get("/model").json()
+        answers = {
+            k: [client.post("/classify", files={"file": (p.name, p.read_bytes(), "image/jpeg")}).json() for p in files]
+            for k, files in photos.items()
+        }
+    assert described["version"] == "2.0.0" and described["golden"]["status"] == "verified", described["golden"]
+    scores = np.array([a["score"] for answers_of in answers.values() for a in answers_of])
+    assert scores.std() > 0.05 * scores.mean()
+    trash_flagged = np.mean([a["verdict"] == "anomalous" for a in answers["trash"]])
+    normal_flagged = np.mean([a["verdict"] == "anomalous" for k in TRASHNET_NORMAL for a in answers[k]])
+    assert trash_flagged > normal_flagged, (trash_flagged, normal_flagged)
+    routed = np.mean([a["nearest_class"] == k for k in TRASHNET_NORMAL for a in answers[k]])
+    assert routed > 0.6, routed

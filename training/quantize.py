@@ -80,7 +80,7 @@ def rebuild_task(manifest: Manifest, data: Path | None):
         raise UserError(f"calibration photos are TrashNet photos; the model is from {source}")
     params = manifest.hyperparameters
     task = make_task(
-        load_dataset("trashnet", data),
+        load_dataset("trashnet", data, manifest.input.height),
         manifest.training_data.normal_classes,
         max_train_per_class=params.get("max_train_per_class"),
         seed=params.get("seed", 0),

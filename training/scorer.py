@@ -21,6 +21,8 @@ from torch import nn
 from training.batches import Normaliser, standardise
 from training.networks import GroupedClassifier, GroupedEncoder
 
+BATCH_PIXELS = 2**21  # photos per evaluation batch times their pixels: bounds activation memory at any input size
+
 
 class BaseScorer(nn.Module):
     """Standardisation, the min/argmin over detector columns and numpy helpers; subclasses give the columns."""
@@ -64,6 +66,8 @@ class BaseScorer(nn.Module):
         self.eval()
         device = self.mean.device
         distances, features = [], []
+        height, width, _ = self.input_shape
+        batch_size = max(1, min(batch_size, BATCH_PIXELS // (height * width)))  # a 224x224 backbone: ~40 photos
         for start in range(0, len(images), batch_size):
             x = self.standardise(torch.from_numpy(images[start : start + batch_size]).to(device))
             d, f = self.columns(x)
