@@ -175,15 +175,17 @@ def test_tokens_and_model_volume_components(tmp_path: Path) -> None:
 
 def test_pretrained_model_component_switches_the_model_folder(tmp_path: Path) -> None:
     """One documented setting moves a fleet to the pretrained model; the ConfigMap's hash rolls the pods."""
-    overlay = tmp_path / "site"
+    tree = tmp_path / "k8s"
+    shutil.copytree(K8S_DIR, tree)
+    overlay = tree / "overlays" / "site"
     overlay.mkdir()
     (overlay / "kustomization.yaml").write_text(
         yaml.safe_dump(
             {
                 "apiVersion": "kustomize.config.k8s.io/v1beta1",
                 "kind": "Kustomization",
-                "resources": [str(K8S_DIR / "overlays" / "cpu")],
-                "components": [str(K8S_DIR / "components" / "pretrained-model")],
+                "resources": ["../cpu"],
+                "components": ["../../components/pretrained-model"],
             }
         )
     )
