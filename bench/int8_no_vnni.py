@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     if qemu is None:
         print("error: qemu-x86_64 not found (apt-get install qemu-user)", file=sys.stderr)
         return 2
-    from training.metrics import roc_auc
+    from flywheel.metrics import roc_auc
     from training.quantize import rebuild_task, score_graph
 
     task = rebuild_task(Manifest.load(args.model_dir), args.data)

@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from flywheel.metrics import roc_auc
 from training.data import default_normal, load_dataset, make_task
 from training.fit import build_parser, config_from
 from training.methods import METHODS
-from training.metrics import roc_auc
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

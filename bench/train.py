@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from flywheel.metrics import roc_auc
 from training import engine, networks
 from training.batches import Normaliser
 from training.data import default_normal, load_dataset, make_task
@@ -51,7 +52,6 @@ from training.methods.deepmad import (
     train_encoders,
 )
 from training.methods.pretraining import PhaseOne
-from training.metrics import roc_auc
 from training.networks import GroupedAutoencoder
 
 ROWS = {  # name -> (together, channels-last activations, glibc keeps freed memory)
