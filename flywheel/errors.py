@@ -40,3 +40,16 @@ def run_command(body: Callable[[], int], interrupted: str) -> int:
 
 def _raise_interrupt(signum: int, _frame: object) -> None:
     raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def require_artifact(flag: str, folder: Path) -> None:
+    """A UserError naming ``flag`` when ``folder`` holds no model.onnx + manifest.json (before any server starts)."""
+    missing = [name for name in ("model.onnx", "manifest.json") if not (folder / name).is_file()]
+    if missing:
+        raise UserError(f"{flag} {folder} is not an artifact folder: no {' or '.join(missing)}")
+
+
+def require_file(flag: str, path: Path) -> None:
+    """A UserError naming ``flag`` when ``path`` is not a readable file."""
+    if not path.is_file():
+        raise UserError(f"{flag} {path} is not a file")

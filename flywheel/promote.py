@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from flywheel.errors import UserError
+from flywheel.errors import UserError, require_artifact
 from flywheel.metrics import roc_auc, threshold_rejecting
 from flywheel.model_store import ModelStore, check_artifact
 from service.imaging import ImageError, image_files, load_image_file
@@ -96,13 +96,14 @@ class AuditSet:
         return {str(n): int(c) for n, c in zip(names, counts, strict=True)}
 
 
-def open_model(folder: Path) -> LoadedModel:
+def open_model(flag: str, folder: Path) -> LoadedModel:
     """The artifact as the service would load it (sha256-checked, warmed up), on the CPU."""
+    require_artifact(flag, folder)
     settings = Settings(model_dir=folder, threshold=None, providers=["CPUExecutionProvider"])
     try:
         return load_model(folder, settings)
     except ModelLoadError as exc:
-        raise UserError(str(exc)) from None
+        raise UserError(f"{flag}: {exc}") from None
 
 
 def score(model: LoadedModel, files: list[Path]) -> tuple[np.ndarray, np.ndarray]:
@@ -277,6 +278,8 @@ def finish(args: argparse.Namespace, store: ModelStore, record: dict[str, Any], 
 
 
 def run(args: argparse.Namespace) -> int:
+    if not args.current.exists():
+        raise UserError(f"--current {args.current} does not exist (the folder the service serves)")
     store = ModelStore(args.current)
     if args.reload_url and not os.environ.get("DEEPMAD_ADMIN_TOKEN"):
         raise UserError("--reload-url needs the service's admin token in DEEPMAD_ADMIN_TOKEN")
@@ -293,7 +296,7 @@ def run(args: argparse.Namespace) -> int:
 
 def run_promotion(args: argparse.Namespace, store: ModelStore) -> int:
     """Score, decide, swap and reload; the caller holds the store's lock throughout."""
-    current_model, candidate_model = open_model(args.current), open_model(args.candidate)
+    current_model, candidate_model = open_model("--current", args.current), open_model("--candidate", args.candidate)
     labels = valid_labels(current_model.manifest)
     normal, anomaly = (
         labels[: len(current_model.manifest.class_names)],

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from flywheel.errors import UserError, require_writable, run_command
+from flywheel.errors import UserError, require_artifact, require_file, require_writable, run_command
 
-__all__ = ["UserError", "require_writable", "run_command"]
+__all__ = ["UserError", "require_artifact", "require_file", "require_writable", "run_command"]
