@@ -44,12 +44,12 @@ serve: $(VENV)/.serve
 	$(PY) -m service
 
 test: $(VENV)/.dev $(VENV_LS)/.ready system-deps
-	$(PY) -m ruff check service training tests bench
+	$(PY) -m ruff check service flywheel training tests bench
 	$(PY) -m pytest -q -ra
 
 lint: $(VENV)/.dev
-	$(PY) -m ruff check service training tests bench
-	$(PY) -m ruff format --check service training tests bench
+	$(PY) -m ruff check service flywheel training tests bench
+	$(PY) -m ruff format --check service flywheel training tests bench
 
 # The shipped model: TrashNet, 5 recyclables normal, trash anomalous (see README for its numbers).
 train-trashnet: $(VENV)/.dev

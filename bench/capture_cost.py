@@ -28,6 +28,7 @@ import numpy as np
 
 from bench.loadgen import BOUNDARY, LoadResult, multipart_request, run_load
 from bench.processes import ServerStartError, service_command, service_env, started
+from training.errors import UserError, require_artifact, run_command
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -121,6 +122,11 @@ def latencies_per_arm(ports: dict[str, int], photos: list[Path], args: argparse.
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Bad input ends in one ``error:`` line and exit 2, before any server or training starts."""
+    return run_command(lambda: _main(argv), "bench.capture_cost: interrupted")
+
+
+def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.capture_cost", description=__doc__)
     parser.add_argument("--model-dir", type=Path, default=REPO_ROOT / "models" / "trashnet")
     parser.add_argument("--data", type=Path, default=REPO_ROOT.parent / "shared" / "data" / "trashnet")
@@ -137,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     every = sorted(args.data.glob("*/*.jpg"))
     photos = every[:: max(1, len(every) // args.rounds)][: args.rounds]  # spread over the classes
     if not photos:
-        parser.error(f"no photos under {args.data} (expected <class>/*.jpg)")
+        raise UserError(f"--data {args.data}: no photos (expected <class>/*.jpg)")
+    require_artifact("--model-dir", args.model_dir)
 
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="capture-cost-") as folder:

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from bench.loadgen import multipart_request, run_load
 from bench.serve import DEFAULT_PHOTO, PY, REPO_ROOT, ServerSpec, load_line, server
+from training.errors import require_artifact, require_file, run_command
 
 
 def export_service(ref: str, folder: Path) -> Path:
@@ -43,6 +44,11 @@ def export_service(ref: str, folder: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Bad input ends in one ``error:`` line and exit 2, before any server or training starts."""
+    return run_command(lambda: _main(argv), "bench.cpu_per_request: interrupted")
+
+
+def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.cpu_per_request", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arm", action="append", required=True, help="'REF [service flags]' (repeatable)")
     parser.add_argument("-c", "--concurrency", type=int, default=8, help="keep-alive connections (default 8)")
@@ -51,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--photo", type=Path, default=DEFAULT_PHOTO, help="the image sent (default: 512x384 JPEG)")
     parser.add_argument("--model-dir", type=Path, default=REPO_ROOT / "models" / "trashnet")
     args = parser.parse_args(argv)
+    require_file("--photo", args.photo)
+    require_artifact("--model-dir", args.model_dir)
     data = args.photo.read_bytes()
     print(f"bench.cpu_per_request: {args.requests} requests x {args.rounds} rounds, c{args.concurrency}; {load_line()}")
     samples: dict[str, list[float]] = {arm: [] for arm in args.arm}

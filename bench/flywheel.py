@@ -15,12 +15,12 @@ order of ``GET /captures?order=uncertain``; ``random``: a seeded draw among unla
    (a seeded stream; ``--trash-share`` of them trash), each with its own ``X-Request-ID``. The
    operator then labels ``--labels-per-round`` unlabelled captures with their true TrashNet class
    through ``POST /feedback``.
-4. ``training.captures export`` merges the labelled captures into the training tree (seeded with the
+4. ``flywheel.captures export`` merges the labelled captures into the training tree (seeded with the
    same recyclable training photos, named by sha256 so a streamed photo is never added twice) and the
    audit share into the audit tree (seeded with TrashNet's validation recyclables, which no model
    trains on). ``training.fit --dataset folder`` retrains the recipe with outlier exposure from the
    exported trash (``--exposure-from-train``: the trash in the tree's training split).
-5. ``training.promote`` scores candidate and serving model on the audit tree and swaps and reloads the
+5. ``flywheel.promote`` scores candidate and serving model on the audit tree and swaps and reloads the
    candidate only when it is not worse; ``GET /model`` then shows what the bin serves.
 
 After every round the serving model and the candidate are scored (ONNX Runtime, the service's image
@@ -50,10 +50,11 @@ import httpx
 import numpy as np
 
 from bench.processes import service_command, service_env, started
+from flywheel.captures import SHA_PREFIX, iter_captures
+from flywheel.metrics import roc_auc
 from service.imaging import load_image_file
 from service.model import load_model
 from service.settings import Settings
-from training.captures import SHA_PREFIX, iter_captures
 from training.data.base import ANOMALY_SPLIT_SEED, SPLIT_SEED, split_per_class
 from training.data.folders import (
     FOLDER_SPLIT,
@@ -63,7 +64,6 @@ from training.data.folders import (
     folder_files,
     image_files,
 )
-from training.metrics import roc_auc
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 OPERATOR_TOKEN = "flywheel-operator"
@@ -107,7 +107,7 @@ def trashnet_splits(root: Path) -> Splits:
 
 
 def add_to_tree(tree: Path, photos: list[tuple[Path, str]]) -> None:
-    """Seed a class-folder tree with photos named as ``training.captures export`` names them."""
+    """Seed a class-folder tree with photos named as ``flywheel.captures export`` names them."""
     for photo, label in photos:
         data = photo.read_bytes()
         target = tree / label / f"{hashlib.sha256(data).hexdigest()[:SHA_PREFIX]}{photo.suffix.lower()}"
@@ -273,7 +273,7 @@ def run_order(order: str, args: argparse.Namespace, splits: Splits, round0: Path
                 "captures": len(wait_for_captures(captures)),
             }
             exported = run_module(
-                "training.captures", "export", "--captures", captures, "--out", tree, "--audit-out", audit,
+                "flywheel.captures", "export", "--captures", captures, "--out", tree, "--audit-out", audit,
                 "--model", current,
             )  # fmt: skip
             if exported.returncode != 0:
@@ -296,14 +296,14 @@ def run_order(order: str, args: argparse.Namespace, splits: Splits, round0: Path
                 record["retrain_seconds"] = round(time.monotonic() - retrain_started, 1)
                 record["candidate"] = test.evaluate(candidate)
                 gate = run_module(
-                    "training.promote", "--candidate", candidate, "--current", current, "--audit", audit,
+                    "flywheel.promote", "--candidate", candidate, "--current", current, "--audit", audit,
                     "--reload-url", url, "--min-gain", args.min_gain, env={"DEEPMAD_ADMIN_TOKEN": ADMIN_TOKEN},
                 )  # fmt: skip
                 decision = {0: "promoted", 3: "refused", 2: "not judged"}.get(gate.returncode, "failed")
                 lines = (gate.stdout + gate.stderr).strip().splitlines()
                 record["gate"] = {"decision": decision, "exit": gate.returncode, "reason": lines[-2:] if lines else []}
                 if decision == "failed":
-                    raise RuntimeError(f"training.promote failed: {gate.stdout}\n{gate.stderr}")
+                    raise RuntimeError(f"flywheel.promote failed: {gate.stdout}\n{gate.stderr}")
             served = client.get("/model").json()["version"]
             record["serving"] = test.evaluate(current)
             if served != record["serving"]["version"]:

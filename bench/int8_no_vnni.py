@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from service.manifest import Manifest
+from training.errors import require_artifact, run_command
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CPU_MODEL = "Haswell"  # AVX2 + FMA, no AVX-512, no VNNI
@@ -62,6 +63,11 @@ def ranks(values: np.ndarray) -> np.ndarray:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Bad input ends in one ``error:`` line and exit 2, before any server or training starts."""
+    return run_command(lambda: _main(argv), "bench.int8_no_vnni: interrupted")
+
+
+def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.int8_no_vnni", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-dir", type=Path, default=REPO_ROOT / "models" / "trashnet")
     parser.add_argument("--int8-dir", type=Path, default=REPO_ROOT / "models" / "trashnet-int8")
@@ -71,11 +77,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.child:
         return child(args.child[0], args.child[1], args.child[2:])
+    require_artifact("--model-dir", args.model_dir)
+    require_artifact("--int8-dir", args.int8_dir)
     qemu = shutil.which("qemu-x86_64")
     if qemu is None:
         print("error: qemu-x86_64 not found (apt-get install qemu-user)", file=sys.stderr)
         return 2
-    from training.metrics import roc_auc
+    from flywheel.metrics import roc_auc
     from training.quantize import rebuild_task, score_graph
 
     task = rebuild_task(Manifest.load(args.model_dir), args.data)

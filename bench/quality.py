@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from training.errors import UserError, run_command
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 COMMON = ["--dataset", "trashnet", "--anomaly-holdout", "0.5", "--quiet"]
 VARIANTS = {  # name -> extra fit flags
@@ -47,6 +49,8 @@ def fit(args: list[str]) -> tuple[dict, float]:
     print("$ python -m training.fit " + shlex.join(args), file=sys.stderr, flush=True)
     start = time.perf_counter()
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
+    if result.returncode == 2:  # bad input: training.fit's one error line, said once
+        raise UserError(result.stderr.strip().splitlines()[-1].removeprefix("error: "))
     if result.returncode != 0:
         sys.exit(f"fit failed:\n{result.stderr[-2000:]}")
     summary = json.loads(result.stdout)
@@ -104,8 +108,15 @@ def variant_rows(name: str, options: argparse.Namespace, schedule: list[str]) ->
     return rows
 
 
-def main() -> None:
-    options = build_parser().parse_args()
+def main(argv: list[str] | None = None) -> int:
+    """Bad input ends in one ``error:`` line and exit 2, before any server or training starts."""
+    return run_command(lambda: _main(argv), "bench.quality: interrupted")
+
+
+def _main(argv: list[str] | None = None) -> int:
+    options = build_parser().parse_args(argv)
+    if options.seeds < 1:
+        raise UserError("--seeds must be at least 1")
     schedule = ["--ae-epochs", str(options.ae_epochs), "--epochs", str(options.epochs)]
     if options.threads:
         schedule += ["--threads", str(options.threads)]
@@ -122,7 +133,8 @@ def main() -> None:
             f"{spread([m['auc'] for m in metrics])} | {spread([m['tpr_at_threshold'] for m in metrics])} | "
             f"{spread([m['fpr_at_threshold'] for m in metrics])} | {seconds:.0f} |"
         )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -15,15 +15,17 @@ from __future__ import annotations
 import argparse
 import shlex
 import statistics
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from flywheel.metrics import roc_auc
 from training.data import default_normal, load_dataset, make_task
+from training.errors import run_command
 from training.fit import build_parser, config_from
 from training.methods import METHODS
-from training.metrics import roc_auc
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -97,14 +99,19 @@ def measure(variant: str, seed: int, flags: list[str], ae_epochs: int, epochs: i
     return results
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
+    """Bad input ends in one ``error:`` line and exit 2, before any server or training starts."""
+    return run_command(lambda: _main(argv), "bench.score_rules: interrupted")
+
+
+def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", default="augment-outlier-exposure", help="folder under runs/quality")
     parser.add_argument("--flags", default="--augment --outlier-exposure", help="the fit flags it was trained with")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--ae-epochs", type=int, default=10)
     parser.add_argument("--epochs", type=int, default=30)
-    options = parser.parse_args()
+    options = parser.parse_args(argv)
     torch.set_num_threads(1)
     per_seed = [
         measure(options.variant, int(s), shlex.split(options.flags), options.ae_epochs, options.epochs)
@@ -119,7 +126,8 @@ def main() -> None:
             values = [r[name][index] for r in per_seed]
             cells.append(f"{statistics.fmean(values):.3f} ({min(values):.3f} .. {max(values):.3f})")
         print(f"| {name} | {cells[0]} | {cells[1]} |")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

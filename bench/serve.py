@@ -67,6 +67,7 @@ from bench.processes import started
 from service.imaging import load_image
 from service.model import load_model
 from service.settings import Settings
+from training.errors import require_artifact, require_file, run_command
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PHOTO = REPO_ROOT.parent / "shared" / "data" / "trashnet" / "glass" / "glass10.jpg"
@@ -537,6 +538,11 @@ def summary_line(rows, floors, limits, photo: str, big: str, peer_names: list[st
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Bad input ends in one ``error:`` line and exit 2, before any server or training starts."""
+    return run_command(lambda: _main(argv), "bench.serve: interrupted")
+
+
+def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.serve", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="JPEG inputs only, short cells, no levers")
     parser.add_argument("--seconds", type=float, help="measured seconds per cell and server (default 4, quick 1.5)")
@@ -556,6 +562,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [name for name in peer_names if name not in PEERS]
     if unknown or (not rivals(peer_names) and not args.only_levers):
         parser.error(f"--peers: choose from {', '.join(PEERS)} (got {args.peers!r})")
+    require_artifact("--model-dir", args.model_dir)
+    require_file("--photo", args.photo)
     began = time.perf_counter()
     print(f"bench.serve: {seconds:g} s per cell and server in {rounds} round(s); {load_line()}", flush=True)
 

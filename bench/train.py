@@ -39,9 +39,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from flywheel.metrics import roc_auc
 from training import engine, networks
 from training.batches import Normaliser
 from training.data import default_normal, load_dataset, make_task
+from training.errors import run_command
 from training.methods.deepmad import (
     DeepMADConfig,
     EncoderPhase,
@@ -51,7 +53,6 @@ from training.methods.deepmad import (
     train_encoders,
 )
 from training.methods.pretraining import PhaseOne
-from training.metrics import roc_auc
 from training.networks import GroupedAutoencoder
 
 ROWS = {  # name -> (together, channels-last activations, glibc keeps freed memory)
@@ -193,6 +194,11 @@ def _spawn(args, row: str, device: str) -> Run:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Bad input ends in one ``error:`` line and exit 2, before any server or training starts."""
+    return run_command(lambda: _main(argv), "bench.train: interrupted")
+
+
+def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="1 + 1 epochs on 50 training images per class")
     parser.add_argument("--ae-epochs", type=int, help="autoencoder epochs (default 2; quick 1)")

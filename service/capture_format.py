@@ -1,7 +1,7 @@
 """The capture format (docs/capture-format.md): the on-disk layout, the id rule, the typed sidecar, read and write.
 
 One module for both sides of the flywheel: the service's store (``service.capture_store``) writes, labels
-and lists captures with it, and the exporter (``training.captures``) reads them and writes Label Studio
+and lists captures with it, and the exporter (``flywheel.captures``) reads them and writes Label Studio
 labels back with it, so a change to the format is made once and tests/test_capture_format.py fails when
 the two sides drift. Torch-free (pydantic, Pillow), so the serve image carries it.
 

@@ -25,6 +25,8 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 DRAFT_FACTOR = 4
+# Files a class-folder tree counts as photos (training's folder sources and the promotion gate's audit tree).
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 DEFAULT_MAX_PIXELS = 50_000_000
 
 # Pillow warns (and past 2x raises) on huge images through a process-wide limit; we check the pixel
@@ -40,6 +42,11 @@ class ImageError(ValueError):
         self.code = code
         self.message = message
         self.status = status
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The photos directly in ``folder``, sorted, so every reader of a class folder sees the same list."""
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
 def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:

@@ -1,6 +1,6 @@
 """The labels an operator may give a capture: the model's classes plus its anomaly label.
 
-One function for the service (``POST /feedback``) and the exporter (``training.captures``), so both
+One function for the service (``POST /feedback``) and the exporter (``flywheel.captures``), so both
 accept the same set. Imports only the manifest contract: training can use it without torch.
 
 Example:

@@ -112,7 +112,7 @@ def session_options(settings: Settings) -> ort.SessionOptions:
 def load_model(model_dir: str | Path, settings: Settings) -> LoadedModel:
     """Read, verify, open and warm up ``model_dir``; raise ModelLoadError with a one-line reason.
 
-    A symlinked ``model_dir`` (``training.promote`` switches versions by replacing a symlink) is resolved
+    A symlinked ``model_dir`` (``flywheel.promote`` switches versions by replacing a symlink) is resolved
     once, so the manifest and the graph of one load always come from the same version folder.
     """
     model_dir = Path(model_dir).resolve()

@@ -10,14 +10,15 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from flywheel.metrics import roc_auc
 from training.batches import Normaliser, to_float
 from training.data import load_dataset, make_task
-from training.export import check_parity, evaluate, export_onnx
+from training.export import check_parity, export_onnx
+from training.measure import measure_scorer
 from training.methods import METHODS
 from training.methods.deepmad import DeepMADConfig, EncoderPhase
 from training.methods.deepsvdd import train_one_class_encoders
 from training.methods.drocc import DROCCConfig, adversarial_search, learning_rate, project
-from training.metrics import roc_auc
 from training.networks import GroupedClassifier, GroupedEncoder
 
 TINY = {"ae_epochs": 1, "epochs": 1, "ascent_steps": 2, "batch_size": 32}
@@ -100,7 +101,7 @@ def test_one_class_detectors_are_independent(task):
 def test_baseline_trains_to_varied_scores_and_exports_the_contract(method, task, tmp_path):
     prepared = METHODS[method].prepare(task)
     scorer, _ = METHODS[method].fit(prepared, METHODS[method].config({**TINY, "seed": 0}), torch.device("cpu"))
-    result = evaluate(scorer, prepared, 0.05)
+    result = measure_scorer(scorer, prepared, 0.05)
     scores = result.test_scores
     # Collapse guard: a detector mapping everything to one point (or one logit) gives near-constant scores.
     assert np.std(scores) > 1e-4 * max(abs(float(np.mean(scores))), 1e-3)

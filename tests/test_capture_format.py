@@ -1,6 +1,6 @@
 """The capture contract (``service.capture_format``, docs/capture-format.md) seen from both sides.
 
-The service writes captures and the exporter (``training.captures``) reads them; both go through one
+The service writes captures and the exporter (``flywheel.captures``) reads them; both go through one
 module, and these tests write with one side and read with the other, so a side that drifts fails here.
 """
 
@@ -15,13 +15,13 @@ from pathlib import Path
 import httpx
 import pytest
 
+from flywheel.captures import LS_CHOICES, LS_IMAGE, SHA_PREFIX, import_label_studio, iter_captures
 from service.capture_format import Sidecar, read_sidecar
 from service.capture_store import CaptureStore
 from service.labels import valid_labels
 from service.manifest import Manifest
 from tests.conftest import REPO_ROOT
 from tests.service_support import photo_subset, run_server, wait_for
-from training.captures import LS_CHOICES, LS_IMAGE, SHA_PREFIX, import_label_studio, iter_captures
 from training.errors import UserError
 
 TOKEN = "format-test-token"
@@ -62,7 +62,7 @@ def test_what_the_service_writes_the_exporter_reads(model: Path, manifest: Manif
         assert capture.sidecar_path.parent == folder / capture.sidecar.time[:10]
 
     tree = tmp_path / "tree"
-    command = [sys.executable, "-m", "training.captures", "export", "--captures", str(folder), "--out", str(tree)]
+    command = [sys.executable, "-m", "flywheel.captures", "export", "--captures", str(folder), "--out", str(tree)]
     result = subprocess.run([*command, "--audit-share", "0"], cwd=REPO_ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["written"] == 2

@@ -1,4 +1,4 @@
-"""training.captures on capture stores made of real TrashNet photos: export, audit split, Label Studio."""
+"""flywheel.captures on capture stores made of real TrashNet photos: export, audit split, Label Studio."""
 
 from __future__ import annotations
 
@@ -12,18 +12,18 @@ from pathlib import Path
 
 import pytest
 
-from service.labels import valid_labels
-from service.manifest import Manifest
-from tests.capture_support import open_model, tree_files, write_capture
-from tests.conftest import REPO_ROOT
-from tests.service_support import model_dir, photo_subset
-from training.captures import (
+from flywheel.captures import (
     LS_LOCAL_FILES,
     SHA_PREFIX,
     in_audit,
     labeling_config,
     read_capture,
 )
+from service.labels import valid_labels
+from service.manifest import Manifest
+from tests.capture_support import open_model, tree_files, write_capture
+from tests.conftest import REPO_ROOT
+from tests.service_support import model_dir, photo_subset
 from training.data.folders import load_folder
 
 DAY = dt.datetime(2026, 11, 28, 12, 0, tzinfo=dt.timezone.utc)
@@ -31,7 +31,7 @@ DAY = dt.datetime(2026, 11, 28, 12, 0, tzinfo=dt.timezone.utc)
 
 def captures_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "training.captures", *map(str, args)],
+        [sys.executable, "-m", "flywheel.captures", *map(str, args)],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,

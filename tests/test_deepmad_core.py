@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from flywheel.metrics import calibrate, choose_gamma, rates_at, roc_auc
 from training.methods.deepmad import CENTRE_EPS, deepmad_loss, guard_centres
-from training.metrics import calibrate, choose_threshold, rates_at, roc_auc
 from training.networks import GroupedAutoencoder, GroupedEncoder
 
 
@@ -110,7 +110,7 @@ def test_auc_matches_pairwise_definition_with_ties():
 
 def test_threshold_rejects_the_requested_share_and_calibration_is_centred_on_it():
     scores = np.linspace(0, 10, 1001)
-    threshold = choose_threshold(scores, 0.05)
+    threshold = choose_gamma(scores, 0.05)
     assert threshold.normal_reject_rate == pytest.approx(0.05, abs=0.002)
     calibration = calibrate(scores, threshold.value)
     assert calibration.probability(threshold.value) == pytest.approx(0.5)

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 
 from bench.flywheel import add_to_tree, folder_exposure, trashnet_splits
+from flywheel.captures import iter_captures
 from service.imaging import load_image_file
 from service.manifest import Manifest
 from tests.capture_support import open_model, write_capture
 from tests.conftest import REPO_ROOT
 from tests.service_support import model_dir
-from training.captures import iter_captures
 from training.data import load_dataset, make_task
 from training.data.folders import TRASHNET_NORMAL
 
@@ -50,7 +50,7 @@ def test_exported_captures_retrain_with_outlier_exposure(tmp_path: Path, trashne
     for n, photo in enumerate(splits.held_trash[:12]):
         write_capture(captures, model, photo, capture_id=f"trash{n}", label="trash")
     export = subprocess.run(
-        [sys.executable, "-m", "training.captures", "export", "--captures", str(captures), "--out", str(tree),
+        [sys.executable, "-m", "flywheel.captures", "export", "--captures", str(captures), "--out", str(tree),
          "--audit-share", "0"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip

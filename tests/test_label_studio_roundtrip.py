@@ -1,5 +1,5 @@
 """A real Label Studio round trip: our tasks imported into the label-studio server, labelled through its
-API, exported through its API and applied back onto the capture store by ``training.captures``.
+API, exported through its API and applied back onto the capture store by ``flywheel.captures``.
 
 label-studio pins packages that clash with ours, so it lives in its own venv (.venv-label-studio, made by
 ``make test``); the server runs on 127.0.0.1 with SQLite in a temporary data folder.
@@ -22,10 +22,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from flywheel.captures import LS_CHOICES, LS_IMAGE, read_capture
 from tests.capture_support import open_model, write_capture
 from tests.conftest import REPO_ROOT
 from tests.service_support import free_port, model_dir, photo_subset
-from training.captures import LS_CHOICES, LS_IMAGE, read_capture
 
 LABEL_STUDIO = REPO_ROOT / ".venv-label-studio" / "bin" / "label-studio"
 TOKEN = "deepmad-roundtrip-token"  # the legacy API token the server gives its first user
@@ -116,7 +116,7 @@ def label_studio(tmp_path_factory) -> Iterator[LabelStudio]:
 
 def captures_cli(*args: object) -> dict:
     result = subprocess.run(
-        [sys.executable, "-m", "training.captures", *map(str, args)],
+        [sys.executable, "-m", "flywheel.captures", *map(str, args)],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,

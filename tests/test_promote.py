@@ -1,4 +1,4 @@
-"""training.promote on real artifacts: a worse model is refused, a good one is swapped in, reloaded
+"""flywheel.promote on real artifacts: a worse model is refused, a good one is swapped in, reloaded
 into a running service without a failed request, and rolled back."""
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from flywheel.model_store import ModelStore
 from service.manifest import Manifest, write_manifest
 from tests.capture_support import tree_files
 from tests.conftest import REPO_ROOT
 from tests.service_support import copy_model, corrupt_model, model_dir, photo_subset, run_server
-from training.model_store import ModelStore
 
 TOKEN = "promote-test-token"
 
@@ -35,7 +35,7 @@ def promote_env(token: str | None = None) -> dict[str, str]:
 
 def promote(*args: object, token: str | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "training.promote", *map(str, args)],
+        [sys.executable, "-m", "flywheel.promote", *map(str, args)],
         cwd=REPO_ROOT,
         env=promote_env(token),
         capture_output=True,
@@ -178,7 +178,7 @@ def test_promotion_reload_and_rollback_against_a_running_service(tmp_path: Path,
 
 def start_promote(*args: object) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "training.promote", *map(str, args)],
+        [sys.executable, "-m", "flywheel.promote", *map(str, args)],
         cwd=REPO_ROOT,
         env=promote_env(),
         stdout=subprocess.PIPE,

@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from flywheel.metrics import choose_gamma
 from service.manifest import Manifest
 from service.model import load_model
 from service.settings import Settings
 from tests.conftest import REPO_ROOT, SHIPPED_MODEL
-from training.metrics import choose_threshold
 from training.quantize import rebuild_task
 
 pytestmark = pytest.mark.slow
@@ -62,7 +62,7 @@ def test_writes_a_servable_int8_artifact_with_gamma_from_its_own_validation_scor
     assert manifest.test_metrics.auc >= source.test_metrics.auc - 0.005
     task = rebuild_task(source, trashnet_dir)
     val_scores = model.run(task.val.images).score
-    expected = choose_threshold(val_scores, source.hyperparameters["reject_rate"])
+    expected = choose_gamma(val_scores, source.hyperparameters["reject_rate"])
     assert manifest.threshold.value == pytest.approx(expected.value, rel=1e-6)
     assert manifest.threshold.value != pytest.approx(source.threshold.value, rel=1e-4)  # re-chosen, not copied
     assert np.std(val_scores) > 0.5

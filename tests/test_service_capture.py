@@ -31,6 +31,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from flywheel.captures import LS_CHOICES, LS_IMAGE, LS_LOCAL_FILES, import_label_studio, label_studio_tasks
 from service.app import create_app
 from service.capture import capture_reason
 from service.capture_format import Sidecar
@@ -42,7 +43,6 @@ from service.schemas import Classification, ModelRef
 from service.settings import Settings
 from tests.conftest import REPO_ROOT
 from tests.service_support import photo_subset, run_server, service_env, wait_for, without_id
-from training.captures import LS_CHOICES, LS_IMAGE, LS_LOCAL_FILES, import_label_studio, label_studio_tasks
 
 pytestmark = pytest.mark.slow
 
@@ -489,7 +489,7 @@ def label_studio_export(task: dict, task_id: int, label: str) -> dict:
 def test_labels_imported_from_label_studio_show_without_a_restart(
     model: Path, manifest: Manifest, photos: list[Path], tmp_path: Path
 ) -> None:
-    """``training.captures import-label-studio`` rewrites sidecars behind the running service's back."""
+    """``flywheel.captures import-label-studio`` rewrites sidecars behind the running service's back."""
     folder = tmp_path / "captures"
     with run_server(model, tmp_path, *capture_flags(folder, "--threshold", "0")) as server, server.client() as client:
         ids = [classify(client, photo).json()["id"] for photo in photos[:4]]

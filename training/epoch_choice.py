@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from flywheel.metrics import roc_auc
 from training.data import Task
 from training.errors import UserError
 from training.memorisation import distance_gap
-from training.metrics import roc_auc
 from training.scorer import BaseScorer
 
 CRITERIA = {

@@ -25,7 +25,8 @@ from training.data.base import add_holdout_flags, check_anomaly_holdout
 from training.data.composites import with_composites
 from training.engine import read_checkpoint, resolve_device
 from training.errors import UserError, require_writable, run_command
-from training.export import check_parity, evaluate, write_artifact
+from training.export import check_parity, write_artifact
+from training.measure import measure_scorer
 from training.methods import CONFIG_TYPES, METHODS, Method, get_method
 from training.methods.config import add_config_flags
 from training.methods.ensemble import EnsembleScorer
@@ -177,7 +178,7 @@ def run(args: argparse.Namespace, command: str) -> dict:
         file=sys.stderr,
     )
     scorer, log = fit_members(args, method, task, members, device)
-    evaluation = evaluate(scorer, task, args.reject_rate)
+    measured = measure_scorer(scorer, task, args.reject_rate)
     hyperparameters = {
         **config.as_dict(),
         "reject_rate": args.reject_rate,
@@ -195,7 +196,7 @@ def run(args: argparse.Namespace, command: str) -> dict:
         args.out,
         scorer,
         task,
-        evaluation,
+        measured,
         name=args.name,
         version=version,
         method=method.name,

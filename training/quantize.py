@@ -14,7 +14,7 @@ uint8 and runs the same kernels (same outputs, measured; see docs/performance.md
 
 The test split is rebuilt as the manifest's training run made it and checked against its training-data
 hash. gamma and its calibration are re-chosen on the INT8 graph's validation scores with training's own
-rule (``choose_threshold``); the artifact is written (graph first, manifest with its sha256 and golden
+rule (``choose_gamma``); the artifact is written (graph first, manifest with its sha256 and golden
 scores last, each atomically) only when the INT8 test AUC is at most ``--max-auc-drop`` below FP32's.
 """
 
@@ -31,12 +31,12 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quant_pre_process, quantize_static
 
+from flywheel.metrics import calibrate, choose_gamma, rates_at, roc_auc
 from service.fileio import sha256_file, write_atomic
 from service.manifest import MODEL_FILE, Manifest, TestMetrics, write_manifest
 from training.data import load_dataset, make_task
 from training.errors import UserError, require_writable, run_command
 from training.golden import golden_for
-from training.metrics import calibrate, choose_threshold, rates_at, roc_auc
 from training.routing import routing_metrics
 
 CALIBRATION_SEED = 0
@@ -138,7 +138,7 @@ def score_graph(path: Path, task) -> GraphScores:
 
 def int8_manifest(manifest: Manifest, task, int8: GraphScores, fp32: GraphScores, n_calibration: int) -> Manifest:
     """The FP32 manifest with the INT8 graph's own gamma, calibration and test metrics."""
-    threshold = choose_threshold(int8.val, manifest.hyperparameters.get("reject_rate", 0.05))
+    threshold = choose_gamma(int8.val, manifest.hyperparameters.get("reject_rate", 0.05))
     tpr, fpr = rates_at(int8.test, task.test_anomalous, threshold.value)
     normal = ~task.test_anomalous
     routing = routing_metrics(int8.test_distances[normal], task.test.labels[normal], task.column_names)

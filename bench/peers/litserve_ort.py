@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 import litserve as ls
 import numpy as np
@@ -20,6 +21,7 @@ import onnxruntime as ort
 
 from bench.peers.answer import MODEL_DIR, answer, served
 from service.imaging import load_image
+from training.errors import require_artifact, run_command
 
 MAX_BATCH_SIZE = 16
 BATCH_TIMEOUT_S = 0.005
@@ -50,14 +52,21 @@ class TrashnetAPI(ls.LitAPI):
         return answer(distances, score, nearest, self.class_names, self.threshold)
 
 
-def main() -> None:
+def main() -> int:
+    """A missing model is one ``error:`` line and exit 2, before LitServe starts its workers."""
+    return run_command(_main, "bench.peers.litserve_ort: interrupted")
+
+
+def _main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.peers.litserve_ort", description=__doc__.split("\n\n")[0])
     parser.add_argument("--port", type=int, default=8000)
     args = parser.parse_args()
+    require_artifact("DEEPMAD_MODEL_DIR", MODEL_DIR)
     api = TrashnetAPI(max_batch_size=MAX_BATCH_SIZE, batch_timeout=BATCH_TIMEOUT_S, api_path="/classify")
     server = ls.LitServer(api, accelerator="cpu")
     server.run(host="127.0.0.1", port=args.port, generate_client_file=False, log_level="warning")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

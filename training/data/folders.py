@@ -6,21 +6,16 @@ from pathlib import Path
 
 import numpy as np
 
-from service.imaging import ImageError, load_image_file
+from service.imaging import ImageError, image_files, load_image_file
 from training.data.base import SPLIT_SEED, DataSet, LabeledImages, split_per_class, with_validation_split
 from training.data.cache import cached_array, files_key
 from training.errors import UserError
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 TRASHNET_NORMAL = ["cardboard", "glass", "metal", "paper", "plastic"]
 TRASHNET_ANOMALY = "trash"
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 # Per class: train / validation / test shares of a folder that has no split of its own.
 FOLDER_SPLIT = (0.7, 0.1, 0.2)
-
-
-def image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
 def decode_files(files: list[Path], shape: tuple[int, int, int]) -> np.ndarray:

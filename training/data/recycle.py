@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from service.imaging import array_to_model_input
+from service.imaging import array_to_model_input, image_files
 from training.data.base import DataSet, LabeledImages, with_validation_split
 from training.data.cache import cache_dir
-from training.data.folders import decode_files, image_files
+from training.data.folders import decode_files
 from training.errors import UserError
 
 RECYCLE_URL = "http://web.cecs.pdx.edu/~singh/rcyc-web/recycle_data_shuffled.tar.gz"

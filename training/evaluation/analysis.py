@@ -26,11 +26,11 @@ import numpy as np
 import torch
 from scipy import stats
 
+from flywheel.metrics import roc_auc
 from training.data import load_dataset, make_task, parse_class_selection
 from training.errors import UserError, run_command
 from training.methods import CONFIG_TYPES, METHODS, get_method
 from training.methods.config import add_config_flags
-from training.metrics import roc_auc
 
 SIGNIFICANCE = 0.05
 ANALYSIS_SEED = 7

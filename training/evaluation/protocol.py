@@ -27,7 +27,7 @@ import torch
 from service.fileio import write_atomic
 from training.data import DataSet, load_dataset, make_task
 from training.errors import UserError
-from training.export import evaluate
+from training.measure import measure_scorer
 from training.methods import get_method
 
 SUBSAMPLE_SEED = 0  # training subsample: the same for every method and seed
@@ -164,7 +164,7 @@ def run_one(spec: RunSpec) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     scorer, log = method.fit(task, config, device)
     trained = time.perf_counter()
-    result = evaluate(scorer, task, REJECT_RATE)
+    result = measure_scorer(scorer, task, REJECT_RATE)
     scores = result.test_scores
     if spec.save_model:
         path = Path(spec.save_model)

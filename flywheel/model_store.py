@@ -26,9 +26,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from flywheel.errors import UserError
 from service.fileio import sha256_file, write_atomic
 from service.manifest import MANIFEST_FILE, MODEL_FILE, Manifest
-from training.errors import UserError
 
 ARTIFACT_FILES = (MODEL_FILE, MANIFEST_FILE)
 HISTORY_FILE = "history.json"
@@ -104,7 +104,7 @@ class ModelStore:
     def locked(self) -> Iterator[None]:
         """One promotion or rollback at a time per model folder (an flock, so a killed holder frees it).
 
-        training.promote holds it from reading the current model to the reload, so a candidate is always
+        flywheel.promote holds it from reading the current model to the reload, so a candidate is always
         judged against the model it replaces.
         """
         with open(self.lock_path, "w") as handle:

@@ -1,4 +1,4 @@
-"""``python -m training.captures``: the bin's labelled captures -> training and audit trees, and Label Studio.
+"""``python -m flywheel.captures``: the bin's labelled captures -> training and audit trees, and Label Studio.
 
 The capture store is written by the service and read here through the same contract module,
 ``service.capture_format`` (docs/capture-format.md), without torch, so this module also runs in the
@@ -9,14 +9,14 @@ serve image. Three commands:
   a re-export adds nothing and one photo sent twice is trained on once. A fixed share of the captures,
   chosen by a hash of the capture id (the same capture is always in it, whatever else was captured),
   is the audit set: written to ``--audit-out`` and never to the training tree, so the promotion gate
-  (``training.promote``) scores models on photos neither was trained on.
+  (``flywheel.promote``) scores models on photos neither was trained on.
 * ``export --format label-studio``: Label Studio import tasks with the model's verdict as a
   pre-annotation (Label Studio's documented ``data`` + ``predictions`` task format).
 * ``import-label-studio``: a Label Studio JSON export (tasks with ``annotations[].result[].value.choices``)
   back onto the sidecars as labels (``label_source`` "label-studio").
 
 Example:
-    python -m training.captures export --captures /var/lib/deepmad/captures --out data/bin \\
+    python -m flywheel.captures export --captures /var/lib/deepmad/captures --out data/bin \\
         --audit-out data/bin-audit
     python -m training.fit --dataset folder --data data/bin --normal cardboard,glass,metal,paper,plastic \\
         --out runs/bin-candidate
@@ -38,11 +38,11 @@ from xml.sax.saxutils import quoteattr
 
 from pydantic import ValidationError
 
+from flywheel.errors import UserError, require_writable
 from service.capture_format import Sidecar, SidecarError, read_sidecar, sidecar_paths, write_sidecar
 from service.fileio import write_atomic
 from service.labels import anomaly_labels, valid_labels
 from service.manifest import Manifest
-from training.errors import UserError, require_writable
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO_ROOT / "models" / "trashnet"
@@ -333,7 +333,7 @@ def import_label_studio(export_file: Path, captures: Path, labels: list[str]) ->
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m training.captures", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m flywheel.captures", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     export = commands.add_parser("export", help="labelled captures -> class folders, or Label Studio tasks")
     export.add_argument("--captures", type=Path, required=True, help="the service's capture folder")

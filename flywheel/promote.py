@@ -1,8 +1,8 @@
-"""``python -m training.promote``: score a candidate model against the current one on the audit photos,
+"""``python -m flywheel.promote``: score a candidate model against the current one on the audit photos,
 swap it in only when it is not worse, reload the running service, and roll back on request.
 
 Both artifacts are scored with ONNX Runtime through the service's own loader and image function (no
-torch), on the same audit class-folder tree (``training.captures export --audit-out``: photos neither
+torch), on the same audit class-folder tree (``flywheel.captures export --audit-out``: photos neither
 model was trained on). Printed side by side: AUC (recyclables vs the anomaly label), TPR at the current
 model's normal-reject rate (each model thresholded at the score that rejects as many audit normals as
 the current model's gamma does), TPR and reject rate at each model's own gamma, routing accuracy (the
@@ -24,9 +24,9 @@ before the current model is read and held through the decision, the swap and the
 started together the second is judged against the model the first swapped in.
 
 Example:
-    python -m training.promote --candidate runs/bin-candidate --current models/trashnet \\
+    python -m flywheel.promote --candidate runs/bin-candidate --current models/trashnet \\
         --audit data/bin-audit --reload-url http://127.0.0.1:8000
-    python -m training.promote --current models/trashnet --rollback --reload-url http://127.0.0.1:8000
+    python -m flywheel.promote --current models/trashnet --rollback --reload-url http://127.0.0.1:8000
 """
 
 from __future__ import annotations
@@ -44,14 +44,13 @@ from typing import Any
 
 import numpy as np
 
-from service.imaging import ImageError, load_image_file
+from flywheel.errors import UserError, require_artifact
+from flywheel.metrics import roc_auc, threshold_rejecting
+from flywheel.model_store import ModelStore, check_artifact
+from service.imaging import ImageError, image_files, load_image_file
 from service.labels import valid_labels
 from service.model import LoadedModel, ModelLoadError, load_model
 from service.settings import Settings
-from training.data.folders import image_files
-from training.errors import UserError
-from training.metrics import roc_auc
-from training.model_store import ModelStore, check_artifact
 
 EXIT_PROMOTED, EXIT_RELOAD_FAILED, EXIT_BAD_INPUT, EXIT_REFUSED = 0, 1, 2, 3
 BATCH = 64
@@ -75,7 +74,7 @@ class AuditSet:
     @classmethod
     def read(cls, root: Path, normal: list[str], anomaly: list[str]) -> AuditSet:
         if not root.is_dir():
-            raise UserError(f"audit folder {root} does not exist (training.captures export --audit-out)")
+            raise UserError(f"audit folder {root} does not exist (flywheel.captures export --audit-out)")
         folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
         unknown = [p.name for p in folders if p.name not in normal + anomaly]
         if unknown:
@@ -97,13 +96,14 @@ class AuditSet:
         return {str(n): int(c) for n, c in zip(names, counts, strict=True)}
 
 
-def open_model(folder: Path) -> LoadedModel:
+def open_model(flag: str, folder: Path) -> LoadedModel:
     """The artifact as the service would load it (sha256-checked, warmed up), on the CPU."""
+    require_artifact(flag, folder)
     settings = Settings(model_dir=folder, threshold=None, providers=["CPUExecutionProvider"])
     try:
         return load_model(folder, settings)
     except ModelLoadError as exc:
-        raise UserError(str(exc)) from None
+        raise UserError(f"{flag}: {exc}") from None
 
 
 def score(model: LoadedModel, files: list[Path]) -> tuple[np.ndarray, np.ndarray]:
@@ -120,12 +120,6 @@ def score(model: LoadedModel, files: list[Path]) -> tuple[np.ndarray, np.ndarray
         scores.append(result.score)
         nearest.append(result.nearest)
     return np.concatenate(scores).astype(np.float64), np.concatenate(nearest)
-
-
-def threshold_rejecting(normal_scores: np.ndarray, n_reject: int) -> float:
-    """The lowest threshold at which exactly ``n_reject`` normal scores lie at or above it (ties aside)."""
-    ordered = np.sort(normal_scores)[::-1]
-    return float(ordered[n_reject - 1]) if n_reject > 0 else float(np.nextafter(ordered[0], np.inf))
 
 
 def audit_metrics(model: LoadedModel, audit: AuditSet, n_reject: int | None) -> dict[str, Any]:
@@ -255,7 +249,7 @@ def base_record(decision: str, args: argparse.Namespace) -> dict[str, Any]:
         "decision": decision,
         "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "current": str(args.current),
-        "command": "python -m training.promote " + " ".join(sys.argv[1:]),
+        "command": "python -m flywheel.promote " + " ".join(sys.argv[1:]),
     }
 
 
@@ -284,6 +278,8 @@ def finish(args: argparse.Namespace, store: ModelStore, record: dict[str, Any], 
 
 
 def run(args: argparse.Namespace) -> int:
+    if not args.current.exists():
+        raise UserError(f"--current {args.current} does not exist (the folder the service serves)")
     store = ModelStore(args.current)
     if args.reload_url and not os.environ.get("DEEPMAD_ADMIN_TOKEN"):
         raise UserError("--reload-url needs the service's admin token in DEEPMAD_ADMIN_TOKEN")
@@ -300,7 +296,7 @@ def run(args: argparse.Namespace) -> int:
 
 def run_promotion(args: argparse.Namespace, store: ModelStore) -> int:
     """Score, decide, swap and reload; the caller holds the store's lock throughout."""
-    current_model, candidate_model = open_model(args.current), open_model(args.candidate)
+    current_model, candidate_model = open_model("--current", args.current), open_model("--candidate", args.candidate)
     labels = valid_labels(current_model.manifest)
     normal, anomaly = (
         labels[: len(current_model.manifest.class_names)],
@@ -339,10 +335,10 @@ def run_promotion(args: argparse.Namespace, store: ModelStore) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m training.promote", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m flywheel.promote", description=__doc__.splitlines()[0])
     parser.add_argument("--candidate", type=Path, help="the new model folder (model.onnx + manifest.json)")
     parser.add_argument("--current", type=Path, required=True, help="the folder the service serves (--model-dir)")
-    parser.add_argument("--audit", type=Path, help="audit class-folder tree (training.captures export --audit-out)")
+    parser.add_argument("--audit", type=Path, help="audit class-folder tree (flywheel.captures export --audit-out)")
     parser.add_argument("--reload-url", help="the running service (base URL or .../admin/reload)")
     parser.add_argument("--min-gain", type=float, default=0.0, help="AUC the candidate must gain")
     parser.add_argument("--routing-tolerance", type=float, default=0.02, help="routing accuracy the candidate may lose")

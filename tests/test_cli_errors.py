@@ -1,0 +1,64 @@
+"""Every command (training, flywheel, bench) ends bad input before any work: one ``error:`` line, exit 2.
+
+Each runs as a real process from an empty temporary working directory, with a data or model folder
+that does not exist; a traceback, a second error line or another exit status fails the test.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import tomllib
+from setuptools import find_packages
+
+from tests.conftest import REPO_ROOT
+
+MISSING = "/nonexistent/deepmad"
+# (module, arguments, extra environment); OUT is replaced by a folder under the temporary directory.
+COMMANDS = [
+    ("training.fit", ["--dataset", "folder", "--data", MISSING, "--normal", "a,b", "--out", "OUT"], {}),
+    ("training.evaluate", ["--dataset", "trashnet", "--data", MISSING], {}),
+    ("training.analyze", ["--model", MISSING, "--out", "OUT"], {}),
+    ("training.quantize", ["--model", MISSING, "--out", "OUT"], {}),
+    ("training.golden", ["--model", MISSING], {}),
+    ("training.routing", ["--model", MISSING], {}),
+    ("flywheel.captures", ["export", "--captures", MISSING, "--out", "OUT"], {}),
+    ("flywheel.captures", ["import-label-studio", f"{MISSING}/export.json", "--captures", MISSING], {}),
+    ("flywheel.promote", ["--candidate", MISSING, "--current", f"{MISSING}/current", "--audit", MISSING], {}),
+    ("flywheel.promote", ["--current", MISSING, "--rollback"], {}),
+    ("bench.capture_cost", ["--model-dir", MISSING], {}),
+    ("bench.cpu_per_request", ["--arm", "HEAD", "--photo", f"{MISSING}/photo.jpg"], {}),
+    ("bench.flywheel", ["--data", MISSING, "--out", "OUT"], {}),
+    ("bench.int8_no_vnni", ["--model-dir", MISSING], {}),
+    ("bench.quality", ["--seeds", "1", "--runs", "OUT"], {"DEEPMAD_DATA_ROOT": MISSING}),
+    ("bench.quantize", ["--data", MISSING], {}),
+    ("bench.score_rules", ["--seeds", "0"], {"DEEPMAD_DATA_ROOT": MISSING}),
+    ("bench.serve", ["--model-dir", MISSING, "--quick"], {}),
+    ("bench.train", ["--quick"], {"DEEPMAD_DATA_ROOT": MISSING}),
+    ("bench.peers.litserve_ort", ["--port", "0"], {"DEEPMAD_MODEL_DIR": MISSING}),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("module", "args", "extra"), COMMANDS, ids=[f"{m} {a[0]}" for m, a, _ in COMMANDS])
+def test_bad_input_is_one_error_line_and_exit_2(tmp_path, module, args, extra):
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), **extra}
+    command = [sys.executable, "-m", module, *[str(tmp_path / "out") if a == "OUT" else a for a in args]]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert "Traceback" not in result.stderr, result.stderr
+    assert len(errors) == 1, result.stderr
+    assert result.returncode == 2, result.stderr
+    assert MISSING in errors[0]  # it names what is missing
+
+
+def test_every_command_module_is_installed_with_the_project():
+    """``python -m bench.serve`` works from any folder once the project is installed: bench is a package of it."""
+    include = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    packages = set(find_packages(REPO_ROOT, include=include["include"]))
+    modules = {module.rsplit(".", 1)[0] for module, _, _ in COMMANDS}
+    assert modules <= packages, modules - packages
+    assert "tests" not in packages
