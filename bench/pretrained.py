@@ -33,6 +33,7 @@ import onnxruntime as ort
 import torch
 import torch.nn.functional as F  # noqa: N812
 
+from flywheel.metrics import choose_gamma, roc_auc
 from service.manifest import INPUT_NAME
 from training.backbones import Backbone
 from training.data import load_dataset, make_task
@@ -51,7 +52,6 @@ from training.methods.backbone import (
     train_heads,
 )
 from training.methods.deepmad import DeepMADConfig
-from training.metrics import roc_auc
 from training.scorer import Scorer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -175,7 +175,7 @@ def gaussian(fold: Fold, with_trash: bool) -> tuple[np.ndarray, np.ndarray]:
 
 def fold_metrics(scores: np.ndarray, nearest: np.ndarray, labels: np.ndarray) -> tuple[float, float, float]:
     trash = labels < 0
-    gamma = np.quantile(scores[~trash], 1.0 - REJECT_RATE)
+    gamma = choose_gamma(scores[~trash], REJECT_RATE).value  # training's rule, on the held-out fold's recyclables
     caught = float((scores[trash] >= gamma).mean())
     return roc_auc(scores, trash), caught, float((nearest[~trash] == labels[~trash]).mean())
 
