@@ -104,3 +104,25 @@ def test_one_flywheel_round_end_to_end(tmp_path: Path, data_dir: Path):
             assert first["serving"]["version"] == first["candidate"]["version"] == "candidate-r1"
         else:
             assert first["serving"]["version"] == start["serving"]["version"] == "round0"
+
+
+@pytest.mark.slow
+def test_a_flywheel_round_retrains_the_pretrained_recipe(tmp_path: Path, data_dir: Path):
+    """Capture -> label -> export -> retrain -> gate with DeepMAD heads on Lite0 (small: 64x64, 1 epoch)."""
+    out = tmp_path / "flywheel"
+    recipe = "--backbone efficientnet-lite0 --input-size 64 --rep-dim 16 --head-hidden 32 --lr 1e-3 --delta 2"
+    command = [
+        sys.executable, "-m", "bench.flywheel", "--out", str(out), "--data", str(data_dir / "trashnet"),
+        "--orders", "uncertain", "--rounds", "1", "--per-round", "60", "--trash-share", "0.5",
+        "--labels-per-round", "40", "--capture-normal-rate", "1.0", "--seed-per-class", "12", "--epochs", "2",
+        "--max-train-per-class", "12", "--threads", "2", "--recipe", recipe,
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    start, first = json.loads((out / "flywheel.json").read_text())["results"]["uncertain"]
+    assert Manifest.load(out / "uncertain" / "models" / "bin").backbone.name == "efficientnet-lite0"
+    assert first["candidate"] is not None and first["retrain_seconds"] > 0, first
+    assert first["gate"]["decision"] in {"promoted", "refused"}, first["gate"]
+    candidate = Manifest.load(out / "uncertain" / "candidate-r1")
+    assert candidate.backbone.name == "efficientnet-lite0" and candidate.input.height == 64
+    assert candidate.training_data.counts["train"].get("outlier_exposure", 0) > 0
