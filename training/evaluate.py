@@ -46,6 +46,10 @@ SWEEP_FIELDS = (
     "routing_margin",
     "input_norm",
     "width",
+    "backbone",
+    "head_hidden",
+    "lr",
+    "weight_decay",
 )
 OVERRIDES: list[str] = []  # the flags' destinations, set by build_parser
 
@@ -63,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--exclude-classes", default="", help="class names dropped from every split, e.g. trash for TrashNet 4/1"
     )
     parser.add_argument("--n-normal", type=int, default=2, help="normal classes per combination")
+    parser.add_argument(
+        "--input-size", type=int, help="photos resized to this square size (default: the source's; --backbone: 32k)"
+    )
     parser.add_argument("--combos", default="all", help='all, N (a fixed sample of N) or "0,1;3,5"')
     parser.add_argument("--methods", default=DEFAULT_METHODS, help="comma separated")
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per (method, combination)")
@@ -93,7 +100,7 @@ def plan(args: argparse.Namespace) -> list[RunSpec]:
     overrides = {method.name: method_overrides(args, method) for method in methods}
     exclude = tuple(c.strip() for c in args.exclude_classes.split(",") if c.strip())
     trash_dir = str(args.trash_dir) if args.trash_dir else None
-    dataset = load_for_runs(args.dataset, str(args.data) if args.data else None, trash_dir, exclude)
+    dataset = load_for_runs(args.dataset, str(args.data) if args.data else None, trash_dir, exclude, args.input_size)
     n_classes = len(dataset.class_names)
     allowed = [i for i, name in enumerate(dataset.class_names) if name not in exclude]
     if not 0 < args.n_normal < len(allowed):
@@ -119,6 +126,7 @@ def plan(args: argparse.Namespace) -> list[RunSpec]:
                     anomaly_holdout=args.anomaly_holdout,
                     outlier_exposure=args.outlier_exposure,
                     exposure_from_train=args.exposure_from_train,
+                    image_size=args.input_size,
                 )
                 if args.save_models:
                     model = args.out / "models" / method.name / f"{spec.combo}-seed{seed}.pt"
@@ -175,7 +183,8 @@ def _finished(out: Path, spec: RunSpec) -> bool:
         return False
     stored = json.loads(path.read_text())
     fields = ("overrides", "max_train_per_class", "max_val_per_class", "max_test_per_class", "data", "exclude")
-    defaults = {"anomaly_holdout": 0.0, "outlier_exposure": False, "exposure_from_train": 0}  # older results
+    # Older results lack the later fields; they were made with these values.
+    defaults = {"anomaly_holdout": 0.0, "outlier_exposure": False, "exposure_from_train": 0, "image_size": None}
     for field in (*fields, *defaults):
         if stored.get(field, defaults.get(field, [])) != spec.as_dict()[field]:
             raise UserError(f"{path} was made with other settings ({field}); use another --out or delete it")

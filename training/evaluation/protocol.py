@@ -53,6 +53,7 @@ class RunSpec:
     anomaly_holdout: float = 0.0  # share of each anomaly class kept out of the test split (make_task)
     outlier_exposure: bool = False  # train on half of that holdout as negatives for every encoder
     exposure_from_train: int = 0  # or on this many training images per anomaly class instead
+    image_size: int | None = None  # photos resized to this square size (None: the source's own)
 
     @property
     def combo(self) -> str:
@@ -125,8 +126,11 @@ def drop_classes(dataset: DataSet, exclude: tuple[str, ...]) -> DataSet:
     return dataclasses.replace(dataset, train=keep(dataset.train), val=keep(dataset.val), test=keep(dataset.test))
 
 
-def load_for_runs(name: str, data: str | None, trash_dir: str | None, exclude: tuple[str, ...]) -> DataSet:
-    dataset = load_dataset(name, Path(data) if data else None, trash_dir=Path(trash_dir) if trash_dir else None)
+def load_for_runs(
+    name: str, data: str | None, trash_dir: str | None, exclude: tuple[str, ...], image_size: int | None = None
+) -> DataSet:
+    trash = Path(trash_dir) if trash_dir else None
+    dataset = load_dataset(name, Path(data) if data else None, image_size, trash_dir=trash)
     return drop_classes(dataset, exclude)
 
 
@@ -146,7 +150,7 @@ def run_one(spec: RunSpec) -> dict:
     started = time.perf_counter()
     if spec.threads:
         torch.set_num_threads(spec.threads)
-    source = (spec.dataset, spec.data, spec.trash_dir, tuple(spec.exclude))
+    source = (spec.dataset, spec.data, spec.trash_dir, tuple(spec.exclude), spec.image_size)
     dataset = _dataset(source, spec.max_val_per_class, spec.max_test_per_class)
     normal = [dataset.class_names[i] for i in spec.normal]
     task = make_task(

@@ -53,10 +53,13 @@ class GroupedHead(nn.Module):
 class BackboneEncoder(nn.Module):
     """Backbone -> feature standardisation -> m heads; ``embed_shared`` is what ``scorer.Scorer`` calls."""
 
-    def __init__(self, backbone: Backbone, head: GroupedHead, size: int, mean: torch.Tensor, std: torch.Tensor):
+    def __init__(
+        self, backbone: Backbone, head: GroupedHead, size: int, mean: torch.Tensor, std: torch.Tensor, channels: int = 3
+    ):
         super().__init__()
         self.backbone, self.head = backbone, head
-        self.groups, self.rep_dim, self.channels, self.size = head.groups, head.rep_dim, 3, size
+        # A grey photo (channels 1) is broadcast to the backbone's three channels by the input standardisation.
+        self.groups, self.rep_dim, self.channels, self.size = head.groups, head.rep_dim, channels, size
         self.register_buffer("feature_mean", mean.float().view(1, -1))
         self.register_buffer("feature_std", std.float().view(1, -1))
 
@@ -108,6 +111,7 @@ class CachedInputs:
     labels: torch.Tensor
     n_photos: int
     size: int
+    channels: int = 3
 
     @classmethod
     def of(cls, task: Task, config: DeepMADConfig, device: torch.device) -> CachedInputs:
@@ -117,7 +121,8 @@ class CachedInputs:
         views = [False, True] if config.augment else [False]
         outputs = [torch.from_numpy(fixed_outputs(backbone, task.train.images, m, device)) for m in views]
         labels = torch.from_numpy(task.train.labels)
-        return cls(backbone, torch.cat(outputs), labels.repeat(len(views)), len(labels), size)
+        channels = task.train.images.shape[3]
+        return cls(backbone, torch.cat(outputs), labels.repeat(len(views)), len(labels), size, channels)
 
 
 def train_heads(
@@ -133,7 +138,8 @@ def train_heads(
     photos, photo_labels = fixed[: inputs.n_photos], labels[: inputs.n_photos]
     pooled = pooled_features(inputs.backbone, photos[photo_labels >= 0])
     head = GroupedHead(n_normal, inputs.backbone.out_dim, config.head_hidden, config.rep_dim)
-    encoder = BackboneEncoder(inputs.backbone, head, inputs.size, pooled.mean(0), pooled.std(0).clamp_min(1e-3))
+    mean, std = pooled.mean(0), pooled.std(0).clamp_min(1e-3)
+    encoder = BackboneEncoder(inputs.backbone, head, inputs.size, mean, std, inputs.channels)
     encoder = encoder.to(device)
     trained = [p for p in encoder.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trained, lr=config.lr, weight_decay=config.weight_decay)
