@@ -35,7 +35,7 @@ import torch.nn.functional as F  # noqa: N812
 
 from flywheel.metrics import choose_gamma, roc_auc
 from service.manifest import INPUT_NAME
-from training.backbones import Backbone
+from training.backbones import BACKBONE_CHOICES, Backbone, check_input_size
 from training.data import load_dataset, make_task
 from training.data.base import split_per_class
 from training.data.folders import TRASHNET_NORMAL
@@ -57,7 +57,7 @@ from training.scorer import Scorer
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REJECT_RATE = 0.05
 FOLD_SEED = 20163
-BACKBONE = "efficientnet-lite0"
+BACKBONE = "efficientnet-lite0"  # --backbone picks another
 # The heads' recipe, chosen by this bench's own CV (docs/quality.md, "Round 3"): weight decay was the lever.
 HEAD = {
     "rep_dim": 32,
@@ -180,13 +180,15 @@ def fold_metrics(scores: np.ndarray, nearest: np.ndarray, labels: np.ndarray) ->
     return roc_auc(scores, trash), caught, float((nearest[~trash] == labels[~trash]).mean())
 
 
-def cross_validate(recipe: Recipe, side: Side, fixed: torch.Tensor, tune_blocks: int, with_trash: bool, folds: int):
+def cross_validate(
+    recipe: Recipe, side: Side, fixed: torch.Tensor, tune_blocks: int, with_trash: bool, folds: int, backbone: str
+):
     """Per-fold (AUC, caught at γ, routing) over stratified folds of the training side."""
     parts = split_per_class(side.labels, tuple([1.0 / folds] * folds), FOLD_SEED)
     results = []
     for held in parts:
         train = np.setdiff1d(np.arange(len(side.labels)), held)
-        fold = Fold(fixed, side.labels, train, held, Backbone.pretrained(BACKBONE, tune_blocks))
+        fold = Fold(fixed, side.labels, train, held, Backbone.pretrained(backbone, tune_blocks))
         scores, nearest = recipe(fold, with_trash)
         results.append(fold_metrics(scores, nearest, side.labels[held]))
     return np.asarray(results)
@@ -203,9 +205,11 @@ def parse_heads(spec: str) -> dict[str, float]:
     return overrides
 
 
-def recipes(sizes: list[int], tunes: list[int], heads: dict | None = None) -> list[tuple[str, int, int, bool, Recipe]]:
+def recipes(
+    sizes: list[int], tunes: list[int], heads: dict | None = None, backbone: str = BACKBONE
+) -> list[tuple[str, int, int, bool, Recipe]]:
     """(name, size, tune_blocks, trash in training, recipe) rows of the table."""
-    base = DeepMADConfig(backbone=BACKBONE, **{**HEAD, **(heads or {})})
+    base = DeepMADConfig(backbone=backbone, **{**HEAD, **(heads or {})})
     rows = []
     for size in sizes:
         for tune in tunes:
@@ -267,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default="128", help="input sizes, comma separated (multiples of 32)")
     parser.add_argument("--tune-blocks", default="0", help="fine-tuned last blocks, comma separated")
     parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--backbone", default=BACKBONE, choices=[b for b in BACKBONE_CHOICES if b != "none"])
     parser.add_argument("--only", help="rows whose name contains this text")
     parser.add_argument(
         "--heads", default="", help="the DeepMAD heads' settings to screen, e.g. epochs=15,weight_decay=0.01"
@@ -282,26 +287,31 @@ def main(argv: list[str] | None = None) -> int:
         tunes = [int(t) for t in args.tune_blocks.split(",")]
         if args.folds < 2:
             raise UserError("--folds must be at least 2")
+        for size in sizes:
+            check_input_size(args.backbone, size)
+        heads = parse_heads(args.heads)
         if args.serving:
             print_serving(sizes)
             return 0
-        print(f"# load average {os.getloadavg()[0]:.2f}; {args.folds}-fold CV on the training side (no test photo)")
+        print(
+            f"# load average {os.getloadavg()[0]:.2f}; {args.backbone}; {args.folds}-fold CV on the training side "
+            "(no test photo)"
+        )
         print("| recipe | input | trash in training | AUC | trash caught at 5% false reject | routing | s/fold |")
         print("|---|---|---|---|---|---|---|")
         cache: dict[tuple[int, int], torch.Tensor] = {}
         sides: dict[int, Side] = {}
-        heads = parse_heads(args.heads)
         if heads:
             print(f"# DeepMAD heads: {HEAD | heads}")
-        for name, size, tune, with_trash, recipe in recipes(sizes, tunes, heads):
+        for name, size, tune, with_trash, recipe in recipes(sizes, tunes, heads, args.backbone):
             if args.only and args.only not in name:
                 continue
             side = sides.setdefault(size, training_side(size))
             if (size, tune) not in cache:
-                backbone = Backbone.pretrained(BACKBONE, tune)
+                backbone = Backbone.pretrained(args.backbone, tune)
                 cache[size, tune] = torch.cat([side_features(side, backbone, m) for m in (False, True)])
             started = time.perf_counter()
-            results = cross_validate(recipe, side, cache[size, tune], tune, with_trash, args.folds)
+            results = cross_validate(recipe, side, cache[size, tune], tune, with_trash, args.folds, args.backbone)
             seconds = (time.perf_counter() - started) / args.folds
             mean, spread = results.mean(0), results.std(0)
             cells = " | ".join(f"{m:.3f} ± {s:.3f}" for m, s in zip(mean, spread, strict=True))

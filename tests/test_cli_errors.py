@@ -39,6 +39,7 @@ COMMANDS = [
     ("bench.serve", ["--model-dir", MISSING, "--quick"], {}),
     ("bench.train", ["--quick"], {"DEEPMAD_DATA_ROOT": MISSING}),
     ("bench.peers.litserve_ort", ["--port", "0"], {"DEEPMAD_MODEL_DIR": MISSING}),
+    ("bench.pretrained", ["--sizes", "128"], {"DEEPMAD_DATA_ROOT": MISSING}),
 ]
 
 
@@ -62,3 +63,49 @@ def test_every_command_module_is_installed_with_the_project():
     modules = {module.rsplit(".", 1)[0] for module, _, _ in COMMANDS}
     assert modules <= packages, modules - packages
     assert "tests" not in packages
+
+
+def run_cli(module: str, *args: str, cwd) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True)
+
+
+def one_error_line(result: subprocess.CompletedProcess) -> str:
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert "Traceback" not in result.stderr and len(errors) == 1 and result.returncode == 2, result.stderr
+    return errors[0]
+
+
+@pytest.mark.slow
+def test_a_folder_tree_too_small_for_a_validation_split_stops_before_training(tmp_path, trashnet_dir):
+    """Four photos per class leave no validation photo (70/10/20): γ could not be chosen, so nothing trains."""
+    for klass in ("glass", "metal"):
+        (tmp_path / "tree" / klass).mkdir(parents=True)
+        for photo in sorted((trashnet_dir / klass).glob("*.jpg"))[:4]:
+            (tmp_path / "tree" / klass / photo.name).write_bytes(photo.read_bytes())
+    out = tmp_path / "model"
+    result = run_cli(
+        "training.fit", "--dataset", "folder", "--data", str(tmp_path / "tree"), "--normal", "glass",
+        "--out", str(out), "--checkpoint", str(tmp_path / "ckpt.pt"), "--quiet", cwd=tmp_path,
+    )  # fmt: skip
+    assert "no validation photos" in one_error_line(result)
+    assert not out.exists() and not (tmp_path / "ckpt.pt").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flag", ["--out", "--audit-out"])
+def test_an_unwritable_export_folder_is_one_line_before_any_photo_is_read(tmp_path, flag):
+    captures = tmp_path / "captures"
+    captures.mkdir()
+    (tmp_path / "a-file").write_text("in the way")
+    args = {"--out": str(tmp_path / "tree"), "--audit-out": str(tmp_path / "audit")}
+    args[flag] = str(tmp_path / "a-file" / "below")
+    result = run_cli(
+        "flywheel.captures",
+        "export",
+        "--captures",
+        str(captures),
+        *[x for kv in args.items() for x in kv],
+        cwd=tmp_path,
+    )
+    assert "is not writable" in one_error_line(result) and flag in one_error_line(result)

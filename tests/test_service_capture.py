@@ -378,6 +378,12 @@ def test_feedback_auth_and_errors(labelled_server, photos: list[Path], manifest:
     assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "unknown_id"
     bad_label = client.post("/feedback", json={"id": capture_id, "label": "banana"}, headers=AUTH)
     assert bad_label.status_code == 422 and bad_label.json()["error"]["code"] == "invalid_label"
+    # An error body quotes a short prefix of what was sent, never all of it.
+    huge = client.post("/feedback", json={"id": capture_id, "label": "x" * 100_000}, headers=AUTH)
+    assert huge.status_code == 422 and huge.json()["error"]["code"] == "invalid_label"
+    assert len(huge.content) < 2_000 and "100000 characters" in huge.text, huge.text[:300]
+    huge_id = client.post("/feedback", json={"id": "y" * 100_000, "label": "glass"}, headers=AUTH)
+    assert huge_id.status_code in (404, 422) and len(huge_id.content) < 2_000, huge_id.text[:300]
     for malformed in ({"id": capture_id}, {"id": "../x", "label": "glass"}, "not json"):
         kwargs = {"content": malformed} if isinstance(malformed, str) else {"json": malformed}
         response = client.post("/feedback", headers={**AUTH, "content-type": "application/json"}, **kwargs)
