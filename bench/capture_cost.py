@@ -28,6 +28,7 @@ import numpy as np
 
 from bench.loadgen import BOUNDARY, LoadResult, multipart_request, run_load
 from bench.processes import ServerStartError, service_command, service_env, started
+from training.data import data_root
 from training.errors import UserError, require_artifact, run_command
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.capture_cost", description=__doc__)
     parser.add_argument("--model-dir", type=Path, default=REPO_ROOT / "models" / "trashnet")
-    parser.add_argument("--data", type=Path, default=REPO_ROOT.parent / "shared" / "data" / "trashnet")
+    parser.add_argument("--data", type=Path, help="TrashNet folder (default: DEEPMAD_DATA_ROOT/trashnet)")
     parser.add_argument("--rounds", type=int, default=8, help="rounds; each sends one photo to every arm")
     parser.add_argument("--requests", type=int, default=100, help="requests per arm per round")
     parser.add_argument("--concurrency", type=int, default=1, help="keep-alive connections per arm")
@@ -140,11 +141,12 @@ def _main(argv: list[str] | None = None) -> int:
         args.rounds, args.requests, args.batches = 2, 50, 20
     if min(args.rounds, args.requests, args.concurrency, args.batches) < 1:
         parser.error("--rounds, --requests, --concurrency and --batches must be at least 1")
+    require_artifact("--model-dir", args.model_dir)
+    args.data = args.data or data_root() / "trashnet"
     every = sorted(args.data.glob("*/*.jpg"))
     photos = every[:: max(1, len(every) // args.rounds)][: args.rounds]  # spread over the classes
     if not photos:
         raise UserError(f"--data {args.data}: no photos (expected <class>/*.jpg)")
-    require_artifact("--model-dir", args.model_dir)
 
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="capture-cost-") as folder:

@@ -98,7 +98,8 @@ class Fold:
     backbone: Backbone
 
 
-Recipe = Callable[[Fold, bool], tuple[np.ndarray, np.ndarray]]  # (scores, nearest) of the held-out photos
+# (scores, nearest class or None for one centre) of the held-out photos
+Recipe = Callable[[Fold, bool], tuple[np.ndarray, np.ndarray | None]]
 
 
 def deepmad(config: DeepMADConfig) -> Recipe:
@@ -115,6 +116,24 @@ def deepmad(config: DeepMADConfig) -> Recipe:
             distances = (z - centres.unsqueeze(0)).pow(2).sum(-1).sqrt()
         score, nearest = distances.min(1)
         return score.numpy(), nearest.numpy()
+
+    return run
+
+
+def deepsvdd(config: DeepMADConfig) -> Recipe:
+    """Algorithm 2's DeepSVDD on the same features: one head, the recyclables pooled onto one centre
+    (one-class, so trash photos are never used); one centre has no routing."""
+
+    def run(fold: Fold, with_trash: bool) -> tuple[np.ndarray, None]:
+        train = fold.train[fold.labels[fold.train] >= 0]
+        n = len(fold.labels)
+        rows = np.concatenate([train, train + n] if config.augment else [train])
+        labels = torch.zeros(len(rows), dtype=torch.int64)
+        inputs = CachedInputs(fold.backbone, fold.fixed[rows], labels, len(train), 0)
+        encoder, centres, _ = train_heads(inputs, {}, 1, config, RunOptions(torch.device("cpu")), one_class=True)
+        with torch.no_grad():
+            z = encoder.from_fixed(fold.fixed[fold.held])
+        return (z - centres.unsqueeze(0)).pow(2).sum(-1).sqrt()[:, 0].numpy(), None
 
     return run
 
@@ -173,11 +192,12 @@ def gaussian(fold: Fold, with_trash: bool) -> tuple[np.ndarray, np.ndarray]:
     return score.numpy(), nearest.numpy()
 
 
-def fold_metrics(scores: np.ndarray, nearest: np.ndarray, labels: np.ndarray) -> tuple[float, float, float]:
+def fold_metrics(scores: np.ndarray, nearest: np.ndarray | None, labels: np.ndarray) -> tuple[float, float, float]:
     trash = labels < 0
     gamma = choose_gamma(scores[~trash], REJECT_RATE).value  # training's rule, on the held-out fold's recyclables
     caught = float((scores[trash] >= gamma).mean())
-    return roc_auc(scores, trash), caught, float((nearest[~trash] == labels[~trash]).mean())
+    routing = float((nearest[~trash] == labels[~trash]).mean()) if nearest is not None else float("nan")
+    return roc_auc(scores, trash), caught, routing
 
 
 def cross_validate(
@@ -217,6 +237,7 @@ def recipes(
             for with_trash in (True, False):
                 rows.append((f"DeepMAD heads, tune {tune}", size, tune, with_trash, deepmad(config)))
             rows.append((f"6-way classifier, tune {tune}", size, tune, True, classifier(tune)))
+        rows.append(("DeepSVDD head (one centre), tune 0", size, 0, False, deepsvdd(replace(base, augment=True))))
         rows.append(("DN2 kNN (k=2)", size, 0, False, dn2))
         rows.append(("Gaussian per class", size, 0, False, gaussian))
     return rows
