@@ -11,7 +11,8 @@ nearest class of normal items), and per class.
 The rule (RULE below): the candidate is promoted only when it serves the same classes, its scores are
 not constant, its AUC >= the current AUC + --min-gain, its routing accuracy >= the current one -
 --routing-tolerance, and, at each model's own gamma (what the bin acts on), its normal-reject rate is at
-most 0.05 above the current model's and its trash caught at most 0.05 below it (decide_at_gamma): a
+most 0.05 above the current model's and 0.05 above its own manifest's claim, and its trash caught at
+most 0.05 below the current model's (decide_at_gamma): a
 candidate with the same AUC but a gamma that rejects every recyclable, or passes every trash item, is
 refused. An audit tree with fewer than --min-audit-anomalies anomaly photos (default 5) is not judged at
 all: on one or two photos the AUC is a coin flip (bench/flywheel.py measured a gate decided by a single
@@ -59,7 +60,8 @@ CATCH_TOLERANCE = 0.05  # the candidate's trash caught at its gamma may fall by 
 RULE = (
     "promote iff same class names and anomaly label, non-constant audit scores, "
     "AUC >= current AUC + min_gain, routing accuracy >= current routing accuracy - routing_tolerance, "
-    "and at each model's own gamma: normal-reject rate <= current + 0.05 and trash caught >= current - 0.05"
+    "and at each model's own gamma: normal-reject rate <= current + 0.05 and <= its manifest's claim + 0.05, "
+    "trash caught >= current - 0.05"
 )
 
 
@@ -149,6 +151,7 @@ def audit_metrics(model: LoadedModel, audit: AuditSet, n_reject: int | None) -> 
         "auc": roc_auc(scores, audit.anomalous),
         "gamma": gamma,
         "normal_reject_rate_at_gamma": float((scores[normal] >= gamma).mean()),
+        "claimed_reject_rate": model.manifest.threshold.normal_reject_rate,
         "tpr_at_gamma": float((scores[audit.anomalous] >= gamma).mean()),
         "n_reject_matched": n_reject,
         "threshold_matched": matched,
@@ -178,6 +181,12 @@ def decide(current: dict, candidate: dict, same_labels: bool, min_gain: float, t
 def decide_at_gamma(current: dict, candidate: dict) -> str | None:
     """The bin acts on gamma, not on AUC: a candidate whose own gamma rejects or misses far more is refused."""
     reject, catch = "normal_reject_rate_at_gamma", "tpr_at_gamma"
+    claimed = candidate.get("claimed_reject_rate")
+    if claimed is not None and candidate[reject] > claimed + REJECT_TOLERANCE:
+        return (
+            f"normal-reject rate at gamma {candidate[reject]:.4f} > its manifest's own claim {claimed:.4f} "
+            f"+ tolerance {REJECT_TOLERANCE:g}"
+        )
     if candidate[reject] > current[reject] + REJECT_TOLERANCE:
         return (
             f"normal-reject rate at gamma {candidate[reject]:.4f} > current {current[reject]:.4f} "

@@ -270,6 +270,22 @@ def test_a_candidate_whose_gamma_passes_or_rejects_everything_is_refused(tmp_pat
     assert not current.is_symlink()
 
 
+def test_a_candidate_that_rejects_far_more_than_its_manifest_claims_is_refused(tmp_path: Path, audit: Path):
+    """Current and candidate act alike (both thresholds lowered the same way), so only the candidate's own
+    claim (5% of held-out recyclables rejected) catches that it rejects about a third of the audit's."""
+    lowered = {}
+    for name, folder in (("current", tmp_path / "models" / "trashnet"), ("candidate", tmp_path / "candidate")):
+        lowered[name] = copy_model(model_dir(), folder)
+        manifest = Manifest.load(folder)
+        gamma = manifest.calibration.normal_score_quantiles[len(manifest.calibration.normal_score_quantiles) // 2]
+        threshold = manifest.threshold.model_copy(update={"value": gamma})
+        write_manifest(folder, manifest.model_copy(update={"threshold": threshold}))
+    result = promote("--candidate", lowered["candidate"], "--current", lowered["current"], "--audit", audit)
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "its manifest's own claim 0.05" in result.stdout, result.stdout
+    assert not lowered["current"].is_symlink()
+
+
 def test_rollback_of_a_missing_current_exits_2_with_one_line(tmp_path: Path):
     result = promote("--current", tmp_path / "missing" / "trashnet", "--rollback")
     assert result.returncode == 2, result.stdout + result.stderr
