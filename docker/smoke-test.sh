@@ -330,7 +330,8 @@ PRETRAINED_FLAGS=("${RUN_FLAGS[@]/$PORT/$PRETRAINED_PORT}")  # the published por
 engine_quiet run -d --name "$PRETRAINED" "${PRETRAINED_FLAGS[@]}" --read-only --tmpfs /tmp --cap-drop ALL \
     --security-opt no-new-privileges -e DEEPMAD_MODEL_DIR=/models/trashnet-lite0 "$IMAGE" \
     || fail "could not start the pretrained-model container"
-BASE_URL="http://127.0.0.1:$PRETRAINED_PORT" python3 - "${PHOTOS[@]}" <<'PY' || { engine logs --tail 20 "$PRETRAINED" >&2; engine rm -f "$PRETRAINED" >/dev/null; fail "the pretrained model did not answer"; }
+EXPECTED_SIZE="$(python3 -c 'import json; print(json.load(open("models/trashnet-lite0/manifest.json"))["input"]["height"])')"
+BASE_URL="http://127.0.0.1:$PRETRAINED_PORT" EXPECTED_SIZE="$EXPECTED_SIZE" python3 - "${PHOTOS[@]}" <<'PY' || { engine logs --tail 20 "$PRETRAINED" >&2; engine rm -f "$PRETRAINED" >/dev/null; fail "the pretrained model did not answer"; }
 import json, os, sys, time, urllib.request, uuid
 
 base = os.environ["BASE_URL"]
@@ -341,7 +342,8 @@ for _ in range(180):
     except OSError:
         time.sleep(0.5)
 model = json.loads(urllib.request.urlopen(base + "/model", timeout=5).read())
-assert model["input"]["height"] == 128 and model["backbone"]["name"] == "efficientnet-lite0", model["input"]
+expected = int(os.environ["EXPECTED_SIZE"])
+assert model["input"]["height"] == expected and model["backbone"]["name"] == "efficientnet-lite0", model["input"]
 print(f"    model: {model['name']} {model['version']}, input {model['input']}, backbone {model['backbone']['name']}")
 for path in sys.argv[1:]:
     boundary = uuid.uuid4().hex
