@@ -138,6 +138,21 @@ def test_gpu_overlay_requests_a_gpu_and_uses_the_gpu_image(gpu: list[dict]) -> N
     assert by_kind(gpu, "ConfigMap")["data"]["DEEPMAD_PROVIDERS"].startswith("CUDAExecutionProvider")
 
 
+def site_overlay(tree: Path, components: list[str], **extra: str) -> Path:
+    """A site's overlay inside a copy of deploy/k8s: the cpu overlay plus the named components."""
+    overlay = tree / "overlays" / "site"
+    overlay.mkdir()
+    kustomization = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        **extra,
+        "resources": ["../cpu"],
+        "components": [f"../../components/{name}" for name in components],
+    }
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    return overlay
+
+
 def test_tokens_and_model_volume_components(tmp_path: Path) -> None:
     """An overlay with the Secret generator and the model volume: the hashed Secret name reaches the pod."""
     tree = tmp_path / "k8s"
@@ -145,19 +160,8 @@ def test_tokens_and_model_volume_components(tmp_path: Path) -> None:
     example = (tree / "components" / "tokens" / "tokens.env.example").read_text()
     assert "admin-token=" in example and "operator-token=" in example
     (tree / "components" / "tokens" / "tokens.env").write_text("admin-token=test-admin\noperator-token=test-op\n")
-    overlay = tree / "overlays" / "site"
-    overlay.mkdir()
-    (overlay / "kustomization.yaml").write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "kustomize.config.k8s.io/v1beta1",
-                "kind": "Kustomization",
-                "namespace": "deepmad",  # the generated Secret must share the pods' namespace
-                "resources": ["../cpu"],
-                "components": ["../../components/tokens", "../../components/model-volume"],
-            }
-        )
-    )
+    # The generated Secret must share the pods' namespace.
+    overlay = site_overlay(tree, ["tokens", "model-volume"], namespace="deepmad")
     objects = render(overlay)
     validate_all(objects)
     secret = by_kind(objects, "Secret")
@@ -177,18 +181,7 @@ def test_pretrained_model_component_switches_the_model_folder(tmp_path: Path) ->
     """One documented setting moves a fleet to the pretrained model; the ConfigMap's hash rolls the pods."""
     tree = tmp_path / "k8s"
     shutil.copytree(K8S_DIR, tree)
-    overlay = tree / "overlays" / "site"
-    overlay.mkdir()
-    (overlay / "kustomization.yaml").write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "kustomize.config.k8s.io/v1beta1",
-                "kind": "Kustomization",
-                "resources": ["../cpu"],
-                "components": ["../../components/pretrained-model"],
-            }
-        )
-    )
+    overlay = site_overlay(tree, ["pretrained-model"])
     objects = render(overlay)
     validate_all(objects)
     config = by_kind(objects, "ConfigMap")

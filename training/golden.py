@@ -38,15 +38,22 @@ def golden_for(model_path: Path, input_shape: tuple[int, int, int]) -> GoldenSco
     return golden.compute(golden.session_run(session), input_shape, tolerance, made_on)
 
 
-def add_golden(model_dir: Path) -> Manifest:
-    """Rewrite ``model_dir``'s manifest with golden scores; every other field is kept as it was."""
+def verified_manifest(model_dir: Path) -> Manifest:
+    """An artifact's manifest, checked against its graph's sha256; UserError (one line) otherwise."""
     try:
         manifest = Manifest.load(model_dir)
     except (OSError, ValueError) as exc:
-        raise UserError(f"no readable manifest in {model_dir}: {exc}") from None
+        raise UserError(f"no readable manifest in {model_dir}: {str(exc).splitlines()[0]}") from None
     model_path = model_dir / MODEL_FILE
     if not model_path.is_file() or sha256_file(model_path) != manifest.model_sha256:
         raise UserError(f"{model_path} is missing or does not match the manifest's sha256")
+    return manifest
+
+
+def add_golden(model_dir: Path) -> Manifest:
+    """Rewrite ``model_dir``'s manifest with golden scores; every other field is kept as it was."""
+    manifest = verified_manifest(model_dir)
+    model_path = model_dir / MODEL_FILE
     spec = manifest.input
     updated = manifest.model_copy(update={"golden": golden_for(model_path, (spec.height, spec.width, spec.channels))})
     write_manifest(model_dir, updated)

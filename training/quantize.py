@@ -36,7 +36,7 @@ from service.fileio import sha256_file, write_atomic
 from service.manifest import MODEL_FILE, Manifest, TestMetrics, write_manifest
 from training.data import load_dataset, make_task
 from training.errors import UserError, require_writable, run_command
-from training.golden import golden_for
+from training.golden import golden_for, verified_manifest
 from training.routing import routing_metrics
 
 CALIBRATION_SEED = 0
@@ -186,14 +186,7 @@ def load_source(model_dir: Path) -> Manifest:
     """The FP32 artifact's manifest, checked against its graph; UserError (one line) otherwise."""
     if not model_dir.is_dir():
         raise UserError(f"--model {model_dir} is not a folder (an artifact folder holds {MODEL_FILE} + manifest.json)")
-    try:
-        manifest = Manifest.load(model_dir)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"no readable manifest in {model_dir}: {str(exc).splitlines()[0]}") from None
-    model_path = model_dir / MODEL_FILE
-    if not model_path.is_file() or sha256_file(model_path) != manifest.model_sha256:
-        raise UserError(f"{model_path} is missing or does not match the manifest's sha256")
-    return manifest
+    return verified_manifest(model_dir)
 
 
 def quantize_artifact(model_dir: Path, out: Path | None, workdir: Path, *, data: Path | None = None,
