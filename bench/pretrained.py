@@ -35,7 +35,7 @@ import torch.nn.functional as F  # noqa: N812
 
 from flywheel.metrics import choose_gamma, roc_auc
 from service.manifest import INPUT_NAME
-from training.backbones import BACKBONE_CHOICES, Backbone, check_input_size
+from training.backbones import BACKBONE_CHOICES, Backbone, check_input_size, lite_normaliser
 from training.data import load_dataset, make_task
 from training.data.base import split_per_class
 from training.data.folders import TRASHNET_NORMAL
@@ -47,7 +47,6 @@ from training.methods.backbone import (
     BackboneEncoder,
     CachedInputs,
     GroupedHead,
-    lite_normaliser,
     pooled_features,
     train_heads,
 )
@@ -102,19 +101,26 @@ class Fold:
 Recipe = Callable[[Fold, bool], tuple[np.ndarray, np.ndarray | None]]
 
 
+def held_out_distances(
+    fold: Fold, train: np.ndarray, columns: np.ndarray, config: DeepMADConfig, one_class: bool
+) -> torch.Tensor:
+    """Heads trained on the fold's ``train`` photos (label ``columns``: a head per column, -1 exposure; with
+    --augment their mirror images too) through the product's ``train_heads``; held-out distances [N, m]."""
+    n = len(fold.labels)
+    rows = np.concatenate([train, train + n] if config.augment else [train])
+    labels = torch.from_numpy(np.tile(columns, len(rows) // len(train)))
+    inputs = CachedInputs(fold.backbone, fold.fixed[rows], labels, len(train), 0)
+    n_columns = int(columns.max()) + 1
+    encoder, centres, _ = train_heads(inputs, {}, n_columns, config, RunOptions(torch.device("cpu")), one_class)
+    with torch.no_grad():
+        z = encoder.from_fixed(fold.fixed[fold.held])
+    return (z - centres.unsqueeze(0)).pow(2).sum(-1).sqrt()
+
+
 def deepmad(config: DeepMADConfig) -> Recipe:
     def run(fold: Fold, with_trash: bool) -> tuple[np.ndarray, np.ndarray]:
         train = fold.train if with_trash else fold.train[fold.labels[fold.train] >= 0]
-        n = len(fold.labels)
-        views = [train, train + n] if config.augment else [train]
-        rows = np.concatenate(views)
-        labels = torch.from_numpy(fold.labels[rows % n])
-        inputs = CachedInputs(fold.backbone, fold.fixed[rows], labels, len(train), 0)
-        encoder, centres, _ = train_heads(inputs, {}, 5, config, RunOptions(torch.device("cpu")), one_class=False)
-        with torch.no_grad():
-            z = encoder.from_fixed(fold.fixed[fold.held])
-            distances = (z - centres.unsqueeze(0)).pow(2).sum(-1).sqrt()
-        score, nearest = distances.min(1)
+        score, nearest = held_out_distances(fold, train, fold.labels[train], config, one_class=False).min(1)
         return score.numpy(), nearest.numpy()
 
     return run
@@ -126,14 +132,8 @@ def deepsvdd(config: DeepMADConfig) -> Recipe:
 
     def run(fold: Fold, with_trash: bool) -> tuple[np.ndarray, None]:
         train = fold.train[fold.labels[fold.train] >= 0]
-        n = len(fold.labels)
-        rows = np.concatenate([train, train + n] if config.augment else [train])
-        labels = torch.zeros(len(rows), dtype=torch.int64)
-        inputs = CachedInputs(fold.backbone, fold.fixed[rows], labels, len(train), 0)
-        encoder, centres, _ = train_heads(inputs, {}, 1, config, RunOptions(torch.device("cpu")), one_class=True)
-        with torch.no_grad():
-            z = encoder.from_fixed(fold.fixed[fold.held])
-        return (z - centres.unsqueeze(0)).pow(2).sum(-1).sqrt()[:, 0].numpy(), None
+        pooled = np.zeros(len(train), dtype=np.int64)
+        return held_out_distances(fold, train, pooled, config, one_class=True)[:, 0].numpy(), None
 
     return run
 

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from service.fileio import sha256_file
+from training.batches import Normaliser
 from training.errors import UserError
 
 # name -> (weights package, its locator class): the packages' own documented way to find the file.
@@ -49,6 +50,11 @@ def weights_file(name: str) -> Path:
     except ModuleNotFoundError as exc:
         raise UserError(f"backbone {name} needs the {exc.name} package: {INSTALL_HINT}") from None
     return Path(getattr(module, locator).get_model_file_path())
+
+
+def lite_normaliser() -> Normaliser:
+    """Lite's input rule as the one standardisation (training batches, cached features, the exported graph)."""
+    return Normaliser(torch.full((3,), LITE_MEAN), torch.full((3,), LITE_STD))
 
 
 def check_input_size(name: str, size: int) -> None:

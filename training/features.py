@@ -13,18 +13,11 @@ import hashlib
 import numpy as np
 import torch
 
-from training.backbones import LITE_MEAN, LITE_STD, Backbone
-from training.batches import standardise
+from training.backbones import Backbone, lite_normaliser
+from training.batches import to_float
 from training.data.cache import cached_array
 
 FEATURE_VERSION = "1"  # bump when what is cached for the same key changes
-
-
-def lite_input(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [B, H, W, 3] -> EfficientNet-Lite's standardised float [B, 3, H, W] (the graph's rule too)."""
-    mean = torch.full((1, 3, 1, 1), LITE_MEAN, device=images.device)
-    std = torch.full((1, 3, 1, 1), LITE_STD, device=images.device)
-    return standardise(images.permute(0, 3, 1, 2).float() / 255.0, mean, std, contrast=False)
 
 
 def fixed_outputs(
@@ -38,6 +31,7 @@ def fixed_outputs(
     )
     part = backbone if not backbone.trains else backbone.frozen
     device = device or torch.device("cpu")
+    normaliser = lite_normaliser().to(device)
 
     @torch.no_grad()
     def build() -> np.ndarray:
@@ -45,7 +39,7 @@ def fixed_outputs(
         out = []
         for start in range(0, len(images), 64):
             batch = torch.from_numpy(images[start : start + 64]).to(device)
-            x = lite_input(batch.flip(2) if mirrored else batch)
+            x = to_float(batch.flip(2) if mirrored else batch, normaliser)
             out.append(part(x).float().cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0,), np.float32)
 

@@ -111,7 +111,7 @@ def check_args(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and value < minimum:
             raise UserError(f"--{name.replace('_', '-')} must be at least {minimum}, got {value}")
-    backbone = getattr(args, "backbone", "none")
+    backbone = args.backbone
     if backbone != "none" and not hasattr(get_method(args.method).config_type, "backbone"):
         raise UserError(f"--backbone works with the centre methods (deepmad, deepsvdd, deepsvdd-m), not {args.method}")
     if backbone != "none":

@@ -22,8 +22,8 @@ import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 from service.manifest import TrainingLog
-from training.backbones import LITE_MEAN, LITE_STD, Backbone, check_input_size
-from training.batches import Normaliser, shuffled_batches
+from training.backbones import Backbone, check_input_size, lite_normaliser
+from training.batches import shuffled_batches
 from training.data import Task
 from training.engine import Checkpoint, RunOptions, progress_bar, run_epochs
 from training.features import fixed_outputs
@@ -73,11 +73,6 @@ class BackboneEncoder(nn.Module):
     def embed_shared(self, x: torch.Tensor) -> torch.Tensor:
         """Standardised images [B, 3, S, S] -> [B, m, D]."""
         return self.from_pooled(self.backbone(x))
-
-
-def lite_normaliser() -> Normaliser:
-    """The exported graph's input rule for a Lite backbone: (pixel - 127) / 128 on every channel."""
-    return Normaliser(torch.full((3,), LITE_MEAN), torch.full((3,), LITE_STD))
 
 
 @torch.no_grad()
