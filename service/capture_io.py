@@ -29,7 +29,6 @@ import signal
 import struct
 import subprocess
 import sys
-import tempfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -109,22 +108,25 @@ def _fsync_folder(folder: str) -> None:
         os.close(fd)
 
 
-def _stage(index: int, capture: CaptureFiles, created: set[str]) -> _Staged | Outcome:
-    """Write both files of one capture to temporary files (not yet fsynced), or say why not."""
+def _stage(index: int, capture: CaptureFiles, folders: set[str], created: set[str]) -> _Staged | Outcome:
+    """Write both files of one capture to temporary files (not yet fsynced), or say why not.
+
+    The temporary names are the final ones plus this process's id: a capture's name is unique, so no
+    random name (``mkstemp``) is needed, and ``os.open``'s mode is masked by the umask like any file's."""
     folder, image_name, image, sidecar_name, sidecar = capture
-    if not os.path.isdir(folder):
-        os.mkdir(folder)  # the day's first capture (FileExistsError for a file in the way: a write_error)
-        created.add(folder)
+    if folder not in folders:
+        if not os.path.isdir(folder):
+            os.mkdir(folder)  # the day's first capture (FileExistsError for a file in the way: a write_error)
+            created.add(folder)
+        folders.add(folder)
     if os.path.exists(os.path.join(folder, sidecar_name)):
         return ("duplicate_id", None)
     staged = _Staged(index, folder)
-    umask = os.umask(0)
-    os.umask(umask)
     try:
         for name, data in ((image_name, image), (sidecar_name, sidecar)):
-            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
+            tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
             staged.files.append((fd, tmp, os.path.join(folder, name)))
-            os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; captures are read by other users (exports)
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
@@ -145,16 +147,25 @@ def _fsync_and_close(fd: int) -> OSError | None:
     return None
 
 
+def _fsync_all(fds: list[int], pool: ThreadPoolExecutor) -> dict[int, OSError | None]:
+    """fsync every file, ``FSYNC_THREADS`` at a time (concurrent fsyncs share one journal commit); one
+    task per thread, not per file: submitting a future per file cost more than the fsyncs themselves."""
+    chunks = [fds[start::FSYNC_THREADS] for start in range(min(FSYNC_THREADS, len(fds)))]
+    results = pool.map(lambda chunk: [(fd, _fsync_and_close(fd)) for fd in chunk], chunks)
+    return {fd: error for chunk in results for fd, error in chunk}
+
+
 def write_batch(
     captures: list[CaptureFiles], pool: ThreadPoolExecutor, parent_alive: Callable[[], bool]
 ) -> list[Outcome]:
     """Steps 1-4 of the module docstring for a batch; one outcome per capture, in order."""
     outcomes: list[Outcome | None] = [None] * len(captures)
     staged: list[_Staged] = []
+    folders: set[str] = set()
     created: set[str] = set()
     for index, capture in enumerate(captures):
         try:
-            result = _stage(index, capture, created)
+            result = _stage(index, capture, folders, created)
         except OSError as exc:
             result = ("write_error", f"{capture[0]}: {exc}")
         if isinstance(result, _Staged):
@@ -162,7 +173,7 @@ def write_batch(
         else:
             outcomes[index] = result
     fds = [fd for item in staged for fd, _, _ in item.files]
-    errors = dict(zip(fds, pool.map(_fsync_and_close, fds), strict=True))  # every file at once: one journal commit
+    errors = _fsync_all(fds, pool)
     synced = []
     for item in staged:
         problems = [f"{final}: {errors[fd]}" for fd, _, final in item.files if errors[fd] is not None]

@@ -127,12 +127,13 @@ class CaptureStore:
         """
         outcomes: list[tuple[str, str]] = [("", "")] * len(items)
         planned: list[tuple[int, Sidecar, Path, int]] = []
+        planned_ids: set[str] = set()
         files: list[CaptureFiles] = []
         with self._lock:
             for index, (sidecar, image) in enumerate(items):
                 payload = sidecar.to_bytes()
                 size = len(image) + len(payload)
-                if sidecar.id in self._index or any(sidecar.id == other.id for _, other, _, _ in planned):
+                if sidecar.id in self._index or sidecar.id in planned_ids:
                     outcomes[index] = ("duplicate_id", "")
                 elif not self._make_room(size):
                     outcomes[index] = ("budget_full", "")
@@ -140,6 +141,7 @@ class CaptureStore:
                     self.used_bytes += size  # reserved: the next item's room is made around it
                     folder = day_folder(self.root, sidecar.time)
                     planned.append((index, sidecar, folder, size))
+                    planned_ids.add(sidecar.id)
                     files.append((str(folder), sidecar.image, image, sidecar_path(folder, sidecar.id).name, payload))
             written = self._write_files(files) if files else []
             for (index, sidecar, folder, size), (outcome, detail) in zip(planned, written, strict=True):
