@@ -73,6 +73,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if state.handle_sighup:
             loop.remove_signal_handler(signal.SIGHUP)
         await anyio.to_thread.run_sync(state.classifier.close)
+        await anyio.to_thread.run_sync(state.pipeline.close)
         if state.captures is not None:
             await anyio.to_thread.run_sync(state.captures.close)
 

@@ -3,19 +3,20 @@
 ``to_classifications`` is the one place where the graph's outputs become answers (verdict at the
 threshold in use, probability from the calibration centred on it, nearest class, distances by name).
 ``Pipeline`` runs it for every route that classifies, the product's and the Open Inference Protocol's:
-decoding happens in worker threads bounded by a capacity limiter (with ``decode_inline``, on the event
+decoding happens in a pool of ``decode_concurrency`` worker threads (with ``decode_inline``, on the event
 loop instead), every result is counted in the metrics, and every answered photo is offered to the
 capture writer.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
-import anyio
 import numpy as np
 
 from service.capture import SKIPPED, CaptureWriter
@@ -68,16 +69,22 @@ class PhotoError(Exception):
 class Pipeline:
     """The one data plane of every route that classifies (``/classify``, ``/classify/batch``, the Open
     Inference Protocol's ``infer``): decode, score, answers counted in the metrics, photos offered to the
-    capture writer, so a fix to any step reaches them all. ``start`` (in the lifespan) makes the limiter.
+    capture writer, so a fix to any step reaches them all. The lifespan ``start``s and ``close``s its
+    worker threads.
     """
 
     def __init__(self, settings: Settings, classifier: Classifier, metrics: Metrics, captures: CaptureWriter | None):
         self.settings, self.classifier, self.metrics, self.captures = settings, classifier, metrics, captures
-        self.limiter: anyio.CapacityLimiter | None = None
+        self.workers: ThreadPoolExecutor | None = None
 
     def start(self) -> None:
-        # anyio's limiter belongs to a running event loop, so it is made in the lifespan, not here.
-        self.limiter = anyio.CapacityLimiter(self.settings.decode_concurrency)
+        self.workers = ThreadPoolExecutor(self.settings.decode_concurrency, thread_name_prefix="decode")
+
+    def close(self) -> None:
+        """After the last request: wait for the worker threads to finish what they run."""
+        if self.workers is not None:
+            self.workers.shutdown(wait=True)
+            self.workers = None
 
     async def classify(self, model: LoadedModel, upload: Upload, result_id: str) -> Classification:
         """One photo (``/classify``); a decode error is raised as it is."""
@@ -123,11 +130,14 @@ class Pipeline:
             await self.captures.capture(model, answered)
 
     async def _off_loop(self, work: Callable[..., T], *args: object) -> T:
-        """``work`` in a worker thread under the limiter; with ``decode_inline``, on the event loop itself
-        (no thread hand-off, but every other request waits while it runs)."""
+        """``work`` in one of the worker threads (at most ``decode_concurrency`` photos decoded at once, so
+        memory stays bounded under load); with ``decode_inline``, on the event loop itself (no thread
+        hand-off, but every other request waits while it runs). asyncio's executor rather than
+        ``anyio.to_thread``: its limiter, cancel scope and context lookups were a fifth of the event
+        loop's CPU per request (py-spy, docs/performance.md)."""
         if self.settings.decode_inline:
             return work(*args)
-        return await anyio.to_thread.run_sync(work, *args, limiter=self.limiter)
+        return await asyncio.get_running_loop().run_in_executor(self.workers, work, *args)
 
     def decode(self, model: LoadedModel, data: bytes) -> np.ndarray:
         height, width, channels = model.input_shape

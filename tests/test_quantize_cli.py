@@ -66,3 +66,22 @@ def test_writes_a_servable_int8_artifact_with_gamma_from_its_own_validation_scor
     assert manifest.threshold.value == pytest.approx(expected.value, rel=1e-6)
     assert manifest.threshold.value != pytest.approx(source.threshold.value, rel=1e-4)  # re-chosen, not copied
     assert np.std(val_scores) > 0.5
+
+
+def test_the_recipes_bench_compares_each_recipe_with_fp32_on_the_selection_split(trashnet_dir: Path):
+    """``bench.int8_recipes``: one row per graph; the shipped 7-bit recipe ranks the selection photos as the
+    FP32 graph does (0.998 measured on the test split), and the full-range recipe is flagged as CPU-dependent."""
+    recipes = ["7-bit weights (shipped for 32x32)", "8-bit weights (U8S8 full range)"]
+    command = [sys.executable, "-m", "bench.int8_recipes", "--model-dir", str(SHIPPED_MODEL), "--rounds", "1"]
+    command += ["--data", str(trashnet_dir), "--calibration", "64", *[arg for r in recipes for arg in ("--recipe", r)]]
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    table = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.count("|") == 8]
+    rows = {cells[0].strip(): cells[1:] for cells in table}
+    assert set(rows) == {"graph", "---", "fp32", *recipes}, result.stdout
+    fp32_auc, fp32_corr = float(rows["fp32"][0]), float(rows["fp32"][1])
+    assert fp32_corr == 1.0 and 0.55 < fp32_auc < 1.0  # trash above recyclables, not a collapsed score
+    shipped = rows[recipes[0]]
+    assert float(shipped[1]) > 0.95 and abs(float(shipped[0]) - fp32_auc) < 0.03, result.stdout
+    assert rows[recipes[0]][-1].strip() == "yes" and rows[recipes[1]][-1].strip().startswith("no")
+    assert "test not read" in result.stdout
