@@ -136,6 +136,10 @@ def _main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=1, help="keep-alive connections per arm")
     parser.add_argument("--batches", type=int, default=40, help="32-photo batches for the writer's rate")
     parser.add_argument("--quick", action="store_true", help="2 rounds x 50 requests, 20 batches (about a minute)")
+    parser.add_argument(
+        "--capture-flag", action="append", default=[], metavar="FLAG",
+        help="a python -m service flag for both capturing arms, e.g. --capture-flag=--capture-linger-ms=0 (repeatable)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.requests, args.batches = 2, 50, 20
@@ -150,7 +154,7 @@ def _main(argv: list[str] | None = None) -> int:
 
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="capture-cost-") as folder:
-        on = ("--threshold", "0", "--capture-queue-size", "4096", "--capture-dir")
+        on = ("--threshold", "0", "--capture-queue-size", "4096", *args.capture_flag, "--capture-dir")
         with (
             service(args.model_dir, "--threshold", "0") as off,
             service(args.model_dir, *on, f"{folder}/queued") as queued,

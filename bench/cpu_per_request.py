@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench.cpu_per_request --arm HEAD~1 --arm HEAD
     .venv/bin/python -m bench.cpu_per_request --arm 'HEAD' --arm 'HEAD --decode-inline' -c 8 -n 1500
+    .venv/bin/python -m bench.cpu_per_request --arm . --bound -c 32 -n 1500 --rounds 5   # ours over the bound
 
 Each ``--arm`` is a git commit (``.`` for the working tree) and optional ``python -m service`` flags.
 The commit's ``service/`` is exported to a temp folder and served from there, so two versions of the
@@ -29,7 +30,7 @@ from io import BytesIO
 from pathlib import Path
 
 from bench.loadgen import multipart_request, run_load
-from bench.serve import DEFAULT_PHOTO, PY, REPO_ROOT, ServerSpec, load_line, server
+from bench.serve import BOUND, DEFAULT_PHOTO, PEERS, PY, REPO_ROOT, ServerSpec, load_line, server
 from training.errors import require_artifact, require_file, run_command
 
 
@@ -56,13 +57,18 @@ def _main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="rounds, arms rotated each round (default 3)")
     parser.add_argument("--photo", type=Path, default=DEFAULT_PHOTO, help="the image sent (default: 512x384 JPEG)")
     parser.add_argument("--model-dir", type=Path, default=REPO_ROOT / "models" / "trashnet")
+    parser.add_argument(
+        "--bound", action="store_true",
+        help="also run the bare ASGI server (bench/peers/bare_asgi.py) and print each arm over it, round by round",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     require_file("--photo", args.photo)
     require_artifact("--model-dir", args.model_dir)
     data = args.photo.read_bytes()
     print(f"bench.cpu_per_request: {args.requests} requests x {args.rounds} rounds, c{args.concurrency}; {load_line()}")
-    samples: dict[str, list[float]] = {arm: [] for arm in args.arm}
-    loop_samples: dict[str, list[float]] = {arm: [] for arm in args.arm}
+    names = [*args.arm, BOUND] if args.bound else list(args.arm)
+    samples: dict[str, list[float]] = {arm: [] for arm in names}
+    loop_samples: dict[str, list[float]] = {arm: [] for arm in names}
     with contextlib.ExitStack() as stack:
         running = {}
         for index, arm in enumerate(args.arm):
@@ -71,6 +77,8 @@ def _main(argv: list[str] | None = None) -> int:
             command = [PY, "-P", "-m", "service", "--port", "{port}", "--log-level", "warning", *flags]
             spec = ServerSpec(f"arm {index}", command, "/readyz", {"PYTHONPATH": str(source)})
             running[arm] = stack.enter_context(server(spec, args.model_dir))
+        if args.bound:
+            running[BOUND] = stack.enter_context(server(PEERS[BOUND], args.model_dir))
         requests = {
             arm: multipart_request(live.port, "/classify", data, args.photo.name, "image/jpeg")
             for arm, live in running.items()
@@ -94,7 +102,18 @@ def _main(argv: list[str] | None = None) -> int:
         loop = " ".join(f"{v:5.2f}" for v in loop_samples[arm])
         medians = f"{statistics.median(values):5.2f} | {loop} | {statistics.median(loop_samples[arm]):5.2f}"
         print(f"  {arm:<40} {rounds} | {medians}")
+    if args.bound:
+        print_over_bound(samples)
     return 0
+
+
+def print_over_bound(samples: dict[str, list[float]]) -> None:
+    """Each arm's CPU per request over the bound's in the same round (neighbouring minutes), then the median."""
+    print("over the bound (the same round's bare ASGI server): rounds, median")
+    for arm, values in samples.items():
+        if arm != BOUND:
+            ratios = [value / bound for value, bound in zip(values, samples[BOUND], strict=True)]
+            print(f"  {arm:<40} {' '.join(f'{r:5.2f}' for r in ratios)} | {statistics.median(ratios):5.2f}")
 
 
 if __name__ == "__main__":
