@@ -85,3 +85,24 @@ def test_summary_never_names_the_bound_as_best_peer_and_reports_the_ceiling():
     assert line.endswith("bound_ratio_c32=1.30")  # ours 2.6 ms / the bound's 2.0 ms
     without_bound = summary_line(rows, floors, limits, "small", "big", ["fastapi-ort", "litserve"])
     assert "ceiling" not in without_bound and "bound_ratio" not in without_bound
+
+
+def test_cpu_per_request_reports_each_arm_over_the_bound_round_by_round():
+    """``bench.cpu_per_request --bound``: real servers, one ratio per round for each arm, then its median.
+    The service does more per request than decode + ORT + HTTP, so it costs about the bound or more (the
+    margin below 1 allows for CPU-tick rounding over 60 requests); a ratio far outside would mean the
+    bench counted the wrong processes."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+
+    command = [sys.executable, "-m", "bench.cpu_per_request", "--arm", ".", "--bound", "-c", "2", "-n", "60"]
+    result = subprocess.run([*command, "--rounds", "2"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    over = lines[lines.index("over the bound (the same round's bare ASGI server): rounds, median") + 1 :]
+    assert len(over) == 1 and over[0].split()[0] == ".", result.stdout
+    *rounds, bar, median = over[0].split()[1:]
+    assert len(rounds) == 2 and bar == "|"
+    assert 0.8 < float(median) < 4.0, result.stdout
