@@ -1,6 +1,6 @@
 """The exported model behind one class: load (sha256-checked, validated, warmed up), score, reload.
 
-``LoadedModel`` is one immutable artifact with its ONNX Runtime session; ``Classifier`` holds the
+``LoadedModel`` is one immutable artifact with its ONNX Runtime sessions; ``Classifier`` holds the
 current one and swaps it atomically on reload, so a request that started on the old model finishes on
 it, and a failed reload leaves the old model serving. All encoders live in one graph: scoring a batch
 is exactly one ``session.run``. With ``microbatch_max_items > 1`` the ``Classifier`` also gathers
@@ -10,15 +10,16 @@ concurrent requests into one call (``MicroBatcher``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import hashlib
 import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -50,9 +51,39 @@ class Scores:
     nearest: np.ndarray  # int64 [N]
 
 
+class RunsInFlight:
+    """How many ``LoadedModel.run`` calls are under way, and how many of each kind have started."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.running = 0
+        self.lone = self.busy = 0  # calls that started alone / beside another one
+
+    @contextlib.contextmanager
+    def started(self) -> Iterator[bool]:
+        """Count this call in; yields whether it started alone."""
+        with self._lock:
+            self.running += 1
+            alone = self.running == 1
+            if alone:
+                self.lone += 1
+            else:
+                self.busy += 1
+        try:
+            yield alone
+        finally:
+            with self._lock:
+                self.running -= 1
+
+
 @dataclass(frozen=True)
 class LoadedModel:
-    """One served artifact with the values in effect for it (threshold, calibration, reference)."""
+    """One served artifact with the values in effect for it (threshold, calibration, reference).
+
+    ``busy_session`` (CPU only, ``busy_intra_op_threads``) is the same graph with fewer intra-op threads,
+    for calls that start while another is running: ORT's threads help one photo's latency, but photos
+    scored side by side each already have a core, and splitting every operator between threads then only
+    adds synchronisation (measured in docs/performance.md)."""
 
     model_dir: Path
     manifest: Manifest
@@ -64,6 +95,8 @@ class LoadedModel:
     providers: tuple[str, ...]
     loaded_at: str
     golden: GoldenCheck  # the golden scores recomputed here at load (or why they were not)
+    busy_session: ort.InferenceSession | None = None
+    runs: RunsInFlight = field(default_factory=RunsInFlight, compare=False, repr=False)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -71,8 +104,11 @@ class LoadedModel:
         return spec.height, spec.width, spec.channels
 
     def run(self, batch: np.ndarray) -> Scores:
-        """Score a uint8 [N, H, W, C] batch with one ONNX Runtime call."""
-        distances, score, nearest = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: batch})
+        """Score a uint8 [N, H, W, C] batch with one ONNX Runtime call (on ``busy_session`` when another
+        call is under way)."""
+        with self.runs.started() as alone:
+            session = self.session if alone or self.busy_session is None else self.busy_session
+            distances, score, nearest = session.run(list(OUTPUT_NAMES), {INPUT_NAME: batch})
         return Scores(np.asarray(distances), np.asarray(score), np.asarray(nearest))
 
 
@@ -96,10 +132,11 @@ GRAPH_OPTIMIZATION = {
 }
 
 
-def session_options(settings: Settings) -> ort.SessionOptions:
-    """Threads, spinning and graph optimisation from the settings (measured in bench/serve.py)."""
+def session_options(settings: Settings, intra_op_threads: int | None = None) -> ort.SessionOptions:
+    """Threads, spinning and graph optimisation from the settings (measured in bench/serve.py);
+    ``intra_op_threads`` instead of the settings' (the busy session)."""
     options = ort.SessionOptions()
-    options.intra_op_num_threads = settings.intra_op_threads
+    options.intra_op_num_threads = settings.intra_op_threads if intra_op_threads is None else intra_op_threads
     options.inter_op_num_threads = settings.inter_op_threads
     options.graph_optimization_level = GRAPH_OPTIMIZATION[settings.graph_optimization]
     spinning = "1" if settings.ort_spinning else "0"
@@ -137,14 +174,14 @@ def load_model(model_dir: str | Path, settings: Settings) -> LoadedModel:
         )
 
     providers = choose_providers(settings.providers)
-    options = session_options(settings)
-    try:
-        session = ort.InferenceSession(model_bytes, sess_options=options, providers=providers)
-    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
-        raise ModelLoadError(f"ONNX Runtime cannot load {model_path}: {exc}") from None
-
+    session = _open_session(model_bytes, session_options(settings), providers, model_path)
     _check_signature(session, manifest, model_path)
     golden = _check_golden(session, manifest, model_path)
+    busy_session = None
+    if wants_busy_session(settings, providers):
+        options = session_options(settings, settings.busy_intra_op_threads)
+        busy_session = _open_session(model_bytes, options, providers, model_path)
+        _check_golden(busy_session, manifest, model_path)  # it must prove itself too
     threshold = float(manifest.threshold.value if settings.threshold is None else settings.threshold)
     model = LoadedModel(
         model_dir=model_dir,
@@ -157,6 +194,7 @@ def load_model(model_dir: str | Path, settings: Settings) -> LoadedModel:
         providers=tuple(session.get_providers()),
         loaded_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         golden=golden,
+        busy_session=busy_session,
     )
     _warm_up(model)
     log.info(
@@ -171,6 +209,22 @@ def load_model(model_dir: str | Path, settings: Settings) -> LoadedModel:
         golden.detail,
     )
     return model
+
+
+def wants_busy_session(settings: Settings, providers: list[str]) -> bool:
+    """A second session only on the CPU (a GPU call does not split across CPU threads) and only when its
+    thread count differs from the first's."""
+    busy = settings.busy_intra_op_threads
+    return providers == ["CPUExecutionProvider"] and busy > 0 and busy != settings.intra_op_threads
+
+
+def _open_session(
+    model_bytes: bytes, options: ort.SessionOptions, providers: list[str], model_path: Path
+) -> ort.InferenceSession:
+    try:
+        return ort.InferenceSession(model_bytes, sess_options=options, providers=providers)
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
+        raise ModelLoadError(f"ONNX Runtime cannot load {model_path}: {exc}") from None
 
 
 def effective_calibration(calibration: Calibration | None, threshold: float) -> Calibration | None:

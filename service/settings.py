@@ -43,6 +43,13 @@ class Settings(BaseSettings):
     intra_op_threads: int = Field(
         0, ge=0, description="ONNX Runtime intra-op threads per call (0: its default, one per physical core)"
     )
+    busy_intra_op_threads: int = Field(
+        1,
+        ge=0,
+        description="ONNX Runtime intra-op threads for a CPU call that starts while another is running (a second "
+        "session of the same graph): a lone photo gets intra_op_threads for its latency, photos scored side by "
+        "side one core each (less CPU per request under load; docs/performance.md); 0: one session for all",
+    )
     inter_op_threads: int = Field(0, ge=0, description="ONNX Runtime inter-op threads (0: its default)")
     ort_spinning: bool = Field(
         False,
