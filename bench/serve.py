@@ -390,6 +390,7 @@ def lever_specs(int8_dir: Path) -> list[tuple[str, ServerSpec, Path | None]]:
         ),
         ("decode inline on the event loop", ours_spec({"DEEPMAD_DECODE_INLINE": "true"}), None),
         ("intra-op threads 1", ours_spec({"DEEPMAD_INTRA_OP_THREADS": "1"}), None),
+        ("one session, no busy session", ours_spec({"DEEPMAD_BUSY_INTRA_OP_THREADS": "0"}), None),
         ("ORT thread spinning on (ORT default)", ours_spec({"DEEPMAD_ORT_SPINNING": "true"}), None),
         (
             "2 uvicorn workers, 1 thread each",
