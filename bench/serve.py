@@ -67,10 +67,11 @@ from bench.processes import started
 from service.imaging import load_image
 from service.model import load_model
 from service.settings import Settings
+from training.data import data_root
 from training.errors import require_artifact, require_file, run_command
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_PHOTO = REPO_ROOT.parent / "shared" / "data" / "trashnet" / "glass" / "glass10.jpg"
+DEFAULT_PHOTO = data_root() / "trashnet" / "glass" / "glass10.jpg"  # DEEPMAD_DATA_ROOT, else ../shared/data
 DEFAULT_INT8_DIR = REPO_ROOT / "models" / "trashnet-int8"
 CONCURRENCY = (1, 8, 32)
 LIMIT_BATCHES = (1, 2, 4, 8, 16, 32, 64)
