@@ -138,7 +138,7 @@ def _main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="2 rounds x 50 requests, 20 batches (about a minute)")
     parser.add_argument(
         "--capture-flag", action="append", default=[], metavar="FLAG",
-        help="a python -m service flag for both capturing arms, e.g. --capture-flag=--capture-linger-ms=0 (repeatable)",
+        help="a python -m service flag for both capturing arms, e.g. --capture-flag=--decode-inline (repeatable)",
     )  # fmt: skip
     args = parser.parse_args(argv)
     if args.quick:

@@ -20,13 +20,12 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 from onnxruntime.quantization import QuantType
 
-from bench.quantize import rank_correlation
+from bench.quantize import cpu_ms_per_image, rank_correlation
 from flywheel.metrics import roc_auc
 from service.golden import cpu_kind
 from service.manifest import MODEL_FILE
@@ -34,6 +33,7 @@ from training.errors import UserError, run_command
 from training.quantize import (
     QUANTIZATION,
     calibration_sample,
+    graph_outputs,
     load_source,
     quantize_graph,
     rebuild_task,
@@ -63,11 +63,6 @@ def selection_set(task) -> tuple[np.ndarray, np.ndarray]:
     return images, trash
 
 
-def scores(path: Path, images: np.ndarray) -> np.ndarray:
-    session = single_thread_session(path)
-    return np.concatenate([session.run(["score"], {"image": images[i : i + 64]})[0] for i in range(0, len(images), 64)])
-
-
 def cpu_ms(paths: dict[str, Path], image: np.ndarray, rounds: int) -> dict[str, tuple[float, float]]:
     """Median CPU ms per photo at batch 1 and 8 for every graph, the graphs interleaved in each round."""
     sessions = {name: single_thread_session(path) for name, path in paths.items()}
@@ -75,12 +70,7 @@ def cpu_ms(paths: dict[str, Path], image: np.ndarray, rounds: int) -> dict[str, 
     for _ in range(rounds):
         for name, session in sessions.items():
             for batch, calls in ((1, 10), (8, 3)):
-                stacked = np.repeat(image[None], batch, axis=0)
-                session.run(["score"], {"image": stacked})
-                start = time.process_time()
-                for _ in range(calls):
-                    session.run(["score"], {"image": stacked})
-                samples[name][batch].append((time.process_time() - start) * 1e3 / calls / batch)
+                samples[name][batch].append(cpu_ms_per_image(session, image, batch, calls))
     return {name: (statistics.median(s[1]), statistics.median(s[8])) for name, s in samples.items()}
 
 
@@ -120,7 +110,9 @@ def main(argv: list[str] | None = None) -> int:
                 paths[name] = Path(tmp) / f"recipe{index}" / MODEL_FILE
                 paths[name].parent.mkdir()
                 quantize_graph(fp32_path, paths[name], photos, RECIPES[name][0])
-            quality = {name: scores(path, images) for name, path in paths.items()}
+            quality = {
+                name: graph_outputs(single_thread_session(path), images, ["score"])[0] for name, path in paths.items()
+            }
             cost = cpu_ms(paths, images[0], args.rounds)
         print(f"model: {args.model_dir} ({manifest.name} {manifest.version}); CPU: {cpu_kind()}")
         print(f"selection set: {int((~trash).sum())} validation recyclables, {int(trash.sum())} selection trash "

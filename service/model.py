@@ -106,9 +106,12 @@ class LoadedModel:
     def run(self, batch: np.ndarray) -> Scores:
         """Score a uint8 [N, H, W, C] batch with one ONNX Runtime call (on ``busy_session`` when another
         call is under way)."""
-        with self.runs.started() as alone:
-            session = self.session if alone or self.busy_session is None else self.busy_session
-            distances, score, nearest = session.run(list(OUTPUT_NAMES), {INPUT_NAME: batch})
+        if self.busy_session is None:
+            distances, score, nearest = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: batch})
+        else:
+            with self.runs.started() as alone:
+                session = self.session if alone else self.busy_session
+                distances, score, nearest = session.run(list(OUTPUT_NAMES), {INPUT_NAME: batch})
         return Scores(np.asarray(distances), np.asarray(score), np.asarray(nearest))
 
 

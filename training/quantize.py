@@ -122,16 +122,16 @@ class GraphScores:
     routing: float
 
 
+def graph_outputs(session: ort.InferenceSession, images: np.ndarray, names: list[str]) -> list[np.ndarray]:
+    """The named outputs for every image, run in batches of 256 (memory stays bounded at 224x224)."""
+    parts = [session.run(names, {"image": images[i : i + 256]}) for i in range(0, len(images), 256)]
+    return [np.concatenate([part[k] for part in parts]) for k in range(len(names))]
+
+
 def score_graph(path: Path, task) -> GraphScores:
     session = single_thread_session(path)
-
-    def run(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        batches = range(0, len(images), 256)
-        parts = [session.run(["score", "distances"], {"image": images[i : i + 256]}) for i in batches]
-        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-
-    test, distances = run(task.test.images)
-    val, _ = run(task.val.images)
+    test, distances = graph_outputs(session, task.test.images, ["score", "distances"])
+    (val,) = graph_outputs(session, task.val.images, ["score"])
     normal = ~task.test_anomalous
     routing = float(np.mean(distances[normal].argmin(axis=1) == task.test.labels[normal]))
     return GraphScores(test, distances, val, roc_auc(test, task.test_anomalous), routing)
