@@ -3,14 +3,16 @@
     .venv/bin/python -m bench.int8_recipes                                  # models/trashnet-lite0
     .venv/bin/python -m bench.int8_recipes --model-dir models/trashnet --calibration 128
 
-Each recipe is ONNX Runtime's static QDQ quantization (``training.quantize.quantize_graph``) with other
-settings, calibrated on the same seeded training photos. Quality is read on the split the model was
-selected on, never on test: validation recyclables against the held-out selection trash (``selection
-AUC``), and the rank correlation of those scores to the FP32 graph's. Cost is CPU ms per photo at batch 1
-and 8 on one intra-op thread, interleaved over rounds. The last column says whether the recipe's results
-can depend on the CPU: ORT's U8S8 kernels on x86 CPUs with AVX2 but no VNNI add pairs of u8 x s8
-products in 16 bits with saturation, so only 7-bit weights (``reduce_range``) or uint8 weights (U8U8)
-give the same integers everywhere (``bench.int8_no_vnni`` measures it for the 32x32 graph).
+Each recipe is ONNX Runtime's static QDQ quantization of the same pre-processed graph
+(``training.quantize.quantize_prepared``) with other settings, calibrated on the same seeded training
+photos (a whole number of calibration batches: the histogram calibrators stack them). Quality is read on
+the split the model was selected on, never on test: validation recyclables against the held-out selection
+trash (``selection AUC``), and the rank correlation of those scores to the FP32 graph's. Cost is CPU ms
+per photo at batch 1 and 8 on one intra-op thread, interleaved over rounds. The last column says whether
+the recipe's results can depend on the CPU: ORT's U8S8 GEMM kernels on x86 CPUs with AVX2 but no VNNI add
+pairs of u8 x s8 products in 16 bits with saturation, so only 7-bit weights (``reduce_range``) or uint8
+weights (U8U8) give the same integers everywhere (``bench.int8_no_vnni`` measures it for the 32x32
+graph); depthwise convolutions run in their own kernel, without the pairs (not checked under emulation).
 """
 
 from __future__ import annotations
@@ -20,10 +22,13 @@ import os
 import statistics
 import sys
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from onnxruntime.quantization import QuantType
+import onnx
+from onnxruntime.quantization import CalibrationMethod, QuantType, quant_pre_process
 
 from bench.quantize import cpu_ms_per_image, rank_correlation
 from flywheel.metrics import roc_auc
@@ -31,25 +36,55 @@ from service.golden import cpu_kind
 from service.manifest import MODEL_FILE
 from training.errors import UserError, run_command
 from training.quantize import (
+    CALIBRATION_BATCH,
     QUANTIZATION,
     calibration_sample,
     graph_outputs,
     load_source,
-    quantize_graph,
+    quantize_prepared,
     rebuild_task,
     single_thread_session,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-# name -> (QDQ settings, same integers on every x86 CPU?)
+SATURATES = "no: saturates without VNNI"
+PERCENTILE = {"CalibPercentile": 99.999}
+
+
+def depthwise_weights(graph: onnx.ModelProto) -> list[str]:
+    """The weights of the grouped (depthwise) convolutions."""
+    return [
+        node.input[1]
+        for node in graph.graph.node
+        if node.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in node.attribute)
+    ]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    settings: dict
+    everywhere: str  # whether the integers are the same on every x86 CPU
+    full_range: Callable[[onnx.ModelProto], list[str]] | None = None  # weights given all 8 bits
+
+    def for_graph(self, graph: onnx.ModelProto) -> dict:
+        if self.full_range is None:
+            return self.settings
+        overrides = {name: [{"reduce_range": False}] for name in self.full_range(graph)}
+        extra = {**self.settings.get("extra_options", {}), "TensorQuantOverrides": overrides}
+        return {**self.settings, "extra_options": extra}
+
+
 RECIPES = {
-    "7-bit weights (shipped for 32x32)": (QUANTIZATION, True),
-    "8-bit weights (U8S8 full range)": ({**QUANTIZATION, "reduce_range": False}, False),
-    "uint8 weights (U8U8)": ({**QUANTIZATION, "weight_type": QuantType.QUInt8, "reduce_range": False}, True),
-    "7-bit, symmetric int8 activations": (
-        {**QUANTIZATION, "activation_type": QuantType.QInt8, "extra_options": {"ActivationSymmetric": True}},
-        True,
+    "7-bit weights (shipped for 32x32)": Recipe(QUANTIZATION, "yes"),
+    "8-bit weights (U8S8 full range)": Recipe({**QUANTIZATION, "reduce_range": False}, SATURATES),
+    "8-bit depthwise, 7-bit elsewhere": Recipe(QUANTIZATION, "yes (not checked)", depthwise_weights),
+    "7-bit, percentile calibration": Recipe(
+        {**QUANTIZATION, "calibrate_method": CalibrationMethod.Percentile, "extra_options": PERCENTILE}, "yes"
+    ),
+    "uint8 weights (U8U8)": Recipe({**QUANTIZATION, "weight_type": QuantType.QUInt8, "reduce_range": False}, "yes"),
+    "7-bit, symmetric int8 activations": Recipe(
+        {**QUANTIZATION, "activation_type": QuantType.QInt8, "extra_options": {"ActivationSymmetric": True}}, "yes"
     ),
 }
 
@@ -82,7 +117,7 @@ def print_table(quality: dict[str, np.ndarray], cost: dict[str, tuple[float, flo
     base_b1, base_b8 = cost["fp32"]
     for name, values in quality.items():
         b1, b8 = cost[name]
-        everywhere = "yes" if name == "fp32" or RECIPES[name][1] else "no: saturates without VNNI"
+        everywhere = "yes" if name == "fp32" else RECIPES[name].everywhere
         correlation = rank_correlation(quality["fp32"], values)
         print(f"| {name} | {roc_auc(values, trash):.4f} | {correlation:.4f} | {b1:.2f} | {b8:.2f} "
               f"| {base_b1 / b1:.2f}x / {base_b8 / b8:.2f}x | {everywhere} |")  # fmt: skip
@@ -92,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.int8_recipes", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-dir", type=Path, default=REPO_ROOT / "models" / "trashnet-lite0")
     parser.add_argument("--data", type=Path, help="TrashNet folder (default: DEEPMAD_DATA_ROOT/trashnet)")
-    parser.add_argument("--calibration", type=int, default=256, help="training photos for calibration")
+    parser.add_argument("--calibration", type=int, default=320, help="training photos for calibration")
     parser.add_argument("--rounds", type=int, default=5, help="timing rounds (graphs interleaved)")
     parser.add_argument("--recipe", action="append", choices=list(RECIPES), help="only these (repeatable)")
     args = parser.parse_args(argv)
@@ -102,14 +137,20 @@ def main(argv: list[str] | None = None) -> int:
         task = rebuild_task(manifest, args.data)
         images, trash = selection_set(task)
         photos = calibration_sample(task.train.images, task.train.labels, args.calibration)
+        photos = photos[: len(photos) // CALIBRATION_BATCH * CALIBRATION_BATCH]
+        if not len(photos):
+            raise UserError(f"--calibration {args.calibration}: fewer than {CALIBRATION_BATCH} photos")
         fp32_path = args.model_dir / MODEL_FILE
         chosen = args.recipe or list(RECIPES)
         with tempfile.TemporaryDirectory(prefix="deepmad-int8-recipes-") as tmp:
+            prepared = Path(tmp) / "prepared.onnx"
+            quant_pre_process(str(fp32_path), str(prepared))
+            graph = onnx.load(prepared)
             paths = {"fp32": fp32_path}
             for index, name in enumerate(chosen):
                 paths[name] = Path(tmp) / f"recipe{index}" / MODEL_FILE
                 paths[name].parent.mkdir()
-                quantize_graph(fp32_path, paths[name], photos, RECIPES[name][0])
+                quantize_prepared(prepared, paths[name], photos, RECIPES[name].for_graph(graph))
             quality = {
                 name: graph_outputs(single_thread_session(path), images, ["score"])[0] for name, path in paths.items()
             }

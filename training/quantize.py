@@ -95,12 +95,17 @@ def rebuild_task(manifest: Manifest, data: Path | None):
     return task
 
 
-def quantize_graph(fp32_path: Path, int8_path: Path, calibration: np.ndarray, settings: dict | None = None) -> None:
-    """ORT's static QDQ quantization with ``settings`` (default ``QUANTIZATION``; ``bench.int8_recipes``
-    tries others), calibrated on ``calibration`` photos."""
+def quantize_graph(fp32_path: Path, int8_path: Path, calibration: np.ndarray) -> None:
+    """ORT's pre-processing (shape inference, folded batch norms), then static quantization with
+    ``QUANTIZATION``, calibrated on ``calibration`` photos."""
     prepared = int8_path.with_name("prepared.onnx")
     quant_pre_process(str(fp32_path), str(prepared))
-    quantize_static(str(prepared), str(int8_path), PhotoReader(calibration), **(settings or QUANTIZATION))
+    quantize_prepared(prepared, int8_path, calibration, QUANTIZATION)
+
+
+def quantize_prepared(prepared: Path, int8_path: Path, calibration: np.ndarray, settings: dict) -> None:
+    """``quantize_static`` of a pre-processed graph (``bench.int8_recipes`` tries other ``settings``)."""
+    quantize_static(str(prepared), str(int8_path), PhotoReader(calibration), **settings)
 
 
 def single_thread_session(path: Path) -> ort.InferenceSession:
