@@ -12,7 +12,8 @@ per photo at batch 1 and 8 on one intra-op thread, interleaved over rounds. The 
 the recipe's results can depend on the CPU: ORT's U8S8 GEMM kernels on x86 CPUs with AVX2 but no VNNI add
 pairs of u8 x s8 products in 16 bits with saturation, so only 7-bit weights (``reduce_range``) or uint8
 weights (U8U8) give the same integers everywhere (``bench.int8_no_vnni`` measures it for the 32x32
-graph); depthwise convolutions run in their own kernel, without the pairs (not checked under emulation).
+graph); depthwise convolutions run in their own kernel (MLAS widens them to 16 bits first: no pairs to
+saturate; not checked under emulation).
 """
 
 from __future__ import annotations
