@@ -1,7 +1,7 @@
 """FastAPI dependencies: what a route needs, taken from ``app.state`` (set once by ``create_app``).
 
 They are ``async def`` because they only read attributes: FastAPI runs a plain ``def`` dependency in
-its thread pool, which cost a thread hand-off per dependency and request (seven on ``/classify``).
+its thread pool, which costs a thread hand-off per dependency and request.
 """
 
 from __future__ import annotations
@@ -61,8 +61,8 @@ async def current_model(classifier: Annotated[Classifier, Depends(get_classifier
 
 @dataclass(frozen=True)
 class ClassifyContext:
-    """What ``/classify`` and ``/classify/batch`` need, as one dependency: FastAPI's per-request cost of
-    solving dependencies grows with their number (seven separate ones cost ~0.1 ms of CPU a request)."""
+    """What ``/classify`` and ``/classify/batch`` need, read straight from ``app.state`` by their endpoints
+    (``service.routes.direct``: FastAPI's per-request dependency solving is what those routes skip)."""
 
     model: LoadedModel
     pipeline: Pipeline
@@ -84,4 +84,3 @@ ReloaderDep = Annotated[Reloader, Depends(get_reloader)]
 ModelDep = Annotated[LoadedModel, Depends(current_model)]
 CapturesDep = Annotated[CaptureWriter | None, Depends(get_captures)]
 RequestIdDep = Annotated[str, Depends(request_id)]
-ClassifyContextDep = Annotated[ClassifyContext, Depends(classify_context)]

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from service.dependencies import ClassifyContextDep
+from service.dependencies import classify_context
 from service.errors import ERRORS
 from service.middleware import VERDICT_KEY
+from service.routes.direct import DirectRoute
 from service.schemas import BatchResponse, Classification
 from service.uploads import batch_uploads, single_upload
 
-router = APIRouter(tags=["classify"])
+router = APIRouter(tags=["classify"], route_class=DirectRoute)  # the endpoints take the request alone
 
 BINARY = {"type": "string", "format": "binary"}
 SINGLE_BODY = {
@@ -58,7 +59,8 @@ def documented(response_model: type, body: dict, summary: str) -> dict:
 
 
 @router.post("/classify", **documented(Classification, SINGLE_BODY, "Classify one photo"))
-async def classify(request: Request, context: ClassifyContextDep) -> Classification:
+async def classify(request: Request) -> Classification:
+    context = await classify_context(request)
     upload = await single_upload(request, context.settings)
     result = await context.pipeline.classify(context.model, upload, context.request_id)
     request.scope[VERDICT_KEY] = result.verdict
@@ -69,7 +71,8 @@ BATCH_SUMMARY = "Classify several photos; per-item results and errors"
 
 
 @router.post("/classify/batch", **documented(BatchResponse, BATCH_BODY, BATCH_SUMMARY))
-async def classify_batch(request: Request, context: ClassifyContextDep) -> BatchResponse:
+async def classify_batch(request: Request) -> BatchResponse:
+    context = await classify_context(request)
     items = await batch_uploads(request, context.settings)
     results = await context.pipeline.classify_batch(context.model, items)
     request.scope[VERDICT_KEY] = "batch"
