@@ -88,8 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
+    from service.model import ModelLoadError, limit_heap_retention, load_model
+
+    limit_heap_retention()  # before the app and the model allocate: peak memory (bench/footprint.py)
     from service.app import create_app
-    from service.model import ModelLoadError, load_model
 
     preloaded = None
     if settings.require_model:

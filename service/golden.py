@@ -62,6 +62,18 @@ def session_run(session) -> Run:
     return run
 
 
+def one_at_a_time(run: Run) -> Run:
+    """``run`` over one image per call: the service checks its references this way, so that checking costs no
+    more memory than a photo (eight 224x224 references at once held ~35 MB more activations; bench/footprint.py)."""
+
+    def each(images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        rows = [run(images[i : i + 1]) for i in range(len(images))]
+        distances, score, nearest = (np.concatenate(parts) for parts in zip(*rows, strict=True))
+        return distances, score, nearest
+
+    return each
+
+
 def reference_inputs(height: int, width: int, channels: int, *, seed: str, count: int) -> np.ndarray:
     """``count`` uint8 [H, W, C] images: even ones pure noise, odd ones flat blocks with a little noise
     (closer to a photo's statistics). Integer arithmetic only: the same bytes on every machine."""
@@ -120,11 +132,16 @@ def verify(run: Run, input_shape: tuple[int, int, int], golden: GoldenScores | N
     clear = (sorted_d[:, 1] - sorted_d[:, 0]) > 2 * (golden.atol + golden.rtol * sorted_d[:, 1])
     moved = int(np.sum(clear & (np.asarray(nearest) != np.asarray(golden.nearest))))
     if over or moved:
+        # The reference that moved most, with both of its scores: what a bin owner can quote.
+        per_reference = np.maximum(np.abs(score - want_score), np.abs(distances - want_distances).max(axis=1))
+        i = int(per_reference.argmax())
         return GoldenCheck(
             "mismatch",
             f"{over} of {gaps.size} golden outputs differ by more than {golden.atol:g} + {golden.rtol:g}*|value| "
             f"(largest {worst:.4g}) and {moved} clear nearest classes changed, against the outputs made on "
-            f"{golden.made_on}: this CPU or provider computes another function",
+            f"{golden.made_on}: this CPU or provider computes another function; worst: reference photo {i} of "
+            f"{golden.count} (seed {golden.seed!r}) scores {float(score[i]):.4f} here, "
+            f"{want_score[i]:.4f} in the manifest",
             worst,
         )
     return GoldenCheck("verified", f"{golden.count} references within tolerance (largest gap {worst:.3g})", worst)
