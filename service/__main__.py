@@ -1,5 +1,8 @@
 """``python -m service [flags]``: serve the model with uvicorn. Flags override DEEPMAD_* env vars.
 
+``python -m service check [--model-dir DIR] [--photos DIR] [-n N]``: verify and time the model on this box
+instead (``service/selfcheck.py``).
+
 Every setting of ``service.settings.Settings`` is a flag (``--model-dir``, ``--threshold``, ...),
 generated from the class by pydantic-settings, so a new setting needs no CLI code.
 SIGHUP reloads the model folder (a failed reload keeps the old model serving).
@@ -78,8 +81,13 @@ def check_capture_dir(settings: Settings) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["check"]:
+        from service.selfcheck import main as check
+
+        return check(argv[1:])
     try:
-        settings = parse_settings(sys.argv[1:] if argv is None else argv)
+        settings = parse_settings(argv)
     except ValidationError as exc:
         print(f"error: {describe_errors(exc)}", file=sys.stderr)
         return 2

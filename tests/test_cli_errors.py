@@ -33,6 +33,7 @@ COMMANDS = [
     ("bench.cpu_per_request", ["--arm", "HEAD", "--photo", f"{MISSING}/photo.jpg"], {}),
     ("bench.flywheel", ["--data", MISSING, "--out", "OUT"], {}),
     ("bench.footprint", ["--model-dir", MISSING], {}),
+    ("service", ["check", "--photos", MISSING], {}),
     ("bench.int8_no_vnni", ["--model-dir", MISSING], {}),
     ("bench.int8_recipes", ["--model-dir", MISSING], {}),
     ("bench.quality", ["--seeds", "1", "--runs", "OUT"], {"DEEPMAD_DATA_ROOT": MISSING}),
