@@ -69,6 +69,18 @@ HEAD = {
 }
 
 
+# The anomaly terms (``deepmad.AnomalyTerms``) screened against the shipped hinge, trash in training.
+ANOMALY_TERMS = {
+    "Deep SAD push 20": {"anomaly_push": "deepsad", "anomaly_weight": 20.0},
+    "Deep SAD push 50": {"anomaly_push": "deepsad", "anomaly_weight": 50.0},
+    "1 anomaly centre": {"anomaly_centres": 1},
+    "2 anomaly centres": {"anomaly_centres": 2},
+    "3 anomaly centres": {"anomaly_centres": 3},
+    "Deep SAD push 20 + 1 anomaly centre": {"anomaly_push": "deepsad", "anomaly_weight": 20.0, "anomaly_centres": 1},
+    "Deep SAD push 20 + 2 anomaly centres": {"anomaly_push": "deepsad", "anomaly_weight": 20.0, "anomaly_centres": 2},
+}
+
+
 @dataclass
 class Side:
     """The training side at one input size: photos by split part, labels (0..4 recyclables, -1 trash)."""
@@ -105,7 +117,8 @@ def held_out_distances(
     fold: Fold, train: np.ndarray, columns: np.ndarray, config: DeepMADConfig, one_class: bool
 ) -> torch.Tensor:
     """Heads trained on the fold's ``train`` photos (label ``columns``: a head per column, -1 exposure; with
-    --augment their mirror images too) through the product's ``train_heads``; held-out distances [N, m]."""
+    --augment their mirror images too) through the product's ``train_heads``; held-out distances [N, m + k]
+    (k: the anomaly centres' columns)."""
     n = len(fold.labels)
     rows = np.concatenate([train, train + n] if config.augment else [train])
     labels = torch.from_numpy(np.tile(columns, len(rows) // len(train)))
@@ -117,11 +130,21 @@ def held_out_distances(
     return (z - centres.unsqueeze(0)).pow(2).sum(-1).sqrt()
 
 
+def scored(columns: torch.Tensor, anomaly_centres: int) -> tuple[np.ndarray, np.ndarray]:
+    """(score, nearest class) of held-out distance columns under the product's score rule (``Scorer.split``)."""
+    normal = columns[:, : columns.shape[1] - anomaly_centres]
+    score = normal.min(1).values
+    if anomaly_centres:
+        score = score - columns[:, normal.shape[1] :].min(1).values
+    return score.numpy(), normal.argmin(1).numpy()
+
+
 def deepmad(config: DeepMADConfig) -> Recipe:
     def run(fold: Fold, with_trash: bool) -> tuple[np.ndarray, np.ndarray]:
         train = fold.train if with_trash else fold.train[fold.labels[fold.train] >= 0]
-        score, nearest = held_out_distances(fold, train, fold.labels[train], config, one_class=False).min(1)
-        return score.numpy(), nearest.numpy()
+        centres = config.anomaly_centres if with_trash else 0
+        chosen = replace(config, anomaly_centres=centres)
+        return scored(held_out_distances(fold, train, fold.labels[train], chosen, one_class=False), centres)
 
     return run
 
@@ -236,6 +259,10 @@ def recipes(
             config = replace(base, tune_blocks=tune, augment=True)
             for with_trash in (True, False):
                 rows.append((f"DeepMAD heads, tune {tune}", size, tune, with_trash, deepmad(config)))
+            for name, terms in ANOMALY_TERMS.items():
+                rows.append(
+                    (f"DeepMAD heads, {name}, tune {tune}", size, tune, True, deepmad(replace(config, **terms)))
+                )
             rows.append((f"6-way classifier, tune {tune}", size, tune, True, classifier(tune)))
         rows.append(("DeepSVDD head (one centre), tune 0", size, 0, False, deepsvdd(replace(base, augment=True))))
         rows.append(("DN2 kNN (k=2)", size, 0, False, dn2))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -33,13 +33,41 @@ class InputSpec(BaseModel):
     channels: int = Field(ge=1, le=3)
 
 
+BACKBONE_FILE = "backbone.pt"  # beside the graph when its backbone weights are not the weight package's
+
+
 class BackboneSpec(BaseModel):
     """The pretrained network inside the graph (absent for the from-scratch encoders): which one, from
     which weights (their file's sha256), and how many of its last blocks were fine-tuned."""
 
     name: str
-    weights_sha256: str
+    weights_sha256: str = Field(description="the weights training started from: ImageNet's file, or a backbone.pt")
     tune_blocks: int = Field(ge=0)
+    tuned_weights_sha256: str | None = Field(
+        default=None,
+        description=f"sha256 of {BACKBONE_FILE} beside the graph: the backbone weights inside it, when they are "
+        "not the weight package's (fine-tuned); a retrain of the heads starts from that file. null: ImageNet's",
+    )
+
+
+SCORE_RULE_DESCRIPTIONS = {
+    "min_distance": "distance to the nearest normal class's centre",
+    "min_distance_minus_anomaly_centres": "distance to the nearest normal class's centre minus the distance to "
+    "the nearest centre of labelled anomalies (negative: nearer a recyclable than any kind of trash)",
+}
+
+
+class ScoreSpec(BaseModel):
+    """How the graph's score output is made from distances (the graph computes it; this says which rule)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rule: Literal["min_distance", "min_distance_minus_anomaly_centres"] = "min_distance"
+    anomaly_centres: int = Field(default=0, ge=0, description="centres of labelled anomalies inside the graph")
+
+    @property
+    def description(self) -> str:
+        return SCORE_RULE_DESCRIPTIONS[self.rule]
 
 
 class Threshold(BaseModel):
@@ -211,6 +239,7 @@ class Manifest(BaseModel):
     class_names: list[str] = Field(description="one per column of the graph's distances output")
     input: InputSpec
     backbone: BackboneSpec | None = None
+    score: ScoreSpec = Field(default_factory=ScoreSpec, description="the score rule (absent before round 4: min)")
     threshold: Threshold
     calibration: Calibration | None = None
     training_data: TrainingData

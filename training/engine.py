@@ -85,13 +85,14 @@ def run_epochs(
     progress: Progress | None,
     label: str,
     before_epoch: Callable[[int], None] | None = None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
 ) -> None:
     """The loop every phase of every method shares: per epoch, train mode, one optimiser step per batch,
     the epoch means of the reported values to ``on_epoch`` (which logs and checkpoints).
 
     ``batches()`` draws the epoch's order lazily, so the generator's draws keep their order (order
     first, then each batch's augmentation). ``before_epoch`` sets per-epoch state (DROCC's learning
-    rate and whether its adversarial term is on).
+    rate and whether its adversarial term is on); ``scheduler`` steps after every optimiser step.
     """
     if next(module.parameters()).device.type == "cpu":
         retain_freed_memory()
@@ -108,6 +109,8 @@ def run_epochs(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
             for key, value in reported.items():
                 totals[key] = totals.get(key, 0.0) + value
             steps += 1

@@ -17,15 +17,18 @@ import torch
 
 from service.fileio import sha256_file, write_atomic
 from service.manifest import (
+    BACKBONE_FILE,
     INPUT_NAME,
     MODEL_FILE,
     OUTPUT_NAMES,
     BackboneSpec,
     Manifest,
+    ScoreSpec,
     TrainingData,
     TrainingLog,
     write_manifest,
 )
+from training.backbones import weights_file
 from training.data import Task
 from training.golden import golden_for
 from training.measure import Measurement
@@ -55,11 +58,25 @@ def export_onnx(scorer: BaseScorer, path: Path) -> None:
     write_atomic(path, buffer.getvalue())
 
 
-def backbone_spec(scorer: BaseScorer) -> BackboneSpec | None:
+def write_backbone(scorer: BaseScorer, out: Path) -> BackboneSpec | None:
+    """The manifest's backbone entry; a backbone whose weights are not the weight package's (fine-tuned
+    here, or read from a fine-tuned model's file) is also written beside the graph, so the flywheel can
+    retrain heads on it without the graph."""
     backbone = getattr(scorer.encoder, "backbone", None)
     if backbone is None:
         return None
-    return BackboneSpec(name=backbone.name, weights_sha256=backbone.weights_sha256, tune_blocks=backbone.tune_blocks)
+    tuned_sha256 = None
+    if backbone.trains or backbone.weights_sha256 != sha256_file(weights_file(backbone.name)):
+        buffer = io.BytesIO()
+        torch.save(backbone.state_for_file(), buffer)
+        write_atomic(out / BACKBONE_FILE, buffer.getvalue())
+        tuned_sha256 = sha256_file(out / BACKBONE_FILE)
+    return BackboneSpec(
+        name=backbone.name,
+        weights_sha256=backbone.weights_sha256,
+        tune_blocks=backbone.tune_blocks,
+        tuned_weights_sha256=tuned_sha256,
+    )
 
 
 @dataclass
@@ -109,7 +126,8 @@ def write_artifact(
         hyperparameters=hyperparameters,
         class_names=task.column_names,
         input={"height": height, "width": width, "channels": channels},
-        backbone=backbone_spec(scorer),
+        backbone=write_backbone(scorer, out),
+        score=ScoreSpec(rule=scorer.score_rule, anomaly_centres=scorer.anomaly_centres),
         threshold=measured.threshold,
         calibration=measured.calibration,
         training_data=TrainingData(

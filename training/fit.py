@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from service.manifest import TrainingLog
-from training.backbones import check_input_size
+from training.backbones import block_count, check_input_size, check_tune_blocks
 from training.data import SOURCES, default_normal, load_dataset, make_task, parse_class_selection
 from training.data.base import add_holdout_flags, check_anomaly_holdout
 from training.data.composites import with_composites
@@ -116,14 +116,40 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--backbone works with the centre methods (deepmad, deepsvdd, deepsvdd-m), not {args.method}")
     if backbone != "none":
         check_input_size(backbone, args.image_size or 32)
+        check_tune_blocks(backbone, args.tune_blocks, block_count(backbone))
+        if args.backbone_weights and not Path(args.backbone_weights).is_file():
+            raise UserError(f"--backbone-weights {args.backbone_weights} is not a file")
     elif args.image_size is not None and args.image_size < MIN_IMAGE_SIZE:
         raise UserError(f"--input-size must be at least {MIN_IMAGE_SIZE} (three 2x2 poolings), got {args.image_size}")
     if not 0.0 < args.reject_rate < 1.0:
         raise UserError("--reject-rate must lie strictly between 0 and 1")
     check_anomaly_holdout(args.anomaly_holdout, args.outlier_exposure, args.exposure_from_train)
+    if getattr(args, "anomaly_centres", 0):
+        if backbone == "none":
+            raise UserError("--anomaly-centres needs --backbone (the from-scratch encoders take --anomaly-push)")
+        if args.ensemble > 1 or args.flip_tta:
+            raise UserError("--anomaly-centres works with one model (no --ensemble, no --flip-tta)")
     if args.out.exists() and not args.out.is_dir():
         raise UserError(f"--out {args.out} is a file; the artifact is a folder (model.onnx + manifest.json)")
     require_writable("--out", args.out)
+
+
+def check_labelled_anomalies(config, task) -> None:
+    """The anomaly terms need labelled anomalies in training: centres refuse to start without enough of
+    them (UserError); the Deep SAD push falls back to the paper's DeepMAD with a message."""
+    labelled = int((task.train.labels < 0).sum())
+    centres = getattr(config, "anomaly_centres", 0)
+    if centres > labelled:
+        raise UserError(
+            f"--anomaly-centres {centres} needs at least that many labelled anomalies in training "
+            f"(--anomaly-holdout with --outlier-exposure, --exposure-from-train, or --composites); found {labelled}"
+        )
+    if getattr(config, "anomaly_push", "hinge") != "hinge" and labelled == 0:
+        print(
+            f"note: no labelled anomalies in training, so --anomaly-push {config.anomaly_push} has nothing to push: "
+            "this trains the paper's DeepMAD (normal classes only)",
+            file=sys.stderr,
+        )
 
 
 def member_checkpoints(args: argparse.Namespace, config) -> list[tuple[object, Path]]:
@@ -172,6 +198,7 @@ def run(args: argparse.Namespace, command: str) -> dict:
         args.exposure_from_train,
     )
     task = with_composites(method.prepare(task), args.composites, args.seed)
+    check_labelled_anomalies(config, task)
     print(
         f"{dataset.name}: normal {normal}, anomalies {task.anomaly_classes}; "
         f"{len(task.train)} train / {len(task.val)} val / {len(task.test)} test images; device {device}",

@@ -3,9 +3,12 @@
 Every method exports the same three outputs (the artifact contract), so the service can serve any of
 them: ``distances`` [N, k] (one column per detector, higher = less like that detector's class),
 ``score`` [N] = the minimum over columns (higher = more anomalous; "anomalous iff every detector says
-anomalous" at a common threshold) and ``nearest`` [N]. Fitted statistics (centres, normalisation) are
-registered buffers, so ONNX export carries them and the service needs nothing but the graph. These
-are the torch references the ONNX graph is checked against.
+anomalous" at a common threshold) and ``nearest`` [N]. A DeepMAD model trained with centres of its own
+for labelled anomalies (``--anomaly-centres k``) has k more columns inside the graph; they are not
+exported as distances, and the score becomes d_min(normal classes) - d_min(anomaly centres)
+(``SCORE_RULES``): still a difference of distances, higher = more anomalous. Fitted statistics
+(centres, normalisation) are registered buffers, so ONNX export carries them and the service needs
+nothing but the graph. These are the torch references the ONNX graph is checked against.
 
 Example:
     >>> scorer = Scorer(encoder, centres, normaliser).eval()
@@ -21,15 +24,18 @@ from torch import nn
 from training.batches import Normaliser, standardise
 from training.networks import GroupedClassifier, GroupedEncoder
 
+# The score rule by number of anomaly centres (0 or more); the manifest and GET /model carry its name.
+SCORE_RULES = {False: "min_distance", True: "min_distance_minus_anomaly_centres"}
 BATCH_PIXELS = 2**21  # photos per evaluation batch times their pixels: bounds activation memory at any input size
 
 
 class BaseScorer(nn.Module):
     """Standardisation, the min/argmin over detector columns and numpy helpers; subclasses give the columns."""
 
-    def __init__(self, encoder: GroupedEncoder, normaliser: Normaliser):
+    def __init__(self, encoder: GroupedEncoder, normaliser: Normaliser, anomaly_centres: int = 0):
         super().__init__()
         self.encoder = encoder
+        self.anomaly_centres = anomaly_centres  # the last columns of ``columns``: centres of labelled anomalies
         self.register_buffer("mean", normaliser.mean.detach().clone().float().view(1, -1, 1, 1))
         self.register_buffer("std", normaliser.std.detach().clone().float().view(1, -1, 1, 1))
         self.contrast = normaliser.contrast  # per-image contrast normalisation first (traced into the graph)
@@ -40,7 +46,20 @@ class BaseScorer(nn.Module):
 
     @property
     def n_columns(self) -> int:
-        return self.encoder.groups
+        """Exported distance columns: one per normal class (anomaly centres stay inside the graph)."""
+        return self.encoder.groups - self.anomaly_centres
+
+    @property
+    def score_rule(self) -> str:
+        return SCORE_RULES[self.anomaly_centres > 0]
+
+    def split(self, columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """All columns [N, m + k] -> (normal distances [N, m], score [N]) under the score rule."""
+        normal = columns[:, : self.n_columns]
+        score = normal.min(dim=1).values
+        if self.anomaly_centres:
+            score = score - columns[:, self.n_columns :].min(dim=1).values
+        return normal, score
 
     def standardise(self, image: torch.Tensor) -> torch.Tensor:
         return standardise(image.permute(0, 3, 1, 2).float() / 255.0, self.mean, self.std, self.contrast)
@@ -50,19 +69,20 @@ class BaseScorer(nn.Module):
         raise NotImplementedError
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        distances, _ = self.columns(self.standardise(image))
-        score, nearest = distances.min(dim=1)
-        return distances, score, nearest
+        distances, score = self.split(self.columns(self.standardise(image))[0])
+        return distances, score, distances.argmin(dim=1)
 
     @torch.no_grad()
     def score_arrays(self, images: np.ndarray, batch_size: int = 512) -> tuple[np.ndarray, np.ndarray]:
         """Eval-mode (distances [N, k], score [N]) for uint8 NHWC numpy images."""
-        distances, _ = self.distances_and_features(images, batch_size)
-        return distances, distances.min(axis=1)
+        columns, _ = self.distances_and_features(images, batch_size)
+        distances, score = self.split(torch.from_numpy(columns))
+        return distances.numpy(), score.numpy()
 
     @torch.no_grad()
     def distances_and_features(self, images: np.ndarray, batch_size: int = 512) -> tuple[np.ndarray, np.ndarray]:
-        """Eval-mode (distances [N, k], last-layer features [N, k, F]) for section 5.1's analysis."""
+        """Eval-mode (every column's distance [N, m + k], last-layer features [N, m + k, F]) for section 5.1's
+        analysis and ``score_arrays``."""
         self.eval()
         device = self.mean.device
         distances, features = [], []
@@ -79,9 +99,11 @@ class BaseScorer(nn.Module):
 class Scorer(BaseScorer):
     """Centre-based detectors (DeepMAD, DeepSVDD, DeepSVDD(m)): column i is ||E_i(x) - c_i||."""
 
-    def __init__(self, encoder: GroupedEncoder, centres: torch.Tensor, normaliser: Normaliser):
-        super().__init__(encoder, normaliser)
-        self.register_buffer("centres", centres.detach().clone().float())  # [k, D]
+    def __init__(
+        self, encoder: GroupedEncoder, centres: torch.Tensor, normaliser: Normaliser, anomaly_centres: int = 0
+    ):
+        super().__init__(encoder, normaliser, anomaly_centres)
+        self.register_buffer("centres", centres.detach().clone().float())  # [m + k, D]
 
     def columns(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         z = self.encoder.embed_shared(x)  # [N, k, D]

@@ -6,28 +6,44 @@ are c_i = mean of E_i over class i; phase 2 is the same δ-margin loss (``deepma
 i pulled onto c_i, the other classes and any outlier-exposure photo pushed past δ), or the one-class
 pull alone for DeepSVDD. The score is the min distance over classes, as everywhere.
 
-f is frozen, or its last ``tune_blocks`` MBConv blocks and head convolution are trained with the heads
-(at the same learning rate). Whatever stays fixed is run once per photo and view and cached
-(``training.features``), so 100 epochs cost about as much as one forward pass over the photos.
+f is frozen: its pooled features are run once per photo and view and cached (``training.features``),
+so 100 epochs of heads cost about as much as one forward pass over the photos (``train_heads``). Or
+its last ``tune_blocks`` MBConv blocks (``all``: every block) and head convolution train with the heads
+(``train_tuned``): every batch then runs through the backbone, freshly augmented (crops, flips,
+colour: ``--augment``), with AdamW on a one-cycle schedule (``--backbone-lr`` for the backbone, ``--lr``
+for the heads). BatchNorm keeps ImageNet's running statistics in both (``Backbone.train``): batches of
+32 photos of five classes would estimate them worse than ImageNet did, and the statistics the graph
+is exported with are then the ones training saw. The centres come from the ImageNet features and the
+initial heads, and stay fixed (DeepSVDD's rule): a tuned backbone cannot move them.
+
 The features are standardised with the training photos' statistics (buffers, so the graph carries them).
+Labelled anomalies (outlier exposure) are pushed from the normal centres (``deepmad.AnomalyTerms``); with
+``--anomaly-centres k`` they are k clusters (``training.kmeans`` of their standardised features), each a
+head and centre of its own, and the graph's score becomes d_min(normal) - d_min(anomaly centres).
 """
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 from service.manifest import TrainingLog
 from training.backbones import Backbone, check_input_size, lite_normaliser
-from training.batches import shuffled_batches
+from training.batches import shuffled_batches, to_float
 from training.data import Task
-from training.engine import Checkpoint, RunOptions, progress_bar, run_epochs
+from training.engine import Checkpoint, RunOptions, autocast, progress_bar, run_epochs
+from training.errors import UserError
 from training.features import fixed_outputs
-from training.methods.deepmad import DeepMADConfig, deepmad_loss, guard_centres
+from training.kmeans import kmeans
+from training.methods.deepmad import AnomalyTerms, DeepMADConfig, deepmad_loss, guard_centres
 from training.networks import LEAK
 from training.scorer import Scorer
 
@@ -84,12 +100,53 @@ def pooled_features(backbone: Backbone, fixed: torch.Tensor) -> torch.Tensor:
     )
 
 
+def starting_backbone(config: DeepMADConfig, tune_blocks: int) -> Backbone:
+    """ImageNet's weights, or ``--backbone-weights`` (a fine-tuned model's backbone.pt)."""
+    weights = Path(config.backbone_weights) if config.backbone_weights else None
+    return Backbone.pretrained(config.backbone, tune_blocks, weights)
+
+
+def anomaly_labels(pooled: torch.Tensor, labels: torch.Tensor, n_normal: int, config: DeepMADConfig) -> torch.Tensor:
+    """Labels with every labelled anomaly (-1) moved to its anomaly centre's column (n_normal + cluster)
+    when ``--anomaly-centres`` k > 0; the clusters are k-means of their standardised pooled features."""
+    anomalies = labels < 0
+    if config.anomaly_centres == 0 or not anomalies.any():
+        return labels
+    clusters = kmeans(pooled[anomalies], config.anomaly_centres, torch.Generator().manual_seed(config.seed))
+    relabelled = labels.clone()
+    relabelled[anomalies] = n_normal + clusters
+    return relabelled
+
+
+def check_anomaly_terms(labels: torch.Tensor, config: DeepMADConfig) -> None:
+    """Anomaly centres need at least k labelled anomalies (a UserError before training)."""
+    count = int((labels < 0).sum())
+    if config.anomaly_centres > count:
+        raise UserError(
+            f"--anomaly-centres {config.anomaly_centres} needs at least that many labelled anomalies in training "
+            f"(outlier exposure: --anomaly-holdout with --outlier-exposure, or a folder's anomaly class); found {count}"
+        )
+
+
 @torch.no_grad()
-def head_centres(encoder: BackboneEncoder, fixed: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """c_i = mean of E_i over the (unmirrored) training photos of class i, guarded against zeros."""
+def column_centres(encoder: BackboneEncoder, pooled: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """c_j = mean of E_j over the photos of column j (a class or an anomaly centre), from the starting
+    features and heads, guarded against zeros."""
     encoder.eval()
-    z = torch.cat([encoder.from_fixed(fixed[s : s + 256]) for s in range(0, len(fixed), 256)])
-    return guard_centres(torch.stack([z[labels == i, i].mean(0) for i in range(encoder.groups)]))
+    z = torch.cat([encoder.from_pooled(pooled[s : s + 256]) for s in range(0, len(pooled), 256)])
+    return guard_centres(torch.stack([z[labels == j, j].mean(0) for j in range(encoder.groups)]))
+
+
+def objective(
+    z: torch.Tensor, centres: torch.Tensor, labels: torch.Tensor, n_normal: int, config: DeepMADConfig, one_class: bool
+) -> torch.Tensor:
+    """DeepMAD's loss with the anomaly terms, or DeepSVDD's (each head pulls its own class, sees nothing else)."""
+    if one_class:
+        own = F.one_hot(labels.clamp_min(0), n_normal).bool() & (labels >= 0).unsqueeze(1)
+        squared = (z - centres.unsqueeze(0)).pow(2).sum(-1)
+        return (squared * own).sum(0).div(own.sum(0).clamp_min(1)).sum()
+    loss, _ = deepmad_loss(z, centres, labels, config.eta, config.delta, config.routing_margin, AnomalyTerms.of(config))
+    return loss
 
 
 @dataclass
@@ -112,7 +169,7 @@ class CachedInputs:
     def of(cls, task: Task, config: DeepMADConfig, device: torch.device) -> CachedInputs:
         size = task.train.images.shape[1]
         check_input_size(config.backbone, size)
-        backbone = Backbone.pretrained(config.backbone, config.tune_blocks)
+        backbone = starting_backbone(config, config.tune_blocks)
         views = [False, True] if config.augment else [False]
         outputs = [torch.from_numpy(fixed_outputs(backbone, task.train.images, m, device)) for m in views]
         labels = torch.from_numpy(task.train.labels)
@@ -123,24 +180,27 @@ class CachedInputs:
 def train_heads(
     inputs: CachedInputs, task_identity: dict, n_normal: int, config: DeepMADConfig, run: RunOptions, one_class: bool
 ) -> tuple[BackboneEncoder, torch.Tensor, TrainingLog]:
-    """Phase 2 on cached inputs: (encoder, centres [m, D], log), checkpointed every epoch.
+    """Phase 2 on cached inputs: (encoder, centres [m + k, D], log), checkpointed every epoch.
 
     ``one_class``: DeepSVDD's objective (each head pulls its own class, sees nothing else) instead of DeepMAD's.
     """
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
-    device, fixed, labels = run.device, inputs.fixed, inputs.labels
-    photos, photo_labels = fixed[: inputs.n_photos], labels[: inputs.n_photos]
-    pooled = pooled_features(inputs.backbone, photos[photo_labels >= 0])
-    head = GroupedHead(n_normal, inputs.backbone.out_dim, config.head_hidden, config.rep_dim)
-    mean, std = pooled.mean(0), pooled.std(0).clamp_min(1e-3)
+    device, fixed = run.device, inputs.fixed
+    photo_labels = inputs.labels[: inputs.n_photos]
+    check_anomaly_terms(photo_labels, config)
+    pooled = pooled_features(inputs.backbone, fixed[: inputs.n_photos])
+    mean, std = pooled[photo_labels >= 0].mean(0), pooled[photo_labels >= 0].std(0).clamp_min(1e-3)
+    photo_labels = anomaly_labels((pooled - mean) / std, photo_labels, n_normal, config)
+    labels = photo_labels.repeat(len(fixed) // inputs.n_photos)
+    head = GroupedHead(n_normal + config.anomaly_centres, inputs.backbone.out_dim, config.head_hidden, config.rep_dim)
     encoder = BackboneEncoder(inputs.backbone, head, inputs.size, mean, std, inputs.channels)
     encoder = encoder.to(device)
     trained = [p for p in encoder.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trained, lr=config.lr, weight_decay=config.weight_decay)
     log = TrainingLog()
-    objective = "one-class" if one_class else "deepmad"
-    identity = {"config": config.training_identity(), **task_identity, "objective": objective}
+    objective_name = "one-class" if one_class else "deepmad"
+    identity = {"config": config.training_identity(), **task_identity, "objective": objective_name}
     state = Checkpoint(run.checkpoint, identity, {"encoder": encoder, "optimizer": optimizer}, generator)
     start, centres = 0, None
     if run.resume:
@@ -148,18 +208,12 @@ def train_heads(
         start, centres = restored["epochs_done"], restored["centres"]
         log = TrainingLog.model_validate(restored["log"])
     if centres is None:
-        centres = head_centres(encoder, photos.to(device), photo_labels.to(device)).cpu()
+        centres = column_centres(encoder, pooled.to(device), photo_labels.to(device)).cpu()
     device_centres = centres.to(device)
 
     def step_loss(chosen: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         z = encoder.from_fixed(fixed[chosen].to(device))
-        batch_labels = labels[chosen].to(device)
-        if one_class:
-            own = F.one_hot(batch_labels.clamp_min(0), n_normal).bool() & (batch_labels >= 0).unsqueeze(1)
-            squared = (z - device_centres.unsqueeze(0)).pow(2).sum(-1)
-            loss = (squared * own).sum(0).div(own.sum(0).clamp_min(1)).sum()
-        else:
-            loss, _ = deepmad_loss(z, device_centres, batch_labels, config.eta, config.delta, config.routing_margin)
+        loss = objective(z, device_centres, labels[chosen].to(device), n_normal, config, one_class)
         return loss, {"encoder_loss": loss.item()}
 
     def after_epoch(epoch: int, means: dict[str, float]) -> None:
@@ -175,12 +229,106 @@ def train_heads(
     return encoder.eval(), centres, log
 
 
-def fit_backbone(task: Task, config: DeepMADConfig, run: RunOptions, one_class: bool) -> tuple[Scorer, TrainingLog]:
-    """Cache the backbone's fixed part over the training photos, train the heads, return the whole graph's scorer."""
+def tune_end_to_end(
+    network: nn.Module,
+    images: np.ndarray,
+    labels: torch.Tensor,
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    config: DeepMADConfig,
+    run: RunOptions,
+    identity: dict,
+    progress: dict | None = None,
+) -> tuple[TrainingLog, dict]:
+    """The loop of every end-to-end tuning (DeepMAD's heads, and the benches' classifier tuned the same way):
+    every batch of uint8 photos augmented afresh (``config.augmentation``), through ``network.embed_shared``
+    (its ``backbone``'s trainable blocks and its ``head``), AdamW on a one-cycle schedule (peaks
+    ``backbone_lr`` and ``lr``), a checkpoint after every epoch that resumes exactly (weights, AdamW,
+    schedule, both generators). ``progress`` goes into every checkpoint (centres); returns (log, progress
+    as restored or given)."""
+    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    device = run.device
+    groups = [
+        {"params": [p for p in network.backbone.parameters() if p.requires_grad], "lr": config.backbone_lr},
+        {"params": list(network.head.parameters()), "lr": config.lr},
+    ]
+    optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+    steps = math.ceil(len(images) / config.batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=[config.backbone_lr, config.lr], total_steps=max(config.epochs * steps, 1)
+    )
+    log, progress = TrainingLog(), dict(progress or {})
+    parts = {"network": network, "optimizer": optimizer, "schedule": schedule}
+    state = Checkpoint(run.checkpoint, {"config": config.training_identity(), **identity}, parts, generator)
+    start = 0
+    if run.resume:
+        restored = state.restore(("log", "epochs_done", "progress"))
+        start, progress = restored["epochs_done"], restored["progress"]
+        log = TrainingLog.model_validate(restored["log"])
+    normaliser, photos = lite_normaliser().to(device), torch.from_numpy(images)
+
+    def step_loss(chosen: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        x = to_float(photos[chosen].to(device), normaliser, config.augmentation, generator)
+        with autocast(device):
+            out = network.embed_shared(x)
+        value = loss(out.float(), labels[chosen].to(device))
+        return value, {"encoder_loss": value.item()}
+
+    def after_epoch(epoch: int, means: dict[str, float]) -> None:
+        log.append(means)
+        state.save(log=log.model_dump(), epochs_done=epoch + 1, progress=progress)
+
     started = time.perf_counter()
-    inputs = CachedInputs.of(task, config, run.device)
-    extraction_seconds = max(time.perf_counter() - started, 1e-9)
+    batches = lambda: shuffled_batches(len(images), config.batch_size, generator)  # noqa: E731
+    bar = progress_bar(run.progress)
+    run_epochs(network, optimizer, config.epochs, start, batches, step_loss, after_epoch, bar, "tuning", None, schedule)
+    seconds = max(time.perf_counter() - started, 1e-9)
+    log.images_per_second["backbone_and_heads"] = (config.epochs - start) * len(images) / seconds
+    return log, progress
+
+
+def train_tuned(
+    images: np.ndarray,
+    labels: torch.Tensor,
+    n_normal: int,
+    identity: dict,
+    config: DeepMADConfig,
+    run: RunOptions,
+    one_class: bool,
+) -> tuple[BackboneEncoder, torch.Tensor, TrainingLog]:
+    """Heads and the backbone's tuned blocks together on freshly augmented photos (labels: column or -1):
+    (encoder, centres [m + k, D], log). The centres come from the starting backbone and heads, fixed."""
+    size, channels = images.shape[1], images.shape[3]
+    check_input_size(config.backbone, size)
+    check_anomaly_terms(labels, config)
+    torch.manual_seed(config.seed)  # the heads' initialisation, as in an uninterrupted run
+    backbone = starting_backbone(config, config.tune_blocks)
+    pooled = torch.from_numpy(fixed_outputs(starting_backbone(config, 0), images, False, run.device))
+    mean, std = pooled[labels >= 0].mean(0), pooled[labels >= 0].std(0).clamp_min(1e-3)
+    labels = anomaly_labels((pooled - mean) / std, labels, n_normal, config)
+    head = GroupedHead(n_normal + config.anomaly_centres, backbone.out_dim, config.head_hidden, config.rep_dim)
+    encoder = BackboneEncoder(backbone, head, size, mean, std, channels).to(run.device)
+    centres = column_centres(encoder, pooled.to(run.device), labels.to(run.device)).cpu()
+    device_centres = centres.to(run.device)
+    identity = {**identity, "objective": "one-class" if one_class else "deepmad"}
+
+    def loss(z: torch.Tensor, batch_labels: torch.Tensor) -> torch.Tensor:
+        return objective(z, device_centres, batch_labels, n_normal, config, one_class)
+
+    log, _ = tune_end_to_end(encoder, images, labels, loss, config, run, identity)
+    return encoder.eval(), centres, log
+
+
+def fit_backbone(task: Task, config: DeepMADConfig, run: RunOptions, one_class: bool) -> tuple[Scorer, TrainingLog]:
+    """Train the heads (on cached features) or the heads with the backbone's tuned blocks; return the graph's scorer."""
     identity = {"classes": task.column_names, "training_data": task.content_sha256()}
-    encoder, centres, log = train_heads(inputs, identity, task.n_normal, config, run, one_class)
-    log.images_per_second["feature_extraction"] = len(inputs.fixed) / extraction_seconds
-    return Scorer(encoder.cpu(), centres, lite_normaliser()).eval(), log
+    if config.tune_blocks:
+        labels = torch.from_numpy(task.train.labels)
+        encoder, centres, log = train_tuned(task.train.images, labels, task.n_normal, identity, config, run, one_class)
+    else:
+        started = time.perf_counter()
+        inputs = CachedInputs.of(task, config, run.device)
+        extraction_seconds = max(time.perf_counter() - started, 1e-9)
+        encoder, centres, log = train_heads(inputs, identity, task.n_normal, config, run, one_class)
+        log.images_per_second["feature_extraction"] = len(inputs.fixed) / extraction_seconds
+    return Scorer(encoder.cpu(), centres, lite_normaliser(), config.anomaly_centres).eval(), log

@@ -18,7 +18,7 @@ import dataclasses
 from collections.abc import Collection, Iterable, Mapping
 from typing import Any, ClassVar
 
-from training.backbones import BACKBONE_CHOICES
+from training.backbones import ALL_BLOCKS, BACKBONE_CHOICES, parse_tune_blocks
 from training.epoch_choice import CRITERIA
 from training.errors import UserError
 
@@ -27,6 +27,7 @@ def setting(
     default: Any,
     help: str,
     *,
+    parse: Any = None,
     minimum: float | None = None,
     above: float | None = None,
     below: float | None = None,
@@ -46,6 +47,7 @@ def setting(
         "choices": tuple(choices),
         "export_choice": export_choice,
         "aliases": tuple(aliases),
+        "parse": parse,
     }
     return dataclasses.field(default=default, metadata=metadata)
 
@@ -150,9 +152,8 @@ def _add_flag(parser, flags: list[str], dest: str, field: dataclasses.Field, def
         parser.add_argument(*flags, dest=dest, action=argparse.BooleanOptionalAction, default=default, help=help_text)
     else:
         choices = field.metadata.get("choices") or None
-        parser.add_argument(
-            *flags, dest=dest, type=type(field.default), default=default, choices=choices, help=help_text
-        )
+        parse = field.metadata.get("parse") or type(field.default)
+        parser.add_argument(*flags, dest=dest, type=parse, default=default, choices=choices, help=help_text)
 
 
 @dataclasses.dataclass
@@ -227,7 +228,32 @@ class DeepMADConfig(MethodConfig):
     )
     tune_blocks: int = setting(
         0,
-        "with --backbone: the last N MBConv blocks and the head convolution train with the heads (0: frozen)",
+        "with --backbone: the last N MBConv blocks and the head convolution train with the heads (0: frozen; "
+        "all: every block); the photos then run through the backbone on every batch, augmented with --augment",
+        parse=parse_tune_blocks,
+    )
+    backbone_lr: float = setting(
+        3e-4,
+        "with --tune-blocks: the backbone's peak learning rate (AdamW with a one-cycle schedule; the heads take --lr)",
+        above=0,
+    )
+    backbone_weights: str = setting(
+        "",
+        "with --backbone: start from these backbone weights (a fine-tuned model's backbone.pt) instead of "
+        "ImageNet's; a retrain of the heads on a fine-tuned model's cached features",
+    )
+    anomaly_push: str = setting(
+        "hinge",
+        "how labelled anomalies are pushed from every normal centre: hinge = eta * max(0, delta - d)^2 "
+        "(the paper's term, silent past delta); deepsad = --anomaly-weight / (d^2 + 0.1) (Ruff et al. 2020, "
+        "Deep SAD: keeps pushing)",
+        choices=("hinge", "deepsad"),
+    )
+    anomaly_weight: float = setting(20.0, "with --anomaly-push deepsad: its weight eta_a", minimum=0)
+    anomaly_centres: int = setting(
+        0,
+        "k > 0: labelled anomalies get k centres of their own (k-means of their features), each pulled like a "
+        "class; score = d_min(normal classes) - d_min(anomaly centres) (0: score = d_min(normal classes))",
         minimum=0,
     )
     head_hidden: int = setting(
@@ -236,8 +262,10 @@ class DeepMADConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.backbone == "none" and self.tune_blocks:
-            raise UserError("--tune-blocks needs --backbone")
+        if self.backbone == "none" and (self.tune_blocks or self.backbone_weights):
+            raise UserError("--tune-blocks and --backbone-weights need --backbone")
+        if self.tune_blocks < 0 and self.tune_blocks != ALL_BLOCKS:
+            raise UserError(f"--tune-blocks must be a count of blocks (0 or more) or 'all', got {self.tune_blocks}")
         if (self.augment_strength != "basic" or self.centre_views) and not self.augment:
             raise UserError("--augment-strength and --centre-views need --augment")
 

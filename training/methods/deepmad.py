@@ -63,6 +63,28 @@ SELF_SUPERVISED = {
 CENTRE_EPS = 0.1  # DeepSVDD: a centre component near 0 is pushed to +-eps (a zero unit is trivially matched)
 
 
+DEEPSAD_EPS = 0.1  # Deep SAD's inverse-distance push eta_a / (d^2 + eps): bounded where an anomaly sits on a centre
+
+
+@dataclass(frozen=True)
+class AnomalyTerms:
+    """How labelled anomalies teach the encoders (``--anomaly-push``, ``--anomaly-weight``, ``--anomaly-centres``).
+
+    ``push`` "hinge" is the paper's: an anomaly is a negative for every normal encoder, silent once it
+    is delta away. "deepsad" pushes it from every normal centre by ``weight`` / (d^2 + DEEPSAD_EPS), a
+    term that keeps teaching past delta. ``centres`` k > 0: the last k columns are centres of labelled
+    anomalies, pulled like a class (labels m..m+k-1) and kept delta away from everything else.
+    """
+
+    push: str = "hinge"
+    weight: float = 20.0
+    centres: int = 0
+
+    @classmethod
+    def of(cls, config: DeepMADConfig) -> AnomalyTerms:
+        return cls(config.anomaly_push, config.anomaly_weight, config.anomaly_centres)
+
+
 def deepmad_loss(
     embeddings: torch.Tensor,
     centres: torch.Tensor,
@@ -70,25 +92,42 @@ def deepmad_loss(
     eta: float,
     delta: float,
     routing_margin: float = 0.0,
+    anomaly: AnomalyTerms = AnomalyTerms(),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Batch estimate of the sum over encoders of L(theta_i), without the weight-decay term.
 
-    embeddings [B, m, D]; centres [m, D]; labels [B] in 0..m-1 (or -1: negative for every encoder).
-    Returns (total, per-encoder [m]); the routing-margin term (module docstring) is in the total only,
-    as it belongs to no single encoder. Dividing by the batch size is the batch estimate of 1/N.
+    embeddings [B, m + k, D]; centres [m + k, D] (k = ``anomaly.centres``); labels [B] in 0..m+k-1
+    (m.. : an anomaly centre's) or -1 (a labelled anomaly without a centre). Normal photos are pulled
+    onto their own centre and pushed past delta from every other (the paper's loss); a labelled
+    anomaly is pushed from the normal centres by ``anomaly.push`` (``AnomalyTerms``). Returns (total,
+    per-encoder [m + k]); the routing-margin term (module docstring) is in the total only, as it
+    belongs to no single encoder. Dividing by the batch size is the batch estimate of 1/N.
     """
-    squared = (embeddings - centres.unsqueeze(0)).pow(2).sum(-1)  # [B, m]
-    positive = labels.unsqueeze(1) == torch.arange(centres.shape[0], device=labels.device).unsqueeze(0)
+    n_normal = centres.shape[0] - anomaly.centres
+    squared = (embeddings - centres.unsqueeze(0)).pow(2).sum(-1)  # [B, m + k]
+    columns = torch.arange(centres.shape[0], device=labels.device).unsqueeze(0)
+    positive = labels.unsqueeze(1) == columns
+    is_anomaly = ((labels < 0) | (labels >= n_normal)).unsqueeze(1)
     distance = torch.sqrt(squared + 1e-12)
     pull = torch.where(positive, squared, torch.zeros_like(squared))
-    push = torch.where(positive, torch.zeros_like(squared), torch.relu(delta - distance).pow(2))
-    per_encoder = (pull + eta * push).mean(0)
+    hinge = eta * torch.relu(delta - distance).pow(2)
+    from_normal_centre = is_anomaly & (columns < n_normal)
+    if anomaly.push == "deepsad":
+        anomaly_push = anomaly.weight / (squared + DEEPSAD_EPS)
+        push = torch.where(from_normal_centre, anomaly_push, hinge)
+    else:
+        push = hinge
+    push = torch.where(positive, torch.zeros_like(squared), push)
+    per_encoder = (pull + push).mean(0)
     total = per_encoder.sum()
-    if routing_margin > 0 and centres.shape[0] > 1:
-        own = torch.where(positive, distance, torch.zeros_like(distance)).sum(1)
-        nearest_other = torch.where(positive, torch.full_like(distance, float("inf")), distance).min(1).values
-        violation = torch.relu(routing_margin + own - nearest_other).pow(2)
-        total = total + eta * torch.where(labels >= 0, violation, torch.zeros_like(violation)).mean()
+    if routing_margin > 0 and n_normal > 1:
+        normal_distance = distance[:, :n_normal]
+        own_column = positive[:, :n_normal]
+        own = torch.where(own_column, normal_distance, torch.zeros_like(normal_distance)).sum(1)
+        nearest_other = torch.where(own_column, torch.full_like(normal_distance, float("inf")), normal_distance)
+        violation = torch.relu(routing_margin + own - nearest_other.min(1).values).pow(2)
+        normal_row = (labels >= 0) & (labels < n_normal)
+        total = total + eta * torch.where(normal_row, violation, torch.zeros_like(violation)).mean()
     return total, per_encoder
 
 
@@ -214,8 +253,9 @@ def train_encoders(phase: EncoderPhase) -> None:
         x = phase.to_input(images[chosen])
         with autocast(phase.device):
             z = phase.encoder.embed_shared(x)
+        batch_labels = labels[chosen].to(phase.device)
         loss, _ = deepmad_loss(
-            z.float(), centres, labels[chosen].to(phase.device), config.eta, config.delta, config.routing_margin
+            z.float(), centres, batch_labels, config.eta, config.delta, config.routing_margin, AnomalyTerms.of(config)
         )
         return loss, {"encoder_loss": loss.item()}
 

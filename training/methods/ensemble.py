@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from training.scorer import BaseScorer
+from training.scorer import SCORE_RULES, BaseScorer
 
 
 class EnsembleScorer(nn.Module):
@@ -51,6 +51,9 @@ class EnsembleScorer(nn.Module):
     @property
     def n_columns(self) -> int:
         return self.members[0].n_columns
+
+    score_rule = SCORE_RULES[False]  # members' standardised distances, min over columns
+    anomaly_centres = 0
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         views = [image, image.flip(2)] if self.flip else [image]  # NHWC: axis 2 is the width
