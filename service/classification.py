@@ -48,6 +48,7 @@ def to_classifications(model: LoadedModel, scores: Scores, ids: list[str]) -> li
                 id=result_id,
                 verdict="anomalous" if value >= model.threshold else "normal",
                 score=value,
+                score_rule=model.manifest.score.rule,
                 threshold=model.threshold,
                 probability=calibration.probability(value) if calibration else None,
                 nearest_class=names[nearest] if 0 <= nearest < len(names) else str(nearest),

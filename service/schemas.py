@@ -64,7 +64,11 @@ CAPTURE_OFF = CaptureOutcome(status="off")
 class Classification(BaseModel):
     id: str = Field(description=REQUEST_ID_DOC)
     verdict: Literal["normal", "anomalous"] = Field(description="anomalous iff score >= threshold")
-    score: float = Field(description="min over classes of the distance to the class centre; higher = more anomalous")
+    score: float = Field(
+        description="distance to the nearest class centre (score_rule min_distance), or that minus the distance to the "
+        "nearest centre of labelled anomalies (min_distance_minus_anomaly_centres); higher = more anomalous"
+    )
+    score_rule: str = Field(description="how the model makes its score from distances (GET /model: score)")
     threshold: float = Field(description="gamma in use (the manifest's, or the configured override)")
     probability: float | None = Field(
         None, description="probability-like anomaly value from the manifest's calibration; null if none"
@@ -117,6 +121,12 @@ class GoldenInfo(BaseModel):
     largest_gap: float | None = Field(None, description="largest |output here - golden output|")
 
 
+class ScoreInfo(BaseModel):
+    rule: str = Field(description="min_distance, or min_distance_minus_anomaly_centres")
+    anomaly_centres: int = Field(description="centres of labelled anomalies inside the graph (0: none)")
+    description: str
+
+
 class ModelInfo(BaseModel):
     name: str
     version: str
@@ -124,8 +134,11 @@ class ModelInfo(BaseModel):
     class_names: list[str]
     input: InputInfo
     backbone: dict[str, Any] | None = Field(
-        default=None, description="the pretrained network in the graph (name, weights sha256, tuned blocks); null: none"
+        default=None,
+        description="the pretrained network in the graph (name, weights sha256, tuned blocks, the fine-tuned "
+        "weights' sha256); null: none",
     )
+    score: ScoreInfo
     threshold: float = Field(description="gamma in use")
     threshold_source: Literal["manifest", "override"]
     manifest_threshold: float

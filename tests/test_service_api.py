@@ -65,8 +65,9 @@ def test_classify_multipart_and_raw_agree(client: TestClient, manifest: Manifest
     assert multipart.status_code == raw.status_code == 200
     body = multipart.json()
     assert without_id(body) == without_id(raw.json()) and body["id"] != raw.json()["id"]
-    keys = {"id", "verdict", "score", "threshold", "probability", "nearest_class", "distances", "model", "capture"}
-    assert set(body) == keys and body["capture"] == {"status": "off"}
+    keys = {"id", "verdict", "score", "score_rule", "threshold", "probability", "nearest_class", "distances", "model"}
+    assert set(body) == keys | {"capture"} and body["capture"] == {"status": "off"}
+    assert body["score_rule"] == manifest.score.rule == "min_distance"
     assert multipart.headers["x-request-id"] == body["id"]
     assert list(body["distances"]) == manifest.class_names
     assert body["score"] == pytest.approx(min(body["distances"].values()), rel=1e-5)

@@ -11,7 +11,7 @@ from fastapi.responses import HTMLResponse, Response
 from service.dependencies import ClassifierDep, MetricsDep, ModelDep
 from service.errors import ERRORS
 from service.metrics import CONTENT_TYPE_LATEST
-from service.schemas import GoldenInfo, Health, InputInfo, ModelInfo, Readiness
+from service.schemas import GoldenInfo, Health, InputInfo, ModelInfo, Readiness, ScoreInfo
 
 STATIC_DIR = Path(__file__).resolve().parents[1] / "static"
 
@@ -46,6 +46,7 @@ async def model_info(model: ModelDep, classifier: ClassifierDep) -> ModelInfo:
         class_names=manifest.class_names,
         input=InputInfo(**manifest.input.model_dump()),
         backbone=manifest.backbone.model_dump() if manifest.backbone else None,
+        score=ScoreInfo(**manifest.score.model_dump(), description=manifest.score.description),
         threshold=model.threshold,
         threshold_source="override" if model.threshold_overridden else "manifest",
         manifest_threshold=manifest.threshold.value,
