@@ -237,7 +237,7 @@ def label_studio_tasks(
     tasks = []
     for capture in sorted(chosen, key=lambda c: c.margin):
         side = capture.sidecar
-        predicted = anomalous if side.verdict == "anomalous" else side.nearest_class
+        predicted = side.nearest_class if side.verdict == "normal" else anomalous  # no_item: not a recyclable
         relative = capture.image_path.relative_to(captures).as_posix()
         tasks.append(
             {

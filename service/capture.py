@@ -2,11 +2,11 @@
 
 Policy (each a setting): every anomalous item; every item whose score lies within ``capture_margin``
 of the threshold (uncertain, the labels that teach most); a sampled fraction ``capture_normal_rate`` of
-the confident normals. ``CaptureWriter.offer`` decides and enqueues without blocking; one thread
-writes through ``CaptureStore`` in batches (group commit). A full queue or a failed write drops the
-capture, counts it in ``deepmad_captures_total{outcome}`` and logs at most once a minute; the answer's
-``capture`` says what became of its photo (``queued``; in durable mode, ``capture_mode=durable``, the
-answer waits until it is ``written``), and nothing else in the answer changes.
+the confident normals and of the frames answered ``no_item``. ``CaptureWriter.offer`` decides and
+enqueues without blocking; one thread writes through ``CaptureStore`` in batches (group commit). A full
+queue or a failed write drops the capture, counts it in ``deepmad_captures_total{outcome}`` and logs at
+most once a minute; the answer's ``capture`` says what became of its photo (``queued``; in durable mode,
+``capture_mode=durable``, the answer waits until it is ``written``), and nothing else in the answer changes.
 """
 
 from __future__ import annotations
@@ -40,10 +40,12 @@ SKIPPED = CaptureOutcome(status="skipped")
 
 
 def capture_reason(result: Classification, margin: float, normal_rate: float, rng: random.Random) -> Reason | None:
-    """Why this answer's photo is kept, or None: anomalous, then uncertain, then a sampled normal."""
+    """Why this answer's photo is kept, or None: anomalous, then uncertain, then a sampled normal. A
+    ``no_item`` frame is sampled like a confident normal (an operator sees what the check turns away;
+    a covered lens does not fill the folder), its score's distance to gamma meaning nothing."""
     if result.verdict == "anomalous":
         return "anomalous"
-    if abs(result.score - result.threshold) <= margin:
+    if result.verdict == "normal" and abs(result.score - result.threshold) <= margin:
         return "uncertain"
     if normal_rate > 0 and rng.random() < normal_rate:
         return "sampled"

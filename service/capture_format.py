@@ -39,7 +39,7 @@ CONTENT_TYPES = {
     "tiff": "image/tiff",
     "bin": "application/octet-stream",
 }
-Verdict = Literal["normal", "anomalous"]
+Verdict = Literal["normal", "anomalous", "no_item"]  # no_item: the service's check found no item (service/no_item.py)
 Reason = Literal["anomalous", "uncertain", "sampled"]
 
 

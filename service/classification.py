@@ -1,7 +1,8 @@
 """Image bytes -> typed ``Classification``: decode, score (one ORT call or the micro-batcher), shape.
 
 ``to_classifications`` is the one place where the graph's outputs become answers (verdict at the
-threshold in use, probability from the calibration centred on it, nearest class, distances by name).
+threshold in use, or ``no_item`` where the frame check before the graph found no item; probability
+from the calibration centred on it, nearest class, distances by name).
 ``Pipeline`` runs it for every route that classifies, the product's and the Open Inference Protocol's:
 decoding happens in a pool of ``decode_concurrency`` worker threads (with ``decode_inline``, on the event
 loop instead), every result is counted in the metrics, and every answered photo is offered to the
@@ -25,6 +26,8 @@ from service.errors import ApiError
 from service.imaging import ImageError, load_image
 from service.metrics import Metrics
 from service.model import Classifier, LoadedModel, Scores
+from service.no_item import Reason as NoItemReason
+from service.no_item import check_items
 from service.schemas import BatchItem, Classification, ErrorDetail
 from service.settings import Settings
 from service.uploads import Upload
@@ -33,20 +36,28 @@ T = TypeVar("T")
 BatchInput = Upload | tuple[str | None, ApiError]  # a readable part, or (filename, why it was refused)
 
 
-def to_classifications(model: LoadedModel, scores: Scores, ids: list[str]) -> list[Classification]:
-    """One ``Classification`` per row of the graph's outputs; a non-finite score is a 500, never an answer."""
+def to_classifications(
+    model: LoadedModel, scores: Scores, ids: list[str], no_item: list[bool] | None = None
+) -> list[Classification]:
+    """One ``Classification`` per row of the graph's outputs; a non-finite score is a 500, never an answer.
+    A row marked in ``no_item`` (the frame check found no item) is ``no_item`` whatever its score."""
     names = model.manifest.class_names
     calibration = model.calibration
     results = []
-    for row, value, nearest, result_id in zip(
-        scores.distances.tolist(), scores.score.tolist(), scores.nearest.tolist(), ids, strict=True
+    for row, value, nearest, result_id, empty in zip(
+        scores.distances.tolist(),
+        scores.score.tolist(),
+        scores.nearest.tolist(),
+        ids,
+        no_item or [False] * len(ids),
+        strict=True,
     ):
         if not math.isfinite(value):
             raise ApiError(500, "non_finite_score", "the model produced a non-finite score")
         results.append(
             Classification(
                 id=result_id,
-                verdict="anomalous" if value >= model.threshold else "normal",
+                verdict="no_item" if empty else "anomalous" if value >= model.threshold else "normal",
                 score=value,
                 score_rule=model.manifest.score.rule,
                 threshold=model.threshold,
@@ -101,8 +112,8 @@ class Pipeline:
         if self.classifier.batcher is None or len(photos) > 1:
             answers = await self._off_loop(self._classify_photos, model, photos, ids)
         else:
-            images = await self._off_loop(self._decode_all, model, photos)
-            answers = self._answers(model, await self.classifier.score_async(model, images), ids)
+            images, reasons = await self._off_loop(self._decode_and_check, model, photos)
+            answers = self._answers(model, await self.classifier.score_async(model, images), ids, reasons)
         await self._capture(model, list(zip(uploads, answers, strict=True)))
         return answers
 
@@ -156,14 +167,31 @@ class Pipeline:
                 raise PhotoError(index, exc) from None
         return np.stack(arrays)
 
-    def _answers(self, model: LoadedModel, scores: Scores, ids: list[str]) -> list[Classification]:
-        results = to_classifications(model, scores, ids)
-        for result in results:
-            self.metrics.observe_result(result.verdict, result.nearest_class, result.score, result.threshold)
+    def _check(self, images: np.ndarray) -> list[NoItemReason | None]:
+        """Per image, why it holds no item (``service.no_item``), or None: an item, or the check is off.
+        Run on the model inputs before the graph; the graph still scores every frame, so a ``no_item``
+        answer keeps its score and distances (and a capture its sidecar's fields)."""
+        if not self.settings.no_item_check:
+            return [None] * len(images)
+        return [check.reason for check in check_items(images)]
+
+    def _decode_and_check(
+        self, model: LoadedModel, photos: list[bytes]
+    ) -> tuple[np.ndarray, list[NoItemReason | None]]:
+        images = self._decode_all(model, photos)
+        return images, self._check(images)
+
+    def _answers(
+        self, model: LoadedModel, scores: Scores, ids: list[str], reasons: list[NoItemReason | None]
+    ) -> list[Classification]:
+        results = to_classifications(model, scores, ids, [reason is not None for reason in reasons])
+        for result, reason in zip(results, reasons, strict=True):
+            self.metrics.observe_result(result.verdict, result.nearest_class, result.score, result.threshold, reason)
         return results
 
     def _score(self, model: LoadedModel, images: np.ndarray, ids: list[str]) -> list[Classification]:
-        return self._answers(model, self.classifier.score(model, images), ids)
+        reasons = self._check(images)
+        return self._answers(model, self.classifier.score(model, images), ids, reasons)
 
     def _classify_photos(self, model: LoadedModel, photos: list[bytes], ids: list[str]) -> list[Classification]:
         return self._score(model, self._decode_all(model, photos), ids)

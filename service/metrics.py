@@ -9,6 +9,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from service.drift import ScoreDrift
 from service.model import LoadedModel
+from service.no_item import REASONS as NO_ITEM_REASONS
 
 PREFIX = "deepmad"
 # Seconds: decode of a 32x32 target from a 512x384 JPEG is ~1-3 ms; inference ~0.5 ms per encoder.
@@ -34,10 +35,20 @@ class Metrics:
         )
         self.classifications = Counter(
             f"{PREFIX}_classifications",
-            "Images scored (single and batch), by verdict and nearest class",
+            "Images scored (single and batch), by verdict (normal, anomalous, no_item) and nearest class",
             ["verdict", "nearest_class"],
             registry=r,
         )
+        self.no_item = Counter(
+            f"{PREFIX}_no_item",
+            'Frames answered no_item (no item in them; also in deepmad_classifications_total{verdict="no_item"}), '
+            "by what the frame was: overexposed (blinding light), dark (lights off, a covered lens) or featureless "
+            "(the empty chamber, a flat colour, noise)",
+            ["reason"],
+            registry=r,
+        )
+        for reason in NO_ITEM_REASONS:
+            self.no_item.labels(reason)
         self.request_seconds = self._histogram(
             "request_duration_seconds", "Total time handling a request", LATENCY_BUCKETS, ["endpoint"]
         )
@@ -156,8 +167,15 @@ class Metrics:
         self.inference_seconds.observe(seconds)
         self.inference_batch_size.observe(images)
 
-    def observe_result(self, verdict: str, nearest_class: str, score: float, threshold: float) -> None:
+    def observe_result(
+        self, verdict: str, nearest_class: str, score: float, threshold: float, no_item: str | None = None
+    ) -> None:
+        """Count one answer; a ``no_item`` frame (``no_item`` is its reason) is counted, but its score stays out
+        of the score histograms and the drift window, which describe the items the bin sees."""
         self.classifications.labels(verdict, nearest_class).inc()
+        if no_item is not None:
+            self.no_item.labels(no_item).inc()
+            return
         self.score.observe(score)
         self.drift.observe(score, verdict == "anomalous")
         if threshold > 0:

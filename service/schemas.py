@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from service.capture_format import ID_PATTERN, Sidecar
+from service.capture_format import ID_PATTERN, Sidecar, Verdict
 
 REQUEST_ID_DOC = (
     "request id (also the X-Request-ID header): a valid incoming X-Request-ID, else a new uuid4 hex; "
@@ -63,7 +63,10 @@ CAPTURE_OFF = CaptureOutcome(status="off")
 
 class Classification(BaseModel):
     id: str = Field(description=REQUEST_ID_DOC)
-    verdict: Literal["normal", "anomalous"] = Field(description="anomalous iff score >= threshold")
+    verdict: Verdict = Field(
+        description="no_item: the frame holds no item (empty chamber, covered lens, lights off, blinding light; "
+        "image statistics before the graph, whatever the score); else anomalous iff score >= threshold"
+    )
     score: float = Field(
         description="distance to the nearest class centre (score_rule min_distance), or that minus the distance to the "
         "nearest centre of labelled anomalies (min_distance_minus_anomaly_centres); higher = more anomalous"

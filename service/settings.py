@@ -73,6 +73,13 @@ class Settings(BaseSettings):
         description="ONNX Runtime execution providers in order; empty: CUDA if available, then CPU",
     )
 
+    no_item_check: bool = Field(
+        True,
+        description="answer verdict no_item for a frame with no item in it (empty chamber, covered lens, lights off, "
+        "blinding light, a flat colour, noise), judged by image statistics before the graph (service/no_item.py); "
+        "false: every frame gets the graph's normal/anomalous verdict",
+    )
+
     drift_window: int = Field(
         500,
         gt=0,

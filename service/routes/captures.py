@@ -10,7 +10,7 @@ without an operator token 403 ``operator_disabled`` (as admin routes do without 
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 from urllib.parse import unquote
 
 import anyio
@@ -19,7 +19,7 @@ from fastapi.responses import HTMLResponse, Response
 
 from service.auth import bearer_or_header, same_token
 from service.capture import CaptureWriter
-from service.capture_format import CONTENT_TYPES, Sidecar
+from service.capture_format import CONTENT_TYPES, Sidecar, Verdict
 from service.capture_store import CaptureNotFoundError, Order
 from service.dependencies import CapturesDep, ClassifierDep, ModelDep, SettingsDep
 from service.errors import ApiError, error_doc, quoted
@@ -98,7 +98,7 @@ async def list_captures(
     captures: OperatorReader,
     classifier: ClassifierDep,
     labelled: bool | None = None,
-    verdict: Literal["normal", "anomalous"] | None = None,
+    verdict: Verdict | None = None,
     order: Order = "newest",
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     offset: Annotated[int, Query(ge=0)] = 0,
