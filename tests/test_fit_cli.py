@@ -227,6 +227,9 @@ def test_resume_after_termination_gives_the_same_model(tmp_path: Path):
     assert set(ref_scores["images_per_second"]) == {"autoencoders", "encoders"}
 
 
+LITE64 = ["--dataset", "trashnet", "--backbone", "efficientnet-lite0", "--input-size", "64"]
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -245,7 +248,14 @@ def test_resume_after_termination_gives_the_same_model(tmp_path: Path):
         (["--dataset", "trashnet", "--image-size", "0"], "--input-size must be at least 8"),
         (["--dataset", "trashnet", "--backbone", "efficientnet-lite0", "--input-size", "48"], "multiple of 32"),
         (["--dataset", "trashnet", "--backbone", "efficientnet-lite0", "--method", "drocc"], "not drocc"),
-        (["--dataset", "trashnet", "--tune-blocks", "1"], "--tune-blocks needs --backbone"),
+        (["--dataset", "trashnet", "--tune-blocks", "1"], "--tune-blocks and --backbone-weights need --backbone"),
+        (["--dataset", "trashnet", "--tune-blocks", "all"], "need --backbone"),
+        ([*LITE64, "--tune-blocks", "17"], "--tune-blocks must lie between 0 and 16"),
+        ([*LITE64, "--backbone-weights", "/nonexistent/backbone.pt"], "is not a file"),
+        (["--dataset", "trashnet", "--anomaly-weight", "-1"], "--anomaly-weight must be at least 0"),
+        (["--dataset", "trashnet", "--anomaly-centres", "1"], "--anomaly-centres needs --backbone"),
+        ([*LITE64, "--anomaly-centres", "1"], "needs at least that many labelled anomalies"),
+        ([*LITE64, "--anomaly-holdout", "0.5", "--outlier-exposure", "--anomaly-centres", "31"], "found 30"),
         (["--dataset", "trashnet", "--lr", "-1"], "--lr must be greater than 0"),
         (["--dataset", "trashnet", "--ae-lr", "-0.1"], "--ae-lr must be greater than 0"),
         (["--dataset", "trashnet", "--weight-decay", "-0.5"], "--weight-decay must be at least 0"),
