@@ -36,6 +36,7 @@ COMMANDS = [
     ("service", ["check", "--photos", MISSING], {}),
     ("bench.int8_no_vnni", ["--model-dir", MISSING], {}),
     ("bench.int8_recipes", ["--model-dir", MISSING], {}),
+    ("bench.no_item", ["--models", MISSING], {}),
     ("bench.quality", ["--seeds", "1", "--runs", "OUT"], {"DEEPMAD_DATA_ROOT": MISSING}),
     ("bench.quantize", ["--data", MISSING], {}),
     ("bench.score_rules", ["--seeds", "0"], {"DEEPMAD_DATA_ROOT": MISSING}),
