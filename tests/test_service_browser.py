@@ -7,10 +7,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 from playwright.sync_api import Page, sync_playwright
 
 from tests.service_support import model_dir, run_server, wait_for
+from training.data.non_item_frames import non_item_frame
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
@@ -67,6 +70,22 @@ def test_upload_page_shows_verdict_and_bars(tmp_path: Path, trashnet_dir: Path) 
             bad.write_bytes(b"definitely not a jpeg")
             page.set_input_files("#file", str(bad))
             page.wait_for_selector("#error:has-text('400')", timeout=15_000)
+
+
+def test_upload_page_shows_no_item(tmp_path: Path) -> None:
+    """A frame with no item in it (a covered lens, generated) is shown as such, not as a recyclable."""
+    frame = non_item_frame("covered", (384, 512), np.random.default_rng(0))
+    photo = tmp_path / "covered.png"
+    Image.fromarray(frame).save(photo)
+    with run_server(model_dir(), tmp_path) as server, chromium_page() as (page, errors):
+        page.goto(server.url + "/")
+        page.wait_for_selector("#model:has-text('normal classes')", timeout=15_000)
+        page.set_input_files("#file", str(photo))
+        page.wait_for_selector("#result", state="visible", timeout=15_000)
+        assert page.get_attribute("#verdict", "data-verdict") == "no_item"
+        assert page.inner_text("#verdict") == "No item in the frame"
+        assert page.get_attribute("#verdict", "class") == "no_item"
+        assert errors == []
 
 
 def test_review_page_labels_survive_a_reload(tmp_path: Path, trashnet_dir: Path) -> None:
