@@ -16,8 +16,10 @@ move away from the distribution the model was calibrated on. ``ScoreDrift`` keep
   normal-reject rate when only recyclables arrive).
 
 Trash legitimately scores high, so a bin that gets much trash shows drift too: read the gauges
-together with the anomalous share and the nearest-class mix. Without a reference (a manifest without
-quantiles) or without scores, every value is NaN, which no alert rule fires on.
+together with the anomalous share and the nearest-class mix. Frames answered ``no_item`` never enter
+the window (``Metrics.observe_result``): they hold no item, and they are counted on their own.
+Without a reference (a manifest without quantiles) or without scores, every value is NaN, which no
+alert rule fires on.
 """
 
 from __future__ import annotations
