@@ -1,0 +1,132 @@
+"""``python -m bench.dose``: how detection grows with the labelled trash a bin's operators give it.
+
+The flywheel's lever is the operator's label: every trash photo labelled is one more labelled anomaly
+for the anomaly terms. This bench trains the DeepMAD heads on the recyclables of each CV fold's training
+part plus n of its trash photos (n drawn afresh per repeat), and reads the fold's held-out photos, on
+the frozen backbone's cached features (``bench.pretrained``'s folds of the training side: no test
+photo). A 5-fold training part holds 48 of the side's 60 trash photos, so the largest dose is 48.
+n = 0 is the paper's DeepMAD: the anomaly terms have nothing to push (``training.fit`` says so too).
+
+Example:
+    python -m bench.dose --doses 0,10,20,30,48 --terms "Deep SAD push 50" --plot docs/quality-dose.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.pretrained import (
+    ANOMALY_TERMS,
+    BACKBONE,
+    FOLD_SEED,
+    HEAD,
+    Fold,
+    fold_metrics,
+    held_out_distances,
+    scored,
+    side_features,
+    training_side,
+)
+from training.backbones import Backbone
+from training.data.base import split_per_class
+from training.errors import UserError, run_command
+from training.methods.deepmad import DeepMADConfig
+
+
+def dose_fold(fold: Fold, dose: int, config: DeepMADConfig, rng: np.random.Generator) -> tuple[float, float, float]:
+    """(AUC, caught at γ, routing) on the fold's held-out photos after training with ``dose`` of its trash."""
+    recyclables = fold.train[fold.labels[fold.train] >= 0]
+    trash = fold.train[fold.labels[fold.train] < 0]
+    train = np.concatenate([recyclables, rng.choice(trash, size=dose, replace=False)])
+    centres = config.anomaly_centres if dose >= max(config.anomaly_centres, 1) else 0
+    chosen = replace(config, anomaly_centres=centres)
+    scores, nearest = scored(held_out_distances(fold, train, fold.labels[train], chosen, one_class=False), centres)
+    return fold_metrics(scores, nearest, fold.labels[fold.held])
+
+
+def plot(path: Path, doses: list[int], results: dict[int, np.ndarray], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 3.6), dpi=120)
+    for column, label in [(0, "AUC"), (1, "trash caught at γ (5% false reject)"), (2, "routing")]:
+        means = [results[d][:, column].mean() for d in doses]
+        spreads = [results[d][:, column].std() for d in doses]
+        axis.errorbar(doses, means, yerr=spreads, marker="o", capsize=3, label=label)
+    axis.set_xlabel("labelled trash photos in training")
+    axis.set_ylim(0, 1)
+    axis.set_title(title, fontsize=9)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8, loc="lower right")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp.png")
+    figure.savefig(temporary)
+    temporary.replace(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.dose", description=__doc__.splitlines()[0])
+    parser.add_argument("--doses", default="0,10,20,30,48", help="labelled trash photos, comma separated")
+    parser.add_argument("--terms", default="Deep SAD push 50", help=f"one of: hinge, {', '.join(ANOMALY_TERMS)}")
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3, help="draws of the n trash photos per fold")
+    parser.add_argument("--backbone-weights", type=Path, help="a fine-tuned model's backbone.pt (default: ImageNet's)")
+    parser.add_argument("--plot", type=Path, help="write the curve as a PNG here")
+    args = parser.parse_args(argv)
+
+    def body() -> int:
+        doses = sorted({int(d) for d in args.doses.split(",")})
+        if args.terms != "hinge" and args.terms not in ANOMALY_TERMS:
+            raise UserError(f"--terms must be hinge or one of {', '.join(ANOMALY_TERMS)}")
+        if args.folds < 2 or args.repeats < 1 or doses[0] < 0:
+            raise UserError("--folds must be at least 2, --repeats at least 1, doses at least 0")
+        if args.backbone_weights is not None and not args.backbone_weights.is_file():
+            raise UserError(f"--backbone-weights {args.backbone_weights} is not a file")
+        torch.set_num_threads(1)
+        side = training_side(args.size)
+        most = int((side.labels < 0).sum() * (args.folds - 1) // args.folds)
+        if doses[-1] > most:
+            raise UserError(f"a {args.folds}-fold training part holds {most} trash photos; --doses go up to {most}")
+        backbone = Backbone.pretrained(BACKBONE, 0, args.backbone_weights)
+        fixed = torch.cat([side_features(side, backbone, m) for m in (False, True)])
+        terms = {} if args.terms == "hinge" else ANOMALY_TERMS[args.terms]
+        config = DeepMADConfig(backbone=BACKBONE, augment=True, **HEAD, **terms)
+        parts = split_per_class(side.labels, tuple([1.0 / args.folds] * args.folds), FOLD_SEED)
+        results: dict[int, np.ndarray] = {}
+        weights = args.backbone_weights or "ImageNet's weights"
+        print(f"# load average {os.getloadavg()[0]:.2f}; {BACKBONE} ({weights}) at {args.size}, frozen; heads: {terms}")
+        print(f"# {args.folds}-fold CV on the training side x {args.repeats} draws of the trash; no test photo")
+        print("| labelled trash | AUC | trash caught at γ | routing |")
+        print("|---|---|---|---|")
+        for dose in doses:
+            rows = []
+            for repeat in range(args.repeats if dose else 1):
+                rng = np.random.default_rng([FOLD_SEED, dose, repeat])
+                for held in parts:
+                    train = np.setdiff1d(np.arange(len(side.labels)), held)
+                    rows.append(dose_fold(Fold(fixed, side.labels, train, held, backbone), dose, config, rng))
+            results[dose] = np.asarray(rows)
+            cells = " | ".join(
+                f"{m:.3f} ± {s:.3f}" for m, s in zip(results[dose].mean(0), results[dose].std(0), strict=True)
+            )
+            print(f"| {dose} | {cells} |", flush=True)
+        if args.plot:
+            plot(args.plot, doses, results, f"DeepMAD heads ({args.terms}) on frozen {BACKBONE} features, CV")
+        return 0
+
+    return run_command(body, "interrupted")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
