@@ -6,6 +6,9 @@ part plus n of its trash photos (n drawn afresh per repeat), and reads the fold'
 the frozen backbone's cached features (``bench.pretrained``'s folds of the training side: no test
 photo). A 5-fold training part holds 48 of the side's 60 trash photos, so the largest dose is 48.
 n = 0 is the paper's DeepMAD: the anomaly terms have nothing to push (``training.fit`` says so too).
+``--synthetic N`` adds a row for a new bin with no trash at all: N generated anomalies per fold (half
+non-item frames, ``training.data.non_item_frames``; half two-class composites of the fold's own training
+recyclables, ``training.data.composites``) are its only labelled anomalies.
 
 Example:
     python -m bench.dose --doses 0,10,20,30,48 --terms "Deep SAD push 50" --plot docs/quality-dose.png
@@ -35,8 +38,11 @@ from bench.pretrained import (
     training_side,
 )
 from training.backbones import Backbone
-from training.data.base import split_per_class
+from training.data.base import LabeledImages, split_per_class
+from training.data.composites import composite_images
+from training.data.non_item_frames import non_item_frames
 from training.errors import UserError, run_command
+from training.features import fixed_outputs
 from training.methods.deepmad import DeepMADConfig
 
 
@@ -49,6 +55,21 @@ def dose_fold(fold: Fold, dose: int, config: DeepMADConfig, rng: np.random.Gener
     chosen = replace(config, anomaly_centres=centres)
     scores, nearest = scored(held_out_distances(fold, train, fold.labels[train], chosen, one_class=False), centres)
     return fold_metrics(scores, nearest, fold.labels[fold.held])
+
+
+def synthetic_fold(fold: Fold, images: np.ndarray, backbone: Backbone, count: int, seed: int) -> Fold:
+    """``fold`` with ``count`` generated anomalies appended as label -1 and in place of its trash in training."""
+    recyclables = fold.train[fold.labels[fold.train] >= 0]
+    own = LabeledImages(images[recyclables], fold.labels[recyclables])
+    composites = composite_images(own, count - count // 2, np.random.default_rng([seed, FOLD_SEED]))
+    frames = np.stack([f for _, f in non_item_frames(count // 2, images.shape[1:3], seed)])
+    generated = np.concatenate([frames, composites])
+    views = [torch.from_numpy(fixed_outputs(backbone, generated, mirrored)) for mirrored in (False, True)]
+    n = len(fold.labels)
+    fixed = torch.cat([fold.fixed[:n], views[0], fold.fixed[n:], views[1]])
+    labels = np.concatenate([fold.labels, np.full(len(generated), -1)])
+    train = np.concatenate([recyclables, n + np.arange(len(generated))])
+    return Fold(fixed, labels, train, fold.held, backbone)
 
 
 def plot(path: Path, doses: list[int], results: dict[int, np.ndarray], title: str) -> None:
@@ -83,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="draws of the n trash photos per fold")
     parser.add_argument("--backbone-weights", type=Path, help="a fine-tuned model's backbone.pt (default: ImageNet's)")
     parser.add_argument("--plot", type=Path, help="write the curve as a PNG here")
+    parser.add_argument("--synthetic", type=int, default=0, help="also: N generated anomalies and no trash (a new bin)")
     args = parser.parse_args(argv)
 
     def body() -> int:
@@ -121,6 +143,21 @@ def main(argv: list[str] | None = None) -> int:
                 f"{m:.3f} ± {s:.3f}" for m, s in zip(results[dose].mean(0), results[dose].std(0), strict=True)
             )
             print(f"| {dose} | {cells} |", flush=True)
+        if args.synthetic > 0:
+            images = np.concatenate(side.parts)
+            rows = []
+            for index, held in enumerate(parts):
+                train = np.setdiff1d(np.arange(len(side.labels)), held)
+                fold = synthetic_fold(Fold(fixed, side.labels, train, held, backbone), images, backbone,
+                                      args.synthetic, index)  # fmt: skip
+                rows.append(
+                    dose_fold(fold, int((fold.labels[fold.train] < 0).sum()), config, rng=np.random.default_rng(0))
+                )
+            values = np.asarray(rows)
+            cells = " | ".join(f"{m:.3f} ± {s:.3f}" for m, s in zip(values.mean(0), values.std(0), strict=True))
+            print(
+                f"| 0 (and {args.synthetic} generated: non-item frames, two-class composites) | {cells} |", flush=True
+            )
         if args.plot:
             plot(args.plot, doses, results, f"DeepMAD heads ({args.terms}) on frozen {BACKBONE} features, CV")
         return 0
