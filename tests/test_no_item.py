@@ -170,6 +170,14 @@ def test_open_inference_protocol_answers_no_item(trashnet_dir: Path) -> None:
     assert verdicts[1] == ["no_item"]
 
 
+def test_micro_batching_keeps_the_check() -> None:
+    """With micro-batching on, a lone /classify photo is decoded and checked apart from the scoring."""
+    settings = Settings(model_dir=REPO_ROOT / "models" / "trashnet", microbatch_max_items=4)
+    frame = non_item_frame("noise", (384, 512), np.random.default_rng(5))
+    with TestClient(create_app(settings)) as client:
+        assert client.post("/classify", files={"file": encoded(frame, 0)}).json()["verdict"] == "no_item"
+
+
 def test_a_no_item_frame_is_captured_as_such(tmp_path: Path) -> None:
     """With capture on (every sampled answer kept), a no_item frame's sidecar says no_item, reason sampled."""
     settings = Settings(
