@@ -140,8 +140,8 @@ def test_policy_keeps_anomalous_and_uncertain_only(
 def test_normal_sample_rate_is_a_fraction() -> None:
     """capture_reason samples confident normals at the configured rate (two-sided binomial, alpha 1e-4)."""
     result = Classification(
-        id="x", verdict="normal", score=1.0, score_rule="min_distance", threshold=5.0, probability=0.01, nearest_class="glass",
-        distances={"glass": 1.0}, model=ModelRef(name="m", version="1"),
+        id="x", verdict="normal", score=1.0, score_rule="min_distance", threshold=5.0, probability=0.01,
+        nearest_class="glass", distances={"glass": 1.0}, model=ModelRef(name="m", version="1"),
     )  # fmt: skip
     rng = random.Random(7)
     n = 4000
