@@ -298,10 +298,15 @@ def serving_cost(size: int) -> tuple[float, float]:
         return graph_cost(path, size), path.stat().st_size / 1e6
 
 
-def print_serving(sizes: list[int]) -> None:
+def print_serving(sizes: list[int], graphs: list[Path]) -> None:
     print(f"# load average {os.getloadavg()[0]:.2f}; ONNX Runtime, CPU, 1 thread, batch 1, fp32")
     print("| graph | input | ms per photo | graph MB |")
     print("|---|---|---|---|")
+    for path in graphs:  # artifacts side by side in one run (a shipped graph against its predecessor)
+        size = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_inputs()[0].shape[1]
+        print(
+            f"| {path} | {size}x{size} | {graph_cost(path, size):.2f} | {path.stat().st_size / 1e6:.1f} |", flush=True
+        )
     scratch = REPO_ROOT / "models" / "trashnet" / "model.onnx"
     if scratch.is_file():
         megabytes = scratch.stat().st_size / 1e6
@@ -327,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--serving", action="store_true", help="only the serving cost of the whole graph per input size (no CV)"
     )
+    parser.add_argument("--graph", type=Path, action="append", default=[], help="with --serving: also this model.onnx")
     args = parser.parse_args(argv)
 
     def body() -> int:
@@ -339,7 +345,10 @@ def main(argv: list[str] | None = None) -> int:
             check_input_size(args.backbone, size)
         heads = parse_heads(args.heads)
         if args.serving:
-            print_serving(sizes)
+            missing = [g for g in args.graph if not g.is_file()]
+            if missing:
+                raise UserError(f"--graph {missing[0]} is not a file")
+            print_serving(sizes, args.graph)
             return 0
         print(
             f"# load average {os.getloadavg()[0]:.2f}; {args.backbone}; {args.folds}-fold CV on the training side "
