@@ -57,7 +57,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 REJECT_RATE = 0.05
 FOLD_SEED = 20163
 BACKBONE = "efficientnet-lite0"  # --backbone picks another
-# The heads' recipe, chosen by this bench's own CV (docs/quality.md, "Round 3"): weight decay was the lever.
+# The heads' recipe, chosen by this bench's own CV (docs/quality-log.md, "Round 3"): weight decay was the lever.
 HEAD = {
     "rep_dim": 32,
     "lr": 1e-3,
