@@ -18,6 +18,9 @@
 #   SMOKE_PORT        host port to publish (default 18080)
 #   DEEPMAD_DATA_ROOT folder holding trashnet/ (default ../shared/data beside the checkout)
 #   KEEP_IMAGE=1      keep the built image (default: kept; set KEEP_IMAGE=0 to remove it)
+#   SMOKE_ARM64=0     skip the linux/arm64 image (default on x86_64: built and run under qemu-user, about
+#                     10 minutes; where binfmt_misc or qemu cannot be had it is skipped with one line)
+#   QEMU_CPU          the emulated arm64 core (default cortex-a72, a Raspberry Pi 4; cortex-a76 is a Pi 5)
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -359,6 +362,13 @@ PY
 engine_quiet rm -f "$PRETRAINED"
 
 # ---------------------------------------------------------------------------------------------------
+step "The bin's self-check in the image ($IMAGE check)"
+check_out="$(engine run --rm "${BASE_RUN_FLAGS[@]}" --read-only --tmpfs /tmp "$IMAGE" check -n 20 2>&1)" \
+    || { printf '%s\n' "$check_out" | sed 's/^/    /' >&2; fail "the self-check failed in the image"; }
+printf '%s\n' "$check_out" | grep -E '^(golden|summary):' | sed 's/^/    /'
+printf '%s\n' "$check_out" | grep -q '^summary: .*golden=verified' || fail "no verified summary line from check"
+
+# ---------------------------------------------------------------------------------------------------
 step "Stop and remove the container"
 started=$SECONDS
 engine_quiet stop -t 15 "$CONTAINER"
@@ -369,5 +379,102 @@ engine_quiet rm "$CONTAINER"
 trap - EXIT
 if [ "$KEEP_IMAGE" = 0 ]; then engine rmi -f "$IMAGE" >/dev/null; info "removed $IMAGE"; fi
 
-printf '\nSMOKE TEST PASSED: %s (%s, base %s, %d MB) answered real photos.\n' \
-    "$IMAGE" "$ENGINE" "$BASE" "$((size_bytes / 1000000))"
+# ---------------------------------------------------------------------------------------------------
+# The same Dockerfile for linux/arm64 (a Raspberry Pi's bin controller), built and run under qemu-user.
+# qemu-user shows the container the host's /proc/cpuinfo and /sys CPU list, and ONNX Runtime's cpuinfo
+# crashes on those x86 descriptions; an empty file and folder over them make it read the emulated core's
+# features from its hwcaps instead (a real Pi needs none of this).
+ARM64_SUMMARY="not built"
+ARM64="${SMOKE_ARM64:-1}"
+if [ "$ARM64" != 0 ] && [ "$(uname -m)" = x86_64 ]; then
+    step "The image for linux/arm64, under emulation (QEMU_CPU=${QEMU_CPU:-cortex-a72})"
+    ARM64_ROOT="${DEEPMAD_ARM64_ROOT:-${XDG_CACHE_HOME:-$HOME/.cache}/deepmad-bin/arm64-root}"
+    # The arm64 root of the test suite: qemu-user-static and binfmt set up, or one line saying why not.
+    tests/arm64/make-root.sh | sed 's/^/    /'
+    if [ -f "$ARM64_ROOT.unavailable" ]; then
+        ARM64_SUMMARY="skipped: $(cat "$ARM64_ROOT.unavailable")"
+        info "arm64 $ARM64_SUMMARY"
+    else
+        ARM_IMAGE="$IMAGE-arm64"
+        ARM_BASE="${BASE_IMAGE_ARM64:-}"
+        if [ -z "$ARM_BASE" ]; then
+            if engine pull -q --platform linux/arm64 "$DEFAULT_BASE" >/dev/null 2>&1; then
+                ARM_BASE="$DEFAULT_BASE"
+            elif [ "$ENGINE" = podman ]; then
+                ARM_BASE="$STANDIN_IMAGE-arm64"
+                info "$DEFAULT_BASE for arm64 cannot be pulled here: using a stand-in from $ARM64_ROOT"
+                # The Debian part of that root (its /opt holds the test suite's venv: left out).
+                $SUDO tar -C "$ARM64_ROOT" --numeric-owner \
+                    --exclude='./proc/*' --exclude='./sys/*' --exclude='./dev/*' --exclude='./tmp/*' \
+                    --exclude='./opt/*' --exclude='./var/cache/apt/*' --exclude='./var/lib/apt/lists/*' \
+                    --exclude='./usr/share/doc/*' --exclude='./usr/share/man/*' --exclude='./usr/share/locale/*' \
+                    -c . | engine import --arch arm64 --change 'ENV LANG=C.UTF-8' --change 'CMD ["/bin/bash"]' \
+                        - "$ARM_BASE" >/dev/null
+            else
+                fail "$DEFAULT_BASE cannot be pulled for linux/arm64; set BASE_IMAGE_ARM64 to a local arm64 Debian image"
+            fi
+        fi
+        info "base: $ARM_BASE"
+        build_log="$(mktemp /tmp/deepmad-smoke-arm64-build.XXXXXX.log)"
+        started=$SECONDS
+        if ! engine build --platform linux/arm64 "${BUILD_FLAGS[@]}" --build-arg "BASE_IMAGE=$ARM_BASE" \
+            -f docker/Dockerfile -t "$ARM_IMAGE" . >"$build_log" 2>&1; then
+            tail -n 40 "$build_log" >&2
+            fail "arm64 image build failed (full log: $build_log)"
+        fi
+        grep -E 'serve env ok' "$build_log" | tail -n 1 | sed 's/^/    /' || true
+        rm -f "$build_log"
+        info "built in $((SECONDS - started)) s: $(engine image inspect --format '{{.Architecture}}' "$ARM_IMAGE")"
+
+        MASKS="$(mktemp -d /tmp/deepmad-smoke-masks.XXXXXX)"
+        mkdir "$MASKS/cpu" && : >"$MASKS/cpuinfo"
+        EMULATED=(--platform linux/arm64 -e "QEMU_CPU=${QEMU_CPU:-cortex-a72}"
+                  -v "$MASKS/cpuinfo:/proc/cpuinfo:ro" -v "$MASKS/cpu:/sys/devices/system/cpu:ro")
+        ARM_CONTAINER="$CONTAINER-arm64"
+        ARM_PORT=$((PORT + 2))
+        ARM_FLAGS=("${RUN_FLAGS[@]/$PORT/$ARM_PORT}")
+        trap 'engine rm -f "$ARM_CONTAINER" >/dev/null 2>&1 || true; rm -rf "$MASKS"' EXIT
+        engine_quiet run -d --name "$ARM_CONTAINER" "${ARM_FLAGS[@]}" "${EMULATED[@]}" --read-only --tmpfs /tmp \
+            --cap-drop ALL --security-opt no-new-privileges "$ARM_IMAGE" || fail "could not start the arm64 container"
+        BASE_URL="http://127.0.0.1:$ARM_PORT" python3 - "${PHOTOS[@]}" <<'PY' || { engine logs --tail 20 "$ARM_CONTAINER" >&2; fail "the arm64 image did not answer"; }
+import json, os, sys, time, urllib.request, uuid
+
+base = os.environ["BASE_URL"]
+deadline = time.monotonic() + 600  # emulated: imports and the golden check take minutes, not seconds
+while True:
+    try:
+        urllib.request.urlopen(base + "/readyz", timeout=5)
+        break
+    except OSError:
+        if time.monotonic() > deadline:
+            raise SystemExit("    not ready after 600 s")
+        time.sleep(2)
+model = json.loads(urllib.request.urlopen(base + "/model", timeout=30).read())
+assert model["golden"]["status"] == "verified", model["golden"]
+print(f"    model: {model['name']} {model['version']}, golden scores {model['golden']['status']} on the emulated core")
+for path in sys.argv[1:]:
+    boundary = uuid.uuid4().hex
+    photo = open(path, "rb").read()
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"p.jpg\"\r\n"
+            f"Content-Type: image/jpeg\r\n\r\n").encode() + photo + f"\r\n--{boundary}--\r\n".encode()
+    request = urllib.request.Request(base + "/classify", data=body, method="POST",
+                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    answer = json.loads(urllib.request.urlopen(request, timeout=120).read())
+    assert answer["verdict"] in ("normal", "anomalous") and answer["nearest_class"] in answer["distances"], answer
+    print(f"    {os.path.basename(os.path.dirname(path))}: {answer['verdict']}, nearest {answer['nearest_class']}, "
+          f"score {answer['score']:.4f}")
+PY
+        engine_quiet rm -f "$ARM_CONTAINER"
+        check_out="$(engine run --rm "${BASE_RUN_FLAGS[@]}" "${EMULATED[@]}" --read-only --tmpfs /tmp "$ARM_IMAGE" check -n 3 2>&1)" \
+            || { printf '%s\n' "$check_out" | sed 's/^/    /' >&2; fail "the self-check failed in the arm64 image"; }
+        ARM64_SUMMARY="$(printf '%s\n' "$check_out" | grep '^summary:')" || fail "no summary line from check in the arm64 image"
+        info "$ARM64_SUMMARY"
+        rm -rf "$MASKS"
+        trap - EXIT
+        if [ "$KEEP_IMAGE" = 0 ]; then engine rmi -f "$ARM_IMAGE" >/dev/null; info "removed $ARM_IMAGE"; fi
+        ARM64_SUMMARY="answered real photos; arm64 self-check: ${ARM64_SUMMARY#summary: }"
+    fi
+fi
+
+printf '\nSMOKE TEST PASSED: %s (%s, base %s, %d MB) answered real photos; linux/arm64: %s\n' \
+    "$IMAGE" "$ENGINE" "$BASE" "$((size_bytes / 1000000))" "$ARM64_SUMMARY"
