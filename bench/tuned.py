@@ -5,8 +5,8 @@ by default) over the same training side as ``bench.pretrained`` (train + validat
 trash photos held out of test; no test photo is read). Every recipe trains through the product's
 ``training.methods.backbone.tune_end_to_end``: the same augmentation (``--augment-strength``), AdamW
 one-cycle schedule, epochs and batch size; only the head and the loss differ. Each finished fold is
-appended to ``--log`` as one JSON line, so an interrupted run keeps what it finished and the table is
-printed from the log (``--report``).
+appended to ``--log`` as one JSON line; a rerun with the same settings skips the folds already there
+(it resumes fold by fold), and the table is printed from the log (``--report``).
 
 Recipes:
   deepmad-<terms>  DeepMAD heads (``GroupedHead``, δ 2, fixed centres from the ImageNet features) with an
@@ -145,11 +145,20 @@ def run_recipe(name: str, config: DeepMADConfig, train: LabeledImages, held: np.
     return run_deepmad(replace(config, **TERMS[name.removeprefix("deepmad-")]), train, held, device)
 
 
+def logged(log: Path) -> list[dict]:
+    """The finished folds in ``log`` (none when it does not exist yet)."""
+    return [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.is_file() else []
+
+
+def same_run(entry: dict, args: argparse.Namespace) -> bool:
+    """A logged fold of this run's settings: a rerun skips it (the bench resumes fold by fold)."""
+    return (entry["size"], entry["epochs"], entry["folds"]) == (args.size, args.epochs, args.folds)
+
+
 def report(log: Path) -> None:
     """The table of every (recipe, size, epochs) in the log: mean ± sd over its folds."""
     rows: dict[tuple, list] = {}
-    for line in log.read_text().splitlines() if log.is_file() else []:
-        entry = json.loads(line)
+    for entry in logged(log):
         key = (entry["recipe"], entry["size"], entry["epochs"], entry["folds"])
         rows.setdefault(key, []).append(entry)
     print(
@@ -198,8 +207,11 @@ def main(argv: list[str] | None = None) -> int:
         images = np.concatenate(side.parts)
         parts = split_per_class(side.labels, tuple([1.0 / args.folds] * args.folds), FOLD_SEED)
         print(f"# load average {os.getloadavg()[0]:.2f}; device {device}; {len(images)} photos", file=sys.stderr)
-        for name in names:
-            for index in wanted:
+        done = {(e["recipe"], e["fold"]) for e in logged(args.log) if same_run(e, args)}
+        for index in wanted:  # fold by fold, so a run cut short still compares the recipes on the same folds
+            for name in names:
+                if (name, index) in done:
+                    continue
                 held = parts[index]
                 train = np.setdiff1d(np.arange(len(images)), held)
                 started = time.perf_counter()

@@ -44,6 +44,8 @@ COMMANDS = [
     ("bench.train", ["--quick"], {"DEEPMAD_DATA_ROOT": MISSING}),
     ("bench.peers.litserve_ort", ["--port", "0"], {"DEEPMAD_MODEL_DIR": MISSING}),
     ("bench.pretrained", ["--sizes", "128"], {"DEEPMAD_DATA_ROOT": MISSING}),
+    ("bench.tuned", ["--folds", "2", "--log", "OUT"], {"DEEPMAD_DATA_ROOT": MISSING}),
+    ("bench.dose", ["--doses", "0"], {"DEEPMAD_DATA_ROOT": MISSING}),
 ]
 
 
