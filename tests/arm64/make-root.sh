@@ -73,7 +73,7 @@ import sys, tomllib
 project = tomllib.load(open(sys.argv[1], "rb"))["project"]
 print("\n".join(project["dependencies"] + project["optional-dependencies"]["serve"]))
 PY
-)"
+)" || unavailable "python3 could not read the serve extra from pyproject.toml (tomllib needs Python 3.11+)"
 key="$(printf '%s\n' "$requirements" | sha256sum | cut -c1-16)"
 if [ ! -e "$ROOT/opt/venv/.serve-$key" ]; then
     echo "arm64: installing the serve extra into $ROOT/opt/venv"
