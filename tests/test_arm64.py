@@ -27,7 +27,7 @@ import pytest
 from bench.processes import service_command, service_env, started
 from service.manifest import Manifest, write_manifest
 from tests.conftest import REPO_ROOT
-from tests.service_support import photo_subset
+from tests.service_support import copy_model, photo_subset
 
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "deepmad-bin"
 ROOT = Path(os.environ.get("DEEPMAD_ARM64_ROOT", CACHE / "arm64-root"))
@@ -75,7 +75,7 @@ def amd64_answers(photos: list[Path]) -> dict[str, list[dict]]:
 
 def refused_int8(source: Path, target: Path) -> Path:
     """The INT8 artifact with its first golden score moved by 1.0: what saturating kernels did to a score."""
-    shutil.copytree(source, target)
+    copy_model(source, target)
     manifest = Manifest.load(target)
     scores = [manifest.golden.score[0] + 1.0, *manifest.golden.score[1:]]
     write_manifest(target, manifest.model_copy(update={"golden": manifest.golden.model_copy(update={"score": scores})}))
@@ -129,7 +129,7 @@ def test_every_model_on_emulated_pi_cores_answers_as_on_amd64(trashnet_dir, tmp_
     try:
         shutil.copytree(REPO_ROOT / "service", work / "service", ignore=shutil.ignore_patterns("__pycache__"))
         for name in MODELS:
-            shutil.copytree(REPO_ROOT / "models" / name, work / "models" / name)
+            copy_model(REPO_ROOT / "models" / name, work / "models" / name)
         refused_int8(REPO_ROOT / "models" / "trashnet-int8", work / "refused-int8")
         with ThreadPoolExecutor(len(CORES)) as pool:  # one core each: the two emulations run side by side
             results = dict(zip(CORES, pool.map(lambda core: serve_on_core(core, work, photos), CORES), strict=True))
