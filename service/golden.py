@@ -64,7 +64,7 @@ def session_run(session) -> Run:
 
 def one_at_a_time(run: Run) -> Run:
     """``run`` over one image per call: the service checks its references this way, so that checking costs no
-    more memory than a photo (eight 224x224 references at once held ~35 MB more activations; bench/footprint.py)."""
+    more memory than a photo (eight 224x224 references at once peaked 57-69 MB higher; bench/footprint.py)."""
 
     def each(images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         rows = [run(images[i : i + 1]) for i in range(len(images))]
