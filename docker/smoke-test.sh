@@ -403,13 +403,16 @@ if [ "$ARM64" != 0 ] && [ "$(uname -m)" = x86_64 ]; then
             elif [ "$ENGINE" = podman ]; then
                 ARM_BASE="$STANDIN_IMAGE-arm64"
                 info "$DEFAULT_BASE for arm64 cannot be pulled here: using a stand-in from $ARM64_ROOT"
-                # The Debian part of that root (its /opt holds the test suite's venv: left out).
-                $SUDO tar -C "$ARM64_ROOT" --numeric-owner \
-                    --exclude='./proc/*' --exclude='./sys/*' --exclude='./dev/*' --exclude='./tmp/*' \
-                    --exclude='./opt/*' --exclude='./var/cache/apt/*' --exclude='./var/lib/apt/lists/*' \
-                    --exclude='./usr/share/doc/*' --exclude='./usr/share/man/*' --exclude='./usr/share/locale/*' \
-                    -c . | engine import --arch arm64 --change 'ENV LANG=C.UTF-8' --change 'CMD ["/bin/bash"]' \
-                        - "$ARM_BASE" >/dev/null
+                if engine image inspect "$ARM_BASE" >/dev/null 2>&1; then
+                    info "stand-in already built"
+                else  # the Debian part of that root (its /opt holds the test suite's venv: left out)
+                    $SUDO tar -C "$ARM64_ROOT" --numeric-owner \
+                        --exclude='./proc/*' --exclude='./sys/*' --exclude='./dev/*' --exclude='./tmp/*' \
+                        --exclude='./opt/*' --exclude='./var/cache/apt/*' --exclude='./var/lib/apt/lists/*' \
+                        --exclude='./usr/share/doc/*' --exclude='./usr/share/man/*' --exclude='./usr/share/locale/*' \
+                        -c . | engine import --arch arm64 --change 'ENV LANG=C.UTF-8' --change 'CMD ["/bin/bash"]' \
+                            - "$ARM_BASE" >/dev/null 2>&1
+                fi
             else
                 fail "$DEFAULT_BASE cannot be pulled for linux/arm64; set BASE_IMAGE_ARM64 to a local arm64 Debian image"
             fi
@@ -464,6 +467,7 @@ for path in sys.argv[1:]:
     print(f"    {os.path.basename(os.path.dirname(path))}: {answer['verdict']}, nearest {answer['nearest_class']}, "
           f"score {answer['score']:.4f}")
 PY
+        engine kill "$ARM_CONTAINER" >/dev/null 2>&1 || true  # emulated, it outlived podman's 10 s SIGTERM wait here
         engine_quiet rm -f "$ARM_CONTAINER"
         check_out="$(engine run --rm "${BASE_RUN_FLAGS[@]}" "${EMULATED[@]}" --read-only --tmpfs /tmp "$ARM_IMAGE" check -n 3 2>&1)" \
             || { printf '%s\n' "$check_out" | sed 's/^/    /' >&2; fail "the self-check failed in the arm64 image"; }
