@@ -118,13 +118,12 @@ SHIPPED_LITE0 = REPO_ROOT / "models" / "trashnet-lite0"
 
 def test_the_shipped_pretrained_model_serves_real_photos(trashnet_dir: Path, tmp_path: Path):
     """models/trashnet-lite0 as a bin serves it: golden scores verified on this CPU, 224x224 input, trash
-    flagged more often than recyclables, scores spread (not a collapsed network: every block of its
-    backbone was tuned, which could have mapped everything onto the centres)."""
+    flagged more often than recyclables, scores spread (not a collapsed network: the Deep SAD push keeps
+    moving the heads, which could have mapped everything onto the centres)."""
     manifest = Manifest.load(SHIPPED_LITE0)
     assert manifest.input.height == 224 and manifest.backbone.name == "efficientnet-lite0"
-    assert manifest.backbone.tune_blocks == 16 and manifest.hyperparameters["anomaly_push"] == "deepsad"
-    weights = (SHIPPED_LITE0 / "backbone.pt").read_bytes()
-    assert manifest.backbone.tuned_weights_sha256 == hashlib.sha256(weights).hexdigest()
+    assert manifest.backbone.tune_blocks == 0 and manifest.backbone.tuned_weights_sha256 is None
+    assert manifest.hyperparameters["anomaly_push"] == "deepsad" and manifest.score.rule == "min_distance"
     assert manifest.golden is not None
     photos = {k: sorted((trashnet_dir / k).glob("*.jpg"))[:8] for k in [*TRASHNET_NORMAL, "trash"]}
     with run_server(SHIPPED_LITE0, tmp_path) as server, server.client() as client:
@@ -133,7 +132,7 @@ def test_the_shipped_pretrained_model_serves_real_photos(trashnet_dir: Path, tmp
             k: [client.post("/classify", files={"file": (p.name, p.read_bytes(), "image/jpeg")}).json() for p in files]
             for k, files in photos.items()
         }
-    assert described["version"] == "3.0.0" and described["golden"]["status"] == "verified", described["golden"]
+    assert described["version"] == "3.1.0" and described["golden"]["status"] == "verified", described["golden"]
     scores = np.array([a["score"] for answers_of in answers.values() for a in answers_of])
     assert scores.std() > 0.05 * np.abs(scores).mean() and len(np.unique(np.round(scores, 4))) > 0.9 * len(scores)
     trash_flagged = np.mean([a["verdict"] == "anomalous" for a in answers["trash"]])
