@@ -51,7 +51,7 @@ from training.methods.backbone import (
     train_heads,
 )
 from training.methods.deepmad import DeepMADConfig
-from training.scorer import Scorer
+from training.scorer import Scorer, split_columns
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REJECT_RATE = 0.05
@@ -131,11 +131,8 @@ def held_out_distances(
 
 
 def scored(columns: torch.Tensor, anomaly_centres: int) -> tuple[np.ndarray, np.ndarray]:
-    """(score, nearest class) of held-out distance columns under the product's score rule (``Scorer.split``)."""
-    normal = columns[:, : columns.shape[1] - anomaly_centres]
-    score = normal.min(1).values
-    if anomaly_centres:
-        score = score - columns[:, normal.shape[1] :].min(1).values
+    """(score, nearest class) of held-out distance columns under the product's score rule."""
+    normal, score = split_columns(columns, columns.shape[1] - anomaly_centres)
     return score.numpy(), normal.argmin(1).numpy()
 
 

@@ -39,16 +39,14 @@ class Metrics:
             ["verdict", "nearest_class"],
             registry=r,
         )
-        self.no_item = Counter(
-            f"{PREFIX}_no_item",
+        self.no_item = self._counter_from_zero(
+            "no_item",
             'Frames answered no_item (no item in them; also in deepmad_classifications_total{verdict="no_item"}), '
             "by what the frame was: overexposed (blinding light), dark (lights off, a covered lens) or featureless "
             "(the empty chamber, a flat colour, noise)",
-            ["reason"],
-            registry=r,
+            "reason",
+            NO_ITEM_REASONS,
         )
-        for reason in NO_ITEM_REASONS:
-            self.no_item.labels(reason)
         self.request_seconds = self._histogram(
             "request_duration_seconds", "Total time handling a request", LATENCY_BUCKETS, ["endpoint"]
         )
@@ -101,20 +99,25 @@ class Metrics:
         self.drift = ScoreDrift(drift_window)
         self._add_capture_metrics(r)
 
+    def _counter_from_zero(self, name: str, documentation: str, label: str, values) -> Counter:
+        """A counter with one label whose every value is exported from the start (0 until it happens)."""
+        counter = Counter(f"{PREFIX}_{name}", documentation, [label], registry=self.registry)
+        for value in values:
+            counter.labels(value)
+        return counter
+
     def _histogram(self, name: str, documentation: str, buckets, labels: list[str] | None = None) -> Histogram:
         return Histogram(f"{PREFIX}_{name}", documentation, labels or (), buckets=buckets, registry=self.registry)
 
     def _add_capture_metrics(self, r: CollectorRegistry) -> None:
         """The capture writer's counters and gauges (zero when capture is off)."""
-        self.captures = Counter(
-            f"{PREFIX}_captures",
+        self.captures = self._counter_from_zero(
+            "captures",
             "Photos the capture policy kept, by outcome: written, or dropped (queue_full, budget_full: only "
             "labelled captures left, duplicate_id, write_error, error)",
-            ["outcome"],
-            registry=r,
+            "outcome",
+            CAPTURE_OUTCOMES,
         )
-        for outcome in CAPTURE_OUTCOMES:
-            self.captures.labels(outcome)
         self.capture_evictions = Counter(
             f"{PREFIX}_capture_evictions",
             "Unlabelled captures deleted to stay within the capture byte budget",

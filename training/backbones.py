@@ -91,9 +91,18 @@ def check_input_size(name: str, size: int) -> None:
 class Backbone(nn.Module):
     """Frozen part + tuned part of an EfficientNet-Lite; always in eval mode (BatchNorm statistics stay ImageNet's)."""
 
-    def __init__(self, name: str, frozen: nn.Sequential, tuned: nn.Sequential, out_dim: int, weights_sha256: str):
+    def __init__(
+        self,
+        name: str,
+        frozen: nn.Sequential,
+        tuned: nn.Sequential,
+        out_dim: int,
+        weights_sha256: str,
+        packaged: bool = True,
+    ):
         super().__init__()
         self.name, self.out_dim, self.weights_sha256 = name, out_dim, weights_sha256
+        self.packaged = packaged  # started from the weight package's file (ImageNet), not a backbone.pt
         self.frozen, self.tuned = frozen, tuned
         self.tune_blocks = sum(1 for layer in tuned if type(layer).__name__ == "MBConvBlock")
         fixed = self.parameters() if self.tune_blocks == 0 else self.frozen.parameters()
@@ -127,7 +136,7 @@ class Backbone(nn.Module):
         tuned = nn.Sequential(
             *blocks[split:], net._conv_head, net._bn1, net._swish, nn.AdaptiveAvgPool2d(1), nn.Flatten()
         )
-        return cls(name, frozen, tuned, net._bn1.num_features, sha256_file(path)).eval()
+        return cls(name, frozen, tuned, net._bn1.num_features, sha256_file(path), weights is None).eval()
 
     def state_for_file(self) -> dict[str, torch.Tensor]:
         """The weights in the layout of the EfficientNet-Lite state dict without its ImageNet classifier,

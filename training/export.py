@@ -28,7 +28,6 @@ from service.manifest import (
     TrainingLog,
     write_manifest,
 )
-from training.backbones import weights_file
 from training.data import Task
 from training.golden import golden_for
 from training.measure import Measurement
@@ -66,7 +65,7 @@ def write_backbone(scorer: BaseScorer, out: Path) -> BackboneSpec | None:
     if backbone is None:
         return None
     tuned_sha256 = None
-    if backbone.trains or backbone.weights_sha256 != sha256_file(weights_file(backbone.name)):
+    if backbone.trains or not backbone.packaged:
         buffer = io.BytesIO()
         torch.save(backbone.state_for_file(), buffer)
         write_atomic(out / BACKBONE_FILE, buffer.getvalue())

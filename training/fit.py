@@ -28,6 +28,7 @@ from training.errors import UserError, require_writable, run_command
 from training.export import check_parity, write_artifact
 from training.measure import measure_scorer
 from training.methods import CONFIG_TYPES, METHODS, Method, get_method
+from training.methods.backbone import check_anomaly_terms
 from training.methods.config import add_config_flags
 from training.methods.ensemble import EnsembleScorer
 from training.networks import WIDTHS
@@ -138,12 +139,8 @@ def check_labelled_anomalies(config, task) -> None:
     """The anomaly terms need labelled anomalies in training: centres refuse to start without enough of
     them (UserError); the Deep SAD push falls back to the paper's DeepMAD with a message."""
     labelled = int((task.train.labels < 0).sum())
-    centres = getattr(config, "anomaly_centres", 0)
-    if centres > labelled:
-        raise UserError(
-            f"--anomaly-centres {centres} needs at least that many labelled anomalies in training "
-            f"(--anomaly-holdout with --outlier-exposure, --exposure-from-train, or --composites); found {labelled}"
-        )
+    if hasattr(config, "anomaly_centres"):
+        check_anomaly_terms(labelled, config)
     if getattr(config, "anomaly_push", "hinge") != "hinge" and labelled == 0:
         print(
             f"note: no labelled anomalies in training, so --anomaly-push {config.anomaly_push} has nothing to push: "

@@ -29,6 +29,17 @@ SCORE_RULES = {False: "min_distance", True: "min_distance_minus_anomaly_centres"
 BATCH_PIXELS = 2**21  # photos per evaluation batch times their pixels: bounds activation memory at any input size
 
 
+def split_columns(columns: torch.Tensor, n_normal: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """All distance columns [N, m + k] (after the m normal ones: anomaly centres) -> (normal distances [N, m],
+    score [N]) under the score rule (``SCORE_RULES``). ``n_normal`` is a Python int, so the exported graph's
+    distances output keeps a fixed width."""
+    normal = columns[:, :n_normal]
+    score = normal.min(dim=1).values
+    if columns.shape[1] > n_normal:
+        score = score - columns[:, n_normal:].min(dim=1).values
+    return normal, score
+
+
 class BaseScorer(nn.Module):
     """Standardisation, the min/argmin over detector columns and numpy helpers; subclasses give the columns."""
 
@@ -54,12 +65,7 @@ class BaseScorer(nn.Module):
         return SCORE_RULES[self.anomaly_centres > 0]
 
     def split(self, columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """All columns [N, m + k] -> (normal distances [N, m], score [N]) under the score rule."""
-        normal = columns[:, : self.n_columns]
-        score = normal.min(dim=1).values
-        if self.anomaly_centres:
-            score = score - columns[:, self.n_columns :].min(dim=1).values
-        return normal, score
+        return split_columns(columns, self.n_columns)
 
     def standardise(self, image: torch.Tensor) -> torch.Tensor:
         return standardise(image.permute(0, 3, 1, 2).float() / 255.0, self.mean, self.std, self.contrast)

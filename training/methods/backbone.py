@@ -118,14 +118,28 @@ def anomaly_labels(pooled: torch.Tensor, labels: torch.Tensor, n_normal: int, co
     return relabelled
 
 
-def check_anomaly_terms(labels: torch.Tensor, config: DeepMADConfig) -> None:
+def check_anomaly_terms(labelled: int, config: DeepMADConfig) -> None:
     """Anomaly centres need at least k labelled anomalies (a UserError before training)."""
-    count = int((labels < 0).sum())
-    if config.anomaly_centres > count:
+    if config.anomaly_centres > labelled:
         raise UserError(
             f"--anomaly-centres {config.anomaly_centres} needs at least that many labelled anomalies in training "
-            f"(outlier exposure: --anomaly-holdout with --outlier-exposure, or a folder's anomaly class); found {count}"
+            "(--anomaly-holdout with --outlier-exposure, --exposure-from-train, --composites, or a folder's anomaly "
+            f"class); found {labelled}"
         )
+
+
+def starting_encoder(
+    backbone: Backbone, pooled: torch.Tensor, labels: torch.Tensor, n_normal: int, config: DeepMADConfig, shape
+) -> tuple[BackboneEncoder, torch.Tensor]:
+    """The untrained encoder on ``backbone`` (feature statistics of the normal photos' starting ``pooled``
+    features, one head per class and anomaly centre) and the labels with anomalies on their centres' columns.
+    ``shape``: the photos' (size, channels)."""
+    check_anomaly_terms(int((labels < 0).sum()), config)
+    normal = labels >= 0
+    mean, std = pooled[normal].mean(0), pooled[normal].std(0).clamp_min(1e-3)
+    labels = anomaly_labels((pooled - mean) / std, labels, n_normal, config)
+    head = GroupedHead(n_normal + config.anomaly_centres, backbone.out_dim, config.head_hidden, config.rep_dim)
+    return BackboneEncoder(backbone, head, shape[0], mean, std, shape[1]), labels
 
 
 @torch.no_grad()
@@ -187,14 +201,12 @@ def train_heads(
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     device, fixed = run.device, inputs.fixed
-    photo_labels = inputs.labels[: inputs.n_photos]
-    check_anomaly_terms(photo_labels, config)
     pooled = pooled_features(inputs.backbone, fixed[: inputs.n_photos])
-    mean, std = pooled[photo_labels >= 0].mean(0), pooled[photo_labels >= 0].std(0).clamp_min(1e-3)
-    photo_labels = anomaly_labels((pooled - mean) / std, photo_labels, n_normal, config)
+    shape = (inputs.size, inputs.channels)
+    encoder, photo_labels = starting_encoder(
+        inputs.backbone, pooled, inputs.labels[: inputs.n_photos], n_normal, config, shape
+    )
     labels = photo_labels.repeat(len(fixed) // inputs.n_photos)
-    head = GroupedHead(n_normal + config.anomaly_centres, inputs.backbone.out_dim, config.head_hidden, config.rep_dim)
-    encoder = BackboneEncoder(inputs.backbone, head, inputs.size, mean, std, inputs.channels)
     encoder = encoder.to(device)
     trained = [p for p in encoder.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trained, lr=config.lr, weight_decay=config.weight_decay)
@@ -298,16 +310,13 @@ def train_tuned(
 ) -> tuple[BackboneEncoder, torch.Tensor, TrainingLog]:
     """Heads and the backbone's tuned blocks together on freshly augmented photos (labels: column or -1):
     (encoder, centres [m + k, D], log). The centres come from the starting backbone and heads, fixed."""
-    size, channels = images.shape[1], images.shape[3]
-    check_input_size(config.backbone, size)
-    check_anomaly_terms(labels, config)
+    check_input_size(config.backbone, images.shape[1])
     torch.manual_seed(config.seed)  # the heads' initialisation, as in an uninterrupted run
     backbone = starting_backbone(config, config.tune_blocks)
     pooled = torch.from_numpy(fixed_outputs(starting_backbone(config, 0), images, False, run.device))
-    mean, std = pooled[labels >= 0].mean(0), pooled[labels >= 0].std(0).clamp_min(1e-3)
-    labels = anomaly_labels((pooled - mean) / std, labels, n_normal, config)
-    head = GroupedHead(n_normal + config.anomaly_centres, backbone.out_dim, config.head_hidden, config.rep_dim)
-    encoder = BackboneEncoder(backbone, head, size, mean, std, channels).to(run.device)
+    shape = (images.shape[1], images.shape[3])
+    encoder, labels = starting_encoder(backbone, pooled, labels, n_normal, config, shape)
+    encoder = encoder.to(run.device)
     centres = column_centres(encoder, pooled.to(run.device), labels.to(run.device)).cpu()
     device_centres = centres.to(run.device)
     identity = {**identity, "objective": "one-class" if one_class else "deepmad"}
