@@ -25,7 +25,7 @@ from contextlib import asynccontextmanager
 import anyio
 from fastapi import FastAPI
 
-from service.capture import CaptureWriter
+from service.capture.writer import CaptureWriter
 from service.classification import Pipeline
 from service.errors import install_error_handlers
 from service.metrics import Metrics

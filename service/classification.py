@@ -20,8 +20,8 @@ from typing import TypeVar
 
 import numpy as np
 
-from service.capture import SKIPPED, CaptureWriter
-from service.capture_format import new_id
+from service.capture.format import new_id
+from service.capture.writer import SKIPPED, CaptureWriter
 from service.errors import ApiError
 from service.imaging import ImageError, load_image
 from service.metrics import Metrics

@@ -11,7 +11,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from service.capture import CaptureWriter
+from service.capture.writer import CaptureWriter
 from service.classification import Pipeline
 from service.errors import ApiError
 from service.metrics import Metrics

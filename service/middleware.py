@@ -6,7 +6,7 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.capture_format import new_id, valid_id
+from service.capture.format import new_id, valid_id
 from service.metrics import Metrics
 
 VERDICT_KEY = "deepmad.verdict"  # a route stores the verdict in the ASGI scope for the request counter

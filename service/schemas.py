@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from service.capture_format import ID_PATTERN, Sidecar, Verdict
+from service.capture.format import ID_PATTERN, Sidecar, Verdict
 
 REQUEST_ID_DOC = (
     "request id (also the X-Request-ID header): a valid incoming X-Request-ID, else a new uuid4 hex; "

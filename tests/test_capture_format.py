@@ -16,8 +16,8 @@ import httpx
 import pytest
 
 from flywheel.captures import LS_CHOICES, LS_IMAGE, SHA_PREFIX, import_label_studio, iter_captures
+from service.capture.store import CaptureStore
 from service.capture_format import Sidecar, read_sidecar
-from service.capture_store import CaptureStore
 from service.labels import valid_labels
 from service.manifest import Manifest
 from tests.conftest import REPO_ROOT

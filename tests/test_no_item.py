@@ -18,7 +18,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.app import create_app
-from service.capture import capture_reason
+from service.capture.writer import capture_reason
 from service.capture_format import read_sidecar, sidecar_paths
 from service.imaging import array_to_model_input
 from service.no_item import STRUCTURE_THRESHOLD, check_items

@@ -33,9 +33,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from flywheel.captures import LS_CHOICES, LS_IMAGE, LS_LOCAL_FILES, import_label_studio, label_studio_tasks
 from service.app import create_app
-from service.capture import capture_reason
+from service.capture.store import CaptureStore
+from service.capture.writer import capture_reason
 from service.capture_format import Sidecar
-from service.capture_store import CaptureStore
 from service.fileio import write_atomic
 from service.labels import anomaly_labels, valid_labels
 from service.manifest import Manifest

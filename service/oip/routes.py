@@ -15,7 +15,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 
-from service.capture_format import new_id
+from service.capture.format import new_id
 from service.classification import PhotoError, Pipeline
 from service.dependencies import ClassifierDep, PipelineDep, RequestIdDep
 from service.errors import ApiError, quoted

@@ -18,9 +18,9 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import HTMLResponse, Response
 
 from service.auth import bearer_or_header, same_token
-from service.capture import CaptureWriter
-from service.capture_format import CONTENT_TYPES, Sidecar, Verdict
-from service.capture_store import CaptureNotFoundError, Order
+from service.capture.format import CONTENT_TYPES, Sidecar, Verdict
+from service.capture.store import CaptureNotFoundError, Order
+from service.capture.writer import CaptureWriter
 from service.dependencies import CapturesDep, ClassifierDep, ModelDep, SettingsDep
 from service.errors import ApiError, error_doc, quoted
 from service.labels import anomaly_labels, valid_labels

@@ -23,9 +23,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.capture_format import CaptureModel, Reason, Sidecar, image_extension, utc_timestamp
-from service.capture_io import PIPE_BYTES, BatchWriterProcess
-from service.capture_store import CaptureStore
+from service.capture.format import CaptureModel, Reason, Sidecar, image_extension, utc_timestamp
+from service.capture.io import PIPE_BYTES, BatchWriterProcess
+from service.capture.store import CaptureStore
 from service.metrics import Metrics
 from service.model import LoadedModel
 from service.schemas import CaptureOutcome, Classification
@@ -103,7 +103,7 @@ class CaptureWriter:
     """Owns the capture store, the bounded queue and the writer thread (``start`` / ``close``).
 
     The thread takes whatever is queued as one batch (group commit) and hands it to a helper process
-    (``service.capture_io``) that makes it durable with one fsync per folder; see that module for why."""
+    (``service.capture.io``) that makes it durable with one fsync per folder; see that module for why."""
 
     def __init__(self, settings: Settings, metrics: Metrics, root: Path):
         self.settings, self.metrics = settings, metrics

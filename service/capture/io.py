@@ -38,7 +38,7 @@ HEADER = struct.Struct("<Q")
 F_SETPIPE_SZ = 1031  # Linux: a 1 MiB pipe takes a whole batch in one write
 PIPE_BYTES = 1 << 20
 FSYNC_THREADS = 16  # fsyncs in flight at once: the journal commits them together
-PACKAGE_PARENT = str(Path(__file__).resolve().parents[1])
+PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
 
 # One capture to write: (folder, image name, image bytes, sidecar name, sidecar bytes).
 CaptureFiles = tuple[str, str, bytes, str, bytes]
@@ -262,7 +262,7 @@ class BatchWriterProcess:
             **os.environ,
             "PYTHONPATH": os.pathsep.join(filter(None, [PACKAGE_PARENT, os.environ.get("PYTHONPATH")])),
         }
-        command = [sys.executable, "-m", "service.capture_io", str(request_read), str(reply_write)]
+        command = [sys.executable, "-m", "service.capture.io", str(request_read), str(reply_write)]
         try:
             self._process = subprocess.Popen(command, pass_fds=(request_read, reply_write), env=env)
         finally:

@@ -1,8 +1,8 @@
-"""The capture folder on disk: write, label, list and evict captures (format: ``service.capture_format``).
+"""The capture folder on disk: write, label, list and evict captures (format: ``service.capture.format``).
 
 A capture (docs/capture-format.md) is an image plus its sidecar, each written atomically
 (``.<name>.*.tmp``, fsync, ``os.replace``, fsync the folder), image first; ``add_batch`` does that for
-a whole batch at once, one fsync per folder (``capture_io``). Files starting with ``.`` and images
+a whole batch at once, one fsync per folder (``service.capture.io``). Files starting with ``.`` and images
 without a sidecar are not captures (a ``kill -9`` can leave those; ``open`` removes them).
 
 ``CaptureStore`` keeps an index of the sidecars in memory for the byte budget and for listing; it
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from service.capture_format import (
+from service.capture.format import (
     SIDECAR_SUFFIX,
     Sidecar,
     SidecarError,
@@ -33,7 +33,7 @@ from service.capture_format import (
     sidecar_paths,
     write_sidecar,
 )
-from service.capture_io import FSYNC_THREADS, CaptureFiles, Outcome, write_batch
+from service.capture.io import FSYNC_THREADS, CaptureFiles, Outcome, write_batch
 
 log = logging.getLogger("service.captures")
 
@@ -119,7 +119,7 @@ class CaptureStore:
         return outcome
 
     def add_batch(self, items: list[tuple[Sidecar, bytes]]) -> list[tuple[AddOutcome | Literal["write_error"], str]]:
-        """Write several captures as one group commit (``capture_io``), evicting old unlabelled ones to stay
+        """Write several captures as one group commit (``service.capture.io``), evicting old unlabelled ones to stay
         in budget; (outcome, detail) per item, in order, each ``written`` only once it is durable.
 
         An id that is already captured (a client sending the same X-Request-ID twice) is not
