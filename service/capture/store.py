@@ -91,6 +91,9 @@ class CaptureStore:
     def __len__(self) -> int:
         return len(self._index)
 
+    def __contains__(self, capture_id: object) -> bool:
+        return capture_id in self._index
+
     def open(self) -> None:
         """Create the root, clear what a killed writer left (temp files, images without a sidecar), index."""
         self.root.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,7 @@ from service.capture.writer import CaptureWriter
 from service.dependencies import CapturesDep, ClassifierDep, ModelDep, SettingsDep
 from service.errors import ApiError, error_doc, quoted
 from service.labels import anomaly_labels, valid_labels
+from service.manifest import Manifest
 from service.routes.operations import static_page
 from service.schemas import CaptureList, FeedbackRequest
 
@@ -79,13 +80,30 @@ OperatorReader = Annotated[CaptureWriter, Depends(operator_reader)]
     summary="Label a captured photo (relabelling overwrites); 200 once the label is on disk",
 )
 async def feedback(body: FeedbackRequest, captures: Operator, model: ModelDep) -> Sidecar:
-    labels = valid_labels(model.manifest)
-    if body.label not in labels:
-        raise ApiError(422, "invalid_label", f"label {quoted(body.label)} is not one of {labels}")
+    return (await record_labels(captures, model.manifest, [body], "feedback"))[0]
+
+
+async def record_labels(
+    captures: CaptureWriter, manifest: Manifest, requests: list[FeedbackRequest], source: str
+) -> list[Sidecar]:
+    """The service's one label writer (POST /feedback, the Label Studio webhook): every request is checked
+    (a valid label, a capture that exists) before any is written, so a bad one leaves nothing written;
+    returns once every sidecar is on disk."""
+    labels = valid_labels(manifest)
+    for request in requests:
+        if request.label not in labels:
+            raise ApiError(422, "invalid_label", f"label {quoted(request.label)} is not one of {labels}")
+
+    def write() -> list[Sidecar]:
+        missing = [request.id for request in requests if request.id not in captures.store]
+        if missing:
+            raise ApiError(404, "unknown_id", f"no capture with id {missing[0]!r} (not captured, or evicted)")
+        return [captures.store.label(request.id, request.label, source) for request in requests]
+
     try:
-        return await anyio.to_thread.run_sync(captures.store.label, body.id, body.label, "feedback")
-    except CaptureNotFoundError:
-        raise ApiError(404, "unknown_id", f"no capture with id {body.id!r} (not captured, or evicted)") from None
+        return await anyio.to_thread.run_sync(write)
+    except CaptureNotFoundError as exc:  # evicted between the check and the write
+        raise ApiError(404, "unknown_id", f"no capture with id {exc.args[0]!r} (evicted meanwhile)") from None
 
 
 @router.get(
