@@ -40,6 +40,7 @@ from pydantic import ValidationError
 
 from flywheel.errors import UserError, require_writable
 from service.capture_format import Sidecar, SidecarError, read_sidecar, sidecar_paths, write_sidecar
+from service.categories import MAX_CLASSES, MIN_AUDIT_PHOTOS, MIN_TRAIN_PHOTOS, CategoryError, check_name
 from service.fileio import write_atomic
 from service.labels import anomaly_labels, valid_labels
 from service.manifest import Manifest
@@ -49,6 +50,7 @@ DEFAULT_MODEL = REPO_ROOT / "models" / "trashnet"
 SHA_PREFIX = 16  # hex digits of the image sha256 in an exported file name (64 bits)
 AUDIT_SALT = b"deepmad-audit-v1:"
 DEFAULT_AUDIT_SHARE = 0.2
+RETIRED = ".retired"  # <tree>/.retired/<class>: a retired class's photos, out of training and the gate
 # Names shared by the labeling config (docs/label-studio.xml), the tasks and the importer.
 LS_IMAGE = "image"  # <Image name="image" value="$image"/>
 LS_CHOICES = "label"  # <Choices name="label" toName="image">
@@ -141,32 +143,73 @@ class TreeIndex:
         return cls(root, files)
 
 
+@dataclass
+class _Placement:
+    """Where one photo ends up after the export: its tree, its final path, and where it comes from (the
+    capture's image for a new file, the tree's file for a move or a duplicate)."""
+
+    tree: TreeIndex
+    path: Path
+    source: Path
+    new: bool
+
+
 def export_folders(
-    captures: Path, out: Path, audit_out: Path | None, audit_share: float, labels: list[str]
-) -> dict[str, int]:
+    captures: Path,
+    out: Path,
+    audit_out: Path | None,
+    audit_share: float,
+    manifest: Manifest,
+    retire: list[str] | tuple[str, ...] = (),
+    min_train: int = MIN_TRAIN_PHOTOS,
+    min_audit: int = MIN_AUDIT_PHOTOS,
+) -> dict[str, Any]:
     """Write labelled captures into ``out`` (and the audit share into ``audit_out``); return the counts.
 
     An image is stored once across both trees, under ``<label>/<sha256 prefix><ext>``: a photo already
     in either tree is not written again (so the same photo can never sit in training and audit), and a
     photo whose label changed since the last export is moved to its new label's folder.
+
+    A label the model does not know is a new category (the label writers confirmed it: service.categories):
+    it needs ``min_train`` photos in ``out`` and ``min_audit`` in ``audit_out``, and the classes after the
+    export (the model's, less the retired ones, plus the new ones) at most ``MAX_CLASSES``. Every check
+    runs before the first file is written. A retired class (``retire``, or a folder in ``<out>/.retired/``
+    from an earlier retirement) has its captures left out and its folders moved to ``<tree>/.retired/``
+    (hidden: no class for training or the gate); moving the folder back undoes it.
     """
     if not 0.0 <= audit_share < 1.0:
         raise UserError("--audit-share must lie in [0, 1)")
     if audit_out is not None and audit_out.resolve() == out.resolve():
         raise UserError("--audit-out must differ from --out: training must never read the audit photos")
-    trees = {"train": TreeIndex.scan(out), "audit": TreeIndex.scan(audit_out) if audit_out else None}
+    known = valid_labels(manifest)
+    unknown_retired = [name for name in retire if name not in manifest.class_names]
+    if unknown_retired:
+        raise UserError(f"--retire {','.join(unknown_retired)}: not a class of the model ({manifest.class_names})")
+    retired = [*retire, *(name for name in retired_classes(out) if name not in retire)]
+    trees = [TreeIndex.scan(out)] + ([TreeIndex.scan(audit_out)] if audit_out else [])
+    train_tree, audit_tree = trees[0], trees[1] if audit_out else None
     counts = {"labelled": 0, "unlabelled": 0, "written": 0, "audit_written": 0, "duplicates": 0, "relabelled": 0}
-    counts["audit_held_back"] = 0
+    counts.update(audit_held_back=0, retired=0)
     labelled = []
     for capture in iter_captures(captures):
         if capture.label is None:
             counts["unlabelled"] += 1
-            continue
-        if capture.label not in labels:
-            raise UserError(f"{capture.sidecar_path}: label {capture.label!r} is not one of {labels}")
-        labelled.append(capture)
+        elif capture.label in retired:
+            counts["retired"] += 1
+        else:
+            if capture.label not in known:
+                try:
+                    check_name(capture.label)
+                except CategoryError as exc:
+                    raise UserError(
+                        f"{capture.sidecar_path}: label {capture.label!r} is not the model's; {exc}"
+                    ) from None
+            labelled.append(capture)
     # The newest label of a photo wins when one photo was captured (and labelled) several times.
     labelled.sort(key=lambda c: (c.sidecar.labelled_at or "", c.sidecar.time))
+    placed: dict[str, _Placement] = {
+        key: _Placement(tree, path, path, False) for tree in reversed(trees) for key, path in tree.files.items()
+    }
     for capture in labelled:
         counts["labelled"] += 1
         data = capture.image_path.read_bytes()
@@ -175,28 +218,79 @@ def export_folders(
             raise UserError(f"{capture.image_path}: its sha256 differs from the sidecar's (a damaged capture)")
         key = digest[:SHA_PREFIX]
         audit = in_audit(capture.id, audit_share)
-        target_tree = trees["audit"] if audit else trees["train"]
-        existing = next((tree for tree in trees.values() if tree is not None and key in tree.files), None)
-        if audit and target_tree is None:
-            counts["audit_held_back"] += 1
-            continue
+        existing = placed.get(key)
         if existing is not None:
-            current = existing.files[key]
-            if current.parent.name == capture.label:
+            if existing.path.parent.name == capture.label:
                 counts["duplicates"] += 1
             else:
-                moved = existing.root / capture.label / current.name
-                moved.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(current, moved)
-                existing.files[key] = moved
+                existing.path = existing.tree.root / capture.label / existing.path.name
                 counts["relabelled"] += 1
             continue
+        if audit and audit_tree is None:
+            counts["audit_held_back"] += 1
+            continue
+        tree = audit_tree if audit else train_tree
         suffix = capture.image_path.suffix.lower() or ".bin"
-        path = target_tree.root / capture.label / f"{key}{suffix}"
-        write_atomic(path, data)
-        target_tree.files[key] = path
+        placed[key] = _Placement(tree, tree.root / capture.label / f"{key}{suffix}", capture.image_path, True)
         counts["audit_written" if audit else "written"] += 1
-    return counts
+    new = sorted({c.label for c in labelled if c.label not in known})
+    per_class = {name: {"train": 0, "audit": 0} for name in new}
+    for placement in placed.values():
+        name = placement.path.parent.name
+        if name in per_class:
+            per_class[name]["audit" if placement.tree is audit_tree else "train"] += 1
+    classes = [name for name in manifest.class_names if name not in retired] + new
+    _check_classes(classes, per_class, audit_out is not None, min_train, min_audit)
+    for key, placement in placed.items():
+        if placement.new:
+            write_atomic(placement.path, placement.source.read_bytes())
+        elif placement.path != placement.source:
+            placement.path.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(placement.source, placement.path)
+        placement.tree.files[key] = placement.path
+    for name in retired:
+        for tree in trees:
+            _retire_folder(tree.root, name)
+    return {**counts, "classes": classes, "new_categories": per_class, "retired_classes": retired}
+
+
+def _check_classes(
+    classes: list[str], per_class: dict[str, dict[str, int]], has_audit: bool, min_train: int, min_audit: int
+) -> None:
+    """The class count and each new category's photos, before anything is written (UserError)."""
+    if not classes:
+        raise UserError("--retire leaves the model no class to serve")
+    if len(classes) > MAX_CLASSES:
+        raise UserError(
+            f"{len(classes)} classes after this export ({', '.join(classes)}); a model serves at most "
+            f"{MAX_CLASSES}: relabel a new category's captures or retire a class (--retire)"
+        )
+    for name, found in per_class.items():
+        if not has_audit:
+            raise UserError(f"new category {name!r} is judged on the audit tree: pass --audit-out")
+        if found["train"] < min_train or found["audit"] < min_audit:
+            raise UserError(
+                f"new category {name!r} has {found['train']} photos for training (at least {min_train}) and "
+                f"{found['audit']} for the audit (at least {min_audit}): label more photos of it, or relabel them"
+            )
+
+
+def retired_classes(out: Path) -> list[str]:
+    """The classes retired in an export tree (``<out>/.retired/<class>``), sorted."""
+    folder = out / RETIRED
+    return sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+
+
+def _retire_folder(root: Path, name: str) -> None:
+    """``<root>/<name>`` -> ``<root>/.retired/<name>`` (merged into an earlier retirement of the class)."""
+    folder = root / name
+    if not folder.is_dir():
+        return
+    target = root / RETIRED / name
+    target.mkdir(parents=True, exist_ok=True)
+    for path in folder.iterdir():
+        os.replace(path, target / path.name)
+    folder.rmdir()
 
 
 # ---- Label Studio ----
@@ -332,6 +426,17 @@ def import_label_studio(export_file: Path, captures: Path, labels: list[str]) ->
 # ---- CLI ----
 
 
+def _class_list(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m flywheel.captures", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -357,6 +462,26 @@ def build_parser() -> argparse.ArgumentParser:
         "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT set to the folder that holds the capture folder)",
     )
     export.add_argument("--include-labelled", action="store_true", help="label-studio: also labelled captures")
+    export.add_argument(
+        "--retire",
+        type=_class_list,
+        default=[],
+        metavar="CLASS[,CLASS]",
+        help="classes of the model to retire: their captures are left out and their folders move to "
+        f"<tree>/{RETIRED}/ (later exports keep them out; move the folder back to undo)",
+    )
+    export.add_argument(
+        "--min-train-photos",
+        type=_at_least_one,
+        default=MIN_TRAIN_PHOTOS,
+        help="photos a new category needs in the training tree (fewer: exit 2, nothing written)",
+    )
+    export.add_argument(
+        "--min-audit-photos",
+        type=_at_least_one,
+        default=MIN_AUDIT_PHOTOS,
+        help="photos a new category needs in the audit tree, to be judged by the gate",
+    )
     imports = commands.add_parser("import-label-studio", help="apply a Label Studio JSON export as labels")
     imports.add_argument("export_file", type=Path, metavar="EXPORT.json")
     imports.add_argument("--captures", type=Path, required=True)
@@ -382,7 +507,16 @@ def run(args: argparse.Namespace) -> dict[str, Any] | str:
     require_writable("--out", args.out)
     if args.audit_out is not None:
         require_writable("--audit-out", args.audit_out)
-    counts = export_folders(args.captures, args.out, args.audit_out, args.audit_share, labels)
+    counts = export_folders(
+        args.captures,
+        args.out,
+        args.audit_out,
+        args.audit_share,
+        manifest,
+        args.retire,
+        args.min_train_photos,
+        args.min_audit_photos,
+    )
     return {**counts, "out": str(args.out), "audit_out": str(args.audit_out) if args.audit_out else None}
 
 

@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from service.capture.format import ID_PATTERN, Sidecar, Verdict
+from service.categories import MAX_CLASSES, NAME_RULE, RESERVED
 
 REQUEST_ID_DOC = (
     "request id (also the X-Request-ID header): a valid incoming X-Request-ID, else a new uuid4 hex; "
@@ -169,7 +170,16 @@ class ReloadResponse(BaseModel):
 
 class FeedbackRequest(BaseModel):
     id: str = Field(pattern=ID_PATTERN.pattern, description="the `id` of a /classify answer")
-    label: str = Field(description="one of the model's class names, or its anomaly label")
+    label: str = Field(
+        description="one of the model's class names, its anomaly label, or a pending new category "
+        "(GET /captures/categories); any other label is a new category and needs `new_category: true`"
+    )
+    new_category: bool = Field(
+        False,
+        description="confirms that `label` is a category the model does not know yet (a typo never becomes a "
+        f"class): it must be {NAME_RULE}, not one of {list(RESERVED)}, and leave at most {MAX_CLASSES} classes "
+        "(the model's plus the pending ones); ignored for a label already known or pending",
+    )
 
 
 class CaptureList(BaseModel):
@@ -178,4 +188,26 @@ class CaptureList(BaseModel):
     limit: int
     labels: list[str] = Field(description="valid labels: the model's class names, then its anomaly label")
     anomaly_labels: list[str] = Field(description="the label(s) meaning 'not a recyclable' (trash)")
+    pending_categories: list[str] = Field(
+        default_factory=list, description="new categories on labelled captures that the model does not know yet"
+    )
     items: list[Sidecar]
+
+
+class PendingCategory(BaseModel):
+    name: str
+    photos: int = Field(description="captures labelled with it (the export needs enough for training and audit)")
+
+
+class Categories(BaseModel):
+    """The classes a label may name, the new categories waiting for a retrain, and the rules for a new one."""
+
+    classes: list[str] = Field(description="the model's class names (GET /model: class_names)")
+    anomaly_labels: list[str]
+    pending: list[PendingCategory] = Field(description="labels on captures that the model does not know yet")
+    max_classes: int = Field(description="classes a model may serve: the model's plus the pending ones")
+    name_rule: str
+    name_pattern: str
+    reserved: list[str] = Field(description="names a category may not take")
+    min_train_photos: int = Field(description="photos of a new category the export needs in the training tree")
+    min_audit_photos: int = Field(description="photos of a new category the export and the gate need in the audit")

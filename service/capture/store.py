@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -56,10 +57,14 @@ class Entry:
     image: str
     time: str
     bytes: int  # image + sidecar on disk
-    labelled: bool
+    label: str | None
     verdict: str
     uncertainty: float  # |score - threshold|
     stamp: tuple[int, int, int]  # the sidecar's (inode, size, mtime_ns): a rewrite by another process changes it
+
+    @property
+    def labelled(self) -> bool:
+        return self.label is not None
 
     @property
     def sidecar_path(self) -> Path:
@@ -189,7 +194,7 @@ class CaptureStore:
             payload = write_sidecar(entry.sidecar_path, sidecar)
             size = sidecar.image_bytes + len(payload)
             self.used_bytes += size - entry.bytes
-            entry.bytes, entry.labelled = size, True
+            entry.bytes, entry.label = size, label
             entry.stamp = file_stamp(entry.sidecar_path.stat())
             self._make_room(0)  # a label makes its sidecar longer: stay within budget if unlabelled ones allow
         return sidecar
@@ -222,6 +227,12 @@ class CaptureStore:
             except FileNotFoundError:  # evicted since
                 continue
         return len(entries), page
+
+    def label_counts(self) -> dict[str, int]:
+        """Captures per label, labels written by another process included (the pending new categories)."""
+        with self._lock:
+            self._refresh()
+            return dict(Counter(entry.label for entry in self._index.values() if entry.label is not None))
 
     # ---- internals (called with the lock held) ----
 
@@ -285,7 +296,7 @@ class CaptureStore:
             image=sidecar.image,
             time=sidecar.time,
             bytes=size,
-            labelled=sidecar.label is not None,
+            label=sidecar.label,
             verdict=sidecar.verdict,
             uncertainty=abs(sidecar.score - sidecar.threshold),
             stamp=stamp,
