@@ -1,6 +1,7 @@
 """The exported model behind one class: load (sha256-checked, validated, warmed up), score, reload.
 
-``LoadedModel`` is one immutable artifact with its ONNX Runtime sessions; ``Classifier`` holds the
+``LoadedModel`` is one immutable artifact with its engine's sessions (``service/engines.py``: ONNX Runtime or
+OpenVINO, ``DEEPMAD_ENGINE``); ``Classifier`` holds the
 current one and swaps it atomically on reload, so a request that started on the old model finishes on
 it, and a failed reload leaves the old model serving. All encoders live in one graph: scoring a batch
 is exactly one ``session.run``. With ``microbatch_max_items > 1`` the ``Classifier`` also gathers
@@ -23,9 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 from pydantic import ValidationError
 
+from service.engines import EngineError, Session, open_sessions
 from service.golden import GoldenCheck, one_at_a_time, session_run, verify
 from service.manifest import INPUT_NAME, MANIFEST_FILE, MODEL_FILE, OUTPUT_NAMES, Calibration, Manifest, sha256_file
 from service.schemas import ModelRef
@@ -36,6 +37,10 @@ log = logging.getLogger("service.model")
 
 class ModelLoadError(RuntimeError):
     """The model folder cannot be served: missing, corrupt, or not following the artifact contract."""
+
+
+class EngineLoadError(ModelLoadError):
+    """The configured engine is not installed here, or refuses the graph (``service/engines.py``)."""
 
 
 class GoldenMismatchError(ModelLoadError):
@@ -83,11 +88,12 @@ class LoadedModel:
     ``busy_session`` (CPU only, ``busy_intra_op_threads``) is the same graph with fewer intra-op threads,
     for calls that start while another is running: ORT's threads help one photo's latency, but photos
     scored side by side each already have a core, and splitting every operator between threads then only
-    adds synchronisation (measured in docs/performance.md)."""
+    adds synchronisation (measured in docs/performance-log.md). Both come from ``settings.engine``; ``engine``
+    names it and its version."""
 
     model_dir: Path
     manifest: Manifest
-    session: ort.InferenceSession
+    session: Session
     threshold: float
     threshold_overridden: bool
     calibration: Calibration | None  # centred on ``threshold``: p >= 0.5 iff anomalous, override or not
@@ -95,7 +101,8 @@ class LoadedModel:
     providers: tuple[str, ...]
     loaded_at: str
     golden: GoldenCheck  # the golden scores recomputed here at load (or why they were not)
-    busy_session: ort.InferenceSession | None = None
+    engine: str  # "onnxruntime-1.32.0", "openvino-2026.4.1"
+    busy_session: Session | None = None
     runs: RunsInFlight = field(default_factory=RunsInFlight, compare=False, repr=False)
 
     @property
@@ -104,7 +111,7 @@ class LoadedModel:
         return spec.height, spec.width, spec.channels
 
     def run(self, batch: np.ndarray) -> Scores:
-        """Score a uint8 [N, H, W, C] batch with one ONNX Runtime call (on ``busy_session`` when another
+        """Score a uint8 [N, H, W, C] batch with one engine call (on ``busy_session`` when another
         call is under way)."""
         if self.busy_session is None:
             distances, score, nearest = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: batch})
@@ -113,64 +120,6 @@ class LoadedModel:
                 session = self.session if alone else self.busy_session
                 distances, score, nearest = session.run(list(OUTPUT_NAMES), {INPUT_NAME: batch})
         return Scores(np.asarray(distances), np.asarray(score), np.asarray(nearest))
-
-
-def choose_providers(requested: list[str]) -> list[str]:
-    available = ort.get_available_providers()
-    if requested:
-        missing = [name for name in requested if name not in available]
-        if missing:
-            raise ModelLoadError(f"execution providers {missing} are not available; this build has {available}")
-        return list(requested)
-    if "CUDAExecutionProvider" in available:
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]
-
-
-GRAPH_OPTIMIZATION = {
-    "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-}
-
-
-def session_options(settings: Settings, intra_op_threads: int | None = None) -> ort.SessionOptions:
-    """Threads, spinning and graph optimisation from the settings (measured in bench/serve.py);
-    ``intra_op_threads`` instead of the settings' (the busy session)."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = settings.intra_op_threads if intra_op_threads is None else intra_op_threads
-    options.inter_op_num_threads = settings.inter_op_threads
-    options.graph_optimization_level = GRAPH_OPTIMIZATION[settings.graph_optimization]
-    spinning = "1" if settings.ort_spinning else "0"
-    options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
-    options.add_session_config_entry("session.inter_op.allow_spinning", spinning)
-    # Memory (a 1 GB bin controller; bench/footprint.py): every session allocates from one process-wide arena
-    # that grows by what is asked, and without memory patterns (a pre-planned block per input shape).
-    options.enable_mem_pattern = False
-    options.add_session_config_entry("session.use_env_allocators", "1")
-    _register_shared_arena()
-    options.log_severity_level = 3
-    return options
-
-
-_ARENA_LOCK = threading.Lock()
-_arena_registered = False
-
-
-def _register_shared_arena() -> None:
-    """One CPU arena for every session of this process: the busy session and a reloaded model reuse the blocks
-    the first session freed instead of growing arenas of their own, and a block is extended by what a run asks
-    (``kSameAsRequested``), not to the next power of two. Measured with both sessions after 100 requests: the
-    Lite0 model's peak 373 -> 181 MB with ``limit_heap_retention``, CPU per photo unchanged."""
-    global _arena_registered
-    with _ARENA_LOCK:
-        if _arena_registered:
-            return
-        info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
-        same_as_requested = 1
-        ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, same_as_requested, -1, -1))
-        _arena_registered = True
 
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
@@ -209,7 +158,7 @@ def load_model(model_dir: str | Path, settings: Settings) -> LoadedModel:
     except ValidationError as exc:
         raise ModelLoadError(f"{manifest_path} is not a valid manifest: {exc}") from None
 
-    # ONNX Runtime reads the file itself: handing it the bytes costs their size twice more at load (Python's copy
+    # The engine reads the file itself: handing it the bytes costs their size twice more at load (Python's copy
     # and the binding's: +30 MB of peak for the Lite0 model, bench/footprint.py). The hash is checked first and
     # the same manifest's golden scores then check the graph that was loaded, so a file changed in between is
     # refused, not served.
@@ -220,14 +169,14 @@ def load_model(model_dir: str | Path, settings: Settings) -> LoadedModel:
             "the model file is corrupt or belongs to another manifest"
         )
 
-    providers = choose_providers(settings.providers)
-    session = _open_session(session_options(settings), providers, model_path)
+    try:
+        sessions = open_sessions(settings, model_path)
+    except EngineError as exc:
+        raise EngineLoadError(str(exc)) from None
+    session, busy_session = sessions.lone, sessions.busy
     _check_signature(session, manifest, model_path)
-    golden = _check_golden(session, manifest, model_path)
-    busy_session = None
-    if wants_busy_session(settings, providers):
-        options = session_options(settings, settings.busy_intra_op_threads)
-        busy_session = _open_session(options, providers, model_path)
+    golden = _check_golden(session, manifest, model_path)  # per engine: each engine proves its own outputs
+    if busy_session is not None:
         _check_golden(busy_session, manifest, model_path)  # it must prove itself too
     threshold = float(manifest.threshold.value if settings.threshold is None else settings.threshold)
     model = LoadedModel(
@@ -241,35 +190,23 @@ def load_model(model_dir: str | Path, settings: Settings) -> LoadedModel:
         providers=tuple(session.get_providers()),
         loaded_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         golden=golden,
+        engine=sessions.engine,
         busy_session=busy_session,
     )
     _warm_up(model)
     log.info(
-        "loaded model %s %s (%s) from %s on %s, threshold %.6g; golden scores %s: %s",
+        "loaded model %s %s (%s) from %s with %s on %s, threshold %.6g; golden scores %s: %s",
         manifest.name,
         manifest.version,
         manifest.method,
         model_dir,
+        model.engine,
         ",".join(model.providers),
         model.threshold,
         golden.status,
         golden.detail,
     )
     return model
-
-
-def wants_busy_session(settings: Settings, providers: list[str]) -> bool:
-    """A second session only on the CPU (a GPU call does not split across CPU threads) and only when its
-    thread count differs from the first's."""
-    busy = settings.busy_intra_op_threads
-    return providers == ["CPUExecutionProvider"] and busy > 0 and busy != settings.intra_op_threads
-
-
-def _open_session(options: ort.SessionOptions, providers: list[str], model_path: Path) -> ort.InferenceSession:
-    try:
-        return ort.InferenceSession(str(model_path), sess_options=options, providers=providers)
-    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
-        raise ModelLoadError(f"ONNX Runtime cannot load {model_path}: {exc}") from None
 
 
 def effective_calibration(calibration: Calibration | None, threshold: float) -> Calibration | None:
@@ -283,7 +220,7 @@ def effective_calibration(calibration: Calibration | None, threshold: float) -> 
     return calibration.model_copy(update={"center": threshold})
 
 
-def _check_signature(session: ort.InferenceSession, manifest: Manifest, model_path: Path) -> None:
+def _check_signature(session: Session, manifest: Manifest, model_path: Path) -> None:
     inputs = {item.name: item for item in session.get_inputs()}
     outputs = {item.name for item in session.get_outputs()}
     if INPUT_NAME not in inputs or inputs[INPUT_NAME].type != "tensor(uint8)":
@@ -299,12 +236,12 @@ def _check_signature(session: ort.InferenceSession, manifest: Manifest, model_pa
         raise ModelLoadError(f"{model_path} lacks outputs {missing}; the contract is {list(OUTPUT_NAMES)}")
 
 
-def _check_golden(session: ort.InferenceSession, manifest: Manifest, model_path: Path) -> GoldenCheck:
+def _check_golden(session: Session, manifest: Manifest, model_path: Path) -> GoldenCheck:
     """Recompute the manifest's golden outputs with this session; GoldenMismatchError when they moved."""
     spec = manifest.input
     try:
         check = verify(one_at_a_time(session_run(session)), (spec.height, spec.width, spec.channels), manifest.golden)
-    except Exception as exc:  # onnxruntime's own error types
+    except Exception as exc:  # the engine's own error types
         raise ModelLoadError(f"golden-score run of {model_path} failed: {exc}") from None
     if check.status == "mismatch":
         raise GoldenMismatchError(f"{model_path} refused: golden scores mismatch: {check.detail}")

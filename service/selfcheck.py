@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 from pydantic import ValidationError
 
 from service.imaging import ImageError, image_files, load_image
@@ -118,13 +117,13 @@ def run_check(model_dir: Path, photos_dir: Path, count: int, settings: Settings)
         if not np.all(np.isfinite(scores.score)):
             raise CheckFailedError(f"{name} scored {scores.score[0]}: not a finite score")
     wall = time.perf_counter() - started
-    print(f"photos: {count} scored one at a time (decode + resize + ONNX Runtime), {len(photos)} from {photos_dir}")
+    print(f"photos: {count} scored one at a time (decode + resize + the engine), {len(photos)} from {photos_dir}")
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
     return (
         f"summary: model={model.model_dir.name} version={manifest.version} golden={model.golden.status} n={count} "
         f"ms_per_photo_p50={percentile_ms(seconds, 50):.2f} ms_per_photo_p95={percentile_ms(seconds, 95):.2f} "
         f"photos_per_s={count / wall:.1f} peak_rss_mb={peak_rss_mb:.0f} "
-        f"engine=onnxruntime-{ort.__version__}/{model.providers[0]} cpu={platform.machine()} "
+        f"engine={model.engine}/{model.providers[0]} cpu={platform.machine()} "
         f"cpu_features={cpu_features()}"
     )
 

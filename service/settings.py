@@ -40,15 +40,23 @@ class Settings(BaseSettings):
         "a thread hand-off per request; one slow image then holds up every other request; bench/serve.py)",
     )
 
+    engine: Literal["onnxruntime", "openvino"] = Field(
+        "onnxruntime",
+        description="inference engine for model.onnx: onnxruntime, or openvino (CPU, f32; the openvino extra). "
+        "The same artifact and golden check either way (service/engines.py; measured in docs/performance.md)",
+    )
     intra_op_threads: int = Field(
-        0, ge=0, description="ONNX Runtime intra-op threads per call (0: its default, one per physical core)"
+        0,
+        ge=0,
+        description="engine threads for a call that starts alone (ONNX Runtime intra-op threads, OpenVINO "
+        "INFERENCE_NUM_THREADS; 0: the engine's default, one per core)",
     )
     busy_intra_op_threads: int = Field(
         1,
         ge=0,
-        description="ONNX Runtime intra-op threads for a CPU call that starts while another is running (a second "
-        "session of the same graph): a lone photo gets intra_op_threads for its latency, photos scored side by "
-        "side one core each (less CPU per request under load; docs/performance.md); 0: one session for all",
+        description="engine threads for a CPU call that starts while another is running (a second session of the "
+        "same graph): a lone photo gets intra_op_threads for its latency, photos scored side by side one core "
+        "each (less CPU per request under load; docs/performance-log.md); 0: one session for all",
     )
     inter_op_threads: int = Field(0, ge=0, description="ONNX Runtime inter-op threads (0: its default)")
     ort_spinning: bool = Field(

@@ -8,8 +8,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from service.engines import wants_busy_session
 from service.imaging import load_image_file
-from service.model import load_model, wants_busy_session
+from service.model import load_model
 from service.settings import Settings
 from tests.conftest import SHIPPED_MODEL
 
