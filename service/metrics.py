@@ -162,6 +162,9 @@ class Metrics:
                 "providers": ",".join(model.providers),
             }
         )
+        for name in manifest.class_names:  # every class of this model is a series from the start, a new one too
+            for verdict in ("normal", "anomalous"):
+                self.classifications.labels(verdict, name)
         self.threshold.set(model.threshold)
         self.ready.set(1)
         self.model_loaded_at.set(time.time())
