@@ -1,6 +1,9 @@
 """The flywheel, measured: a bin that captures, an operator who labels, retraining, the gate, a reload.
 
     .venv/bin/python -m bench.flywheel --out runs/flywheel          # default size: < 30 min on 2 cores
+    .venv/bin/python -m bench.flywheel --retrain-only --new-photos 50 --recipe "<pretrained flags>"
+
+``--retrain-only`` times one retrain instead of the loop (``retrain_only`` below says how).
 
 What one run does, for each labelling order (``uncertain``: the captures closest to gamma first, the
 order of ``GET /captures?order=uncertain``; ``random``: a seeded draw among unlabelled captures):
@@ -33,7 +36,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime as dt
 import hashlib
+import io
 import json
 import os
 import shlex
@@ -48,6 +53,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+from PIL import Image
 
 from bench.processes import service_command, service_env, started
 from flywheel.captures import SHA_PREFIX, iter_captures
@@ -368,6 +374,144 @@ def plot(results: dict[str, list[dict]], path: Path) -> None:
     figure.savefig(path, dpi=110)
 
 
+# ---- --retrain-only: one flywheel retrain on a warm cache, stage by stage ----
+
+NEW_PHOTO_CROP = 0.85  # a new photo is a seeded crop of at least this share of each side: pixels no cache has seen
+
+
+def new_photo(photo: Path, rng: np.random.Generator) -> bytes:
+    """``photo`` as the bin might see the item again: a random crop, a fresh JPEG (new pixels, new hashes)."""
+    with Image.open(photo) as image:
+        image = image.convert("RGB")
+        width, height = image.size
+        w, h = (int(side * rng.uniform(NEW_PHOTO_CROP, 1.0)) for side in (width, height))
+        left, top = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
+        buffer = io.BytesIO()
+        image.crop((left, top, left + w, top + h)).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def write_labelled_captures(captures: Path, photos: list[tuple[bytes, str]], model_dir: Path, tag: str) -> None:
+    """Labelled captures in the capture format (docs/capture-format.md), as the service and /feedback leave
+    them; the export reads only the image and its label, so score and distances are placeholders."""
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    now = dt.datetime.now(dt.timezone.utc)
+    stamp = now.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    day = captures / now.strftime("%Y-%m-%d")
+    day.mkdir(parents=True, exist_ok=True)
+    model = {"name": manifest["name"], "version": manifest["version"], "sha256": manifest["model_sha256"]}
+    for n, (data, label) in enumerate(photos):
+        capture_id = f"{tag}-{n:04d}"
+        sidecar = {
+            "id": capture_id, "time": stamp, "image": f"{capture_id}.jpg",
+            "image_sha256": hashlib.sha256(data).hexdigest(), "image_bytes": len(data), "content_type": "image/jpeg",
+            "model": model, "score": 0.0, "threshold": 0.0, "verdict": "normal",
+            "nearest_class": manifest["class_names"][0], "distances": dict.fromkeys(manifest["class_names"], 0.0),
+            "reason": "sampled", "label": label, "labelled_at": stamp, "label_source": "feedback",
+        }  # fmt: skip
+        (day / sidecar["image"]).write_bytes(data)
+        (day / f"{capture_id}.json").write_text(json.dumps(sidecar, indent=2) + "\n")
+
+
+def timed_module(module: str, *args: object, ok: tuple[int, ...] = (0,)) -> tuple[float, str]:
+    """Run ``python -m module args``; (wall seconds, stdout). A return code outside ``ok`` stops the bench."""
+    started_at = time.monotonic()
+    result = run_module(module, *args)
+    seconds = time.monotonic() - started_at
+    if result.returncode not in ok:
+        raise RuntimeError(f"{module} exited {result.returncode}:\n{result.stderr[-2000:]}")
+    return seconds, result.stdout
+
+
+def retrain_round(args: argparse.Namespace, work: Path, current: Path, name: str) -> dict[str, Any]:
+    """export -> training.fit (the recipe, outlier exposure from the tree's trash) -> the gate, each timed."""
+    tree, audit, candidate = work / "data", work / "audit", work / f"candidate-{name}"
+    export_s, exported = timed_module(
+        "flywheel.captures", "export", "--captures", work / "captures", "--out", tree, "--audit-out", audit,
+        "--model", current,
+    )  # fmt: skip
+    holdout, exposure = folder_exposure(len(image_files(tree / TRASHNET_ANOMALY)))
+    fit_s, fitted = timed_module(
+        "training.fit", "--dataset", "folder", "--data", tree, "--normal", ",".join(TRASHNET_NORMAL),
+        "--anomaly-holdout", f"{holdout:.4f}", "--outlier-exposure", "--exposure-from-train", exposure, "--augment",
+        "--seed", args.seed, "--threads", args.threads, "--quiet", "--out", candidate,
+        "--checkpoint", candidate.with_suffix(".pt"), "--version", name, *shlex.split(args.recipe),
+    )  # fmt: skip
+    gate_s, gate = timed_module(
+        "flywheel.promote", "--candidate", candidate, "--current", current, "--audit", audit, ok=(0, 3)
+    )
+    lines = gate.strip().splitlines()
+    return {
+        "export_s": round(export_s, 1),
+        "fit_s": round(fit_s, 1),
+        "gate_s": round(gate_s, 1),
+        "retrain_s": round(export_s + fit_s + gate_s, 1),
+        "export": json.loads(exported),
+        "fit_stages_s": json.loads(fitted).get("seconds"),
+        "tree_photos": sum(len(image_files(folder)) for folder in tree.iterdir()),
+        "audit_photos": sum(len(image_files(folder)) for folder in audit.iterdir()),
+        "gate": lines[-1] if lines else "",
+    }
+
+
+def retrain_only(args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    """The flywheel's retrain with ``--new-photos`` new labelled photos on top of a warm cache, stage by stage.
+
+    The tree is TrashNet's recyclable training split and 60% of the held trash (outlier exposure); the audit
+    tree its validation recyclables and 20% of the held trash; the serving model ``--current`` (a copy).
+    Round ``warm`` exports nothing new and retrains on the tree as it is: it fills DEEPMAD_CACHE_DIR where
+    this tree was never seen, and is a no-change retrain where it was. Round ``new`` writes the new photos as
+    labelled captures (seeded crops of photos held out of the tree, ``--trash-share`` of them trash, fresh
+    JPEGs, so no cache has their pixels; about ``--audit-share`` of them go to the audit tree, by capture id)
+    and times export, training.fit (features, heads, measurement, ONNX export) and the gate.
+    """
+    splits = trashnet_splits(root)
+    work = args.out / "retrain"
+    shutil.rmtree(work, ignore_errors=True)
+    rng = np.random.default_rng(args.seed)
+    trash = [splits.held_trash[i] for i in rng.permutation(len(splits.held_trash))]
+    recyclables = [splits.train[i] for i in rng.permutation(len(splits.train))]
+    n_new_trash = int(round(args.trash_share * args.new_photos))
+    tree_trash, audit_trash = int(0.6 * len(trash)), int(0.8 * len(trash))
+    if n_new_trash > len(trash) - audit_trash or args.new_photos - n_new_trash > len(recyclables) // 2:
+        raise ValueError(f"--new-photos {args.new_photos} with --trash-share {args.trash_share} is more than held out")
+    held_out = recyclables[: args.new_photos - n_new_trash]
+    add_to_tree(work / "data", recyclables[len(held_out) :])
+    add_to_tree(work / "data", [(p, TRASHNET_ANOMALY) for p in trash[:tree_trash]])
+    add_to_tree(work / "audit", splits.val + [(p, TRASHNET_ANOMALY) for p in trash[tree_trash:audit_trash]])
+    current = work / "models" / "bin"
+    shutil.copytree(args.current, current)
+    (work / "captures").mkdir()
+    load_before = os.getloadavg()
+    warm = retrain_round(args, work, current, "warm")
+    print(f"warm round (no new photos): {warm['retrain_s']} s {stage_line(warm)}", flush=True)
+    nonce = np.random.default_rng()  # fresh pixels every run: the new photos are never in the cache
+    new = [(new_photo(p, nonce), label) for p, label in held_out]
+    new += [(new_photo(p, nonce), TRASHNET_ANOMALY) for p in trash[audit_trash : audit_trash + n_new_trash]]
+    write_labelled_captures(work / "captures", new, current, f"new{int(time.time())}")
+    timed = retrain_round(args, work, current, "new")
+    load_after = os.getloadavg()
+    return {"warm": warm, "new": timed, "load_before": load_before, "load_after": load_after}
+
+
+def stage_line(record: dict[str, Any]) -> str:
+    stages = " ".join(f"{k}={record[k]}" for k in ("export_s", "fit_s", "gate_s"))
+    inside = record.get("fit_stages_s") or {}
+    return stages + "".join(f" fit.{k}={v}" for k, v in inside.items())
+
+
+def print_retrain(args: argparse.Namespace, result: dict[str, Any]) -> None:
+    new = result["new"]
+    load = "/".join(f"{x:.2f}" for x in result["load_after"])
+    print(
+        f"summary: retrain_s={new['retrain_s']} {stage_line(new)} new_photos={args.new_photos} "
+        f"written={new['export']['written']} audit_written={new['export']['audit_written']} "
+        f"tree_photos={new['tree_photos']} audit_photos={new['audit_photos']} "
+        f"warm_round_s={result['warm']['retrain_s']} "
+        f"load_avg={load} (before: {'/'.join(f'{x:.2f}' for x in result['load_before'])})"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench.flywheel", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "runs" / "flywheel")
@@ -398,6 +542,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--round0", type=Path, help="start both bins from this model folder instead of training round 0"
     )
     parser.add_argument("--threads", type=int, default=2, help="torch threads for training")
+    parser.add_argument(
+        "--retrain-only",
+        action="store_true",
+        help="time one retrain of --recipe with --new-photos new labelled photos on a warm cache (no service)",
+    )
+    parser.add_argument("--new-photos", type=int, default=50, help="--retrain-only: new labelled photos")
+    parser.add_argument(
+        "--current",
+        type=Path,
+        default=REPO_ROOT / "models" / "trashnet-lite0",
+        help="--retrain-only: the serving model the gate compares against (copied)",
+    )
     return parser
 
 
@@ -411,6 +567,19 @@ def main(argv: list[str] | None = None) -> int:
     if not root.is_dir():
         print(f"error: TrashNet not found at {root}; pass --data or set DEEPMAD_DATA_ROOT", file=sys.stderr)
         return 2
+    if args.retrain_only:
+        if args.new_photos < 1 or not (args.current / "manifest.json").is_file():
+            print("error: --retrain-only needs --new-photos >= 1 and a model folder as --current", file=sys.stderr)
+            return 2
+        try:
+            result = retrain_only(args, root)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "retrain.json").write_text(json.dumps(result, indent=2) + "\n")
+        print_retrain(args, result)
+        return 0
     started = time.monotonic()
     splits = trashnet_splits(root)
     test = TestSplit(splits.test)

@@ -13,7 +13,9 @@ import dataclasses
 import json
 import shlex
 import sys
+import time
 from datetime import datetime, timezone
+from itertools import pairwise
 from pathlib import Path
 
 import torch
@@ -35,6 +37,7 @@ from training.networks import WIDTHS
 from training.routing import format_routing
 
 PARITY_IMAGES = 64
+STAGES = ("data", "train", "measure", "export", "parity")  # the result's "seconds"
 MIN_IMAGE_SIZE = 2 ** len(WIDTHS)  # every 2x2 pooling of the encoder must keep a pixel
 
 
@@ -183,6 +186,7 @@ def run(args: argparse.Namespace, command: str) -> dict:
         check_resumable(members)
     if args.threads:
         torch.set_num_threads(args.threads)
+    marks = [time.perf_counter()]  # the stages' seconds go into the result (bench.flywheel --retrain-only)
     dataset = load_dataset(args.dataset, args.data, args.image_size, args.trash_dir)
     normal = parse_class_selection(args.normal, dataset.class_names, default_normal(dataset))
     task = make_task(
@@ -201,8 +205,11 @@ def run(args: argparse.Namespace, command: str) -> dict:
         f"{len(task.train)} train / {len(task.val)} val / {len(task.test)} test images; device {device}",
         file=sys.stderr,
     )
+    marks.append(time.perf_counter())
     scorer, log = fit_members(args, method, task, members, device)
+    marks.append(time.perf_counter())
     measured = measure_scorer(scorer, task, args.reject_rate)
+    marks.append(time.perf_counter())
     hyperparameters = {
         **config.as_dict(),
         "reject_rate": args.reject_rate,
@@ -228,7 +235,9 @@ def run(args: argparse.Namespace, command: str) -> dict:
         command=command,
         training_log=log,
     )
+    marks.append(time.perf_counter())
     parity = check_parity(scorer, args.out / "model.onnx", task.test.images[:PARITY_IMAGES])
+    marks.append(time.perf_counter())
     metrics = manifest.test_metrics
     if metrics.routing is not None:
         print(format_routing(metrics.routing), file=sys.stderr)
@@ -246,6 +255,7 @@ def run(args: argparse.Namespace, command: str) -> dict:
         "threshold": manifest.threshold.value,
         "parity_max_abs_score": parity.max_abs_score,
         "images_per_second": log.images_per_second,
+        "seconds": dict(zip(STAGES, [round(end - start, 2) for start, end in pairwise(marks)], strict=True)),
     }
 
 

@@ -14,6 +14,7 @@ from flywheel.metrics import calibrate, choose_gamma, rates_at, roc_auc
 from service.manifest import Calibration, TestMetrics, Threshold
 from training.data import Task
 from training.evaluation.dempster_shafer import combined_anomaly_probability
+from training.features import score_arrays
 from training.memorisation import distance_gap
 from training.routing import routing_metrics
 from training.scorer import BaseScorer
@@ -38,20 +39,20 @@ def measure_scorer(scorer: BaseScorer, task: Task, reject_rate: float) -> Measur
     With several detector columns, each column is also calibrated on its own class's validation items
     (P_i({i}|x)), and Algorithm 1's Dempster-Shafer combination P(Lambda|x) gets its own AUC.
     """
-    val_distances, val_scores = scorer.score_arrays(task.val.images)
+    val_distances, val_scores = score_arrays(scorer, task.val.images)
     threshold = choose_gamma(val_scores, reject_rate)
-    test_distances, test_scores = scorer.score_arrays(task.test.images)
+    test_distances, test_scores = score_arrays(scorer, task.test.images)
     auc = roc_auc(test_scores, task.test_anomalous)
     tpr, fpr = rates_at(test_scores, task.test_anomalous, threshold.value)
     extra = {"test_score_std": float(np.std(test_scores)), "outlier_exposure": task.outlier_exposure}
     if task.selection is not None:
         # Validation normals against the held-out selection anomalies: what settings are chosen on.
-        _, selection_scores = scorer.score_arrays(task.selection.images)
+        _, selection_scores = score_arrays(scorer, task.selection.images)
         extra["selection_auc"] = roc_auc(
             np.concatenate([val_scores, selection_scores]),
             np.concatenate([np.zeros(len(val_scores), bool), np.ones(len(selection_scores), bool)]),
         )
-    train_distances, _ = scorer.score_arrays(task.train.images)
+    train_distances, _ = score_arrays(scorer, task.train.images)
     gap = distance_gap(train_distances, task.train.labels, val_distances, task.val.labels, task.column_names)
     normal = ~task.test_anomalous
     routing = None

@@ -113,7 +113,11 @@ class Scorer(BaseScorer):
 
     def columns(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         z = self.encoder.embed_shared(x)  # [N, k, D]
-        return torch.sqrt((z - self.centres.unsqueeze(0)).pow(2).sum(-1)), z
+        return self.centre_distances(z), z
+
+    def centre_distances(self, z: torch.Tensor) -> torch.Tensor:
+        """Embeddings [N, k, D] -> column i = ||z_i - c_i|| [N, k] (``training.features`` scores cached features)."""
+        return torch.sqrt((z - self.centres.unsqueeze(0)).pow(2).sum(-1))
 
 
 class LogitScorer(BaseScorer):

@@ -8,7 +8,7 @@ import numpy as np
 
 from service.imaging import ImageError, image_files, load_image_file
 from training.data.base import SPLIT_SEED, DataSet, LabeledImages, split_per_class, with_validation_split
-from training.data.cache import cached_array, files_key
+from training.data.cache import decoded_files
 from training.errors import UserError
 
 TRASHNET_NORMAL = ["cardboard", "glass", "metal", "paper", "plastic"]
@@ -19,19 +19,15 @@ FOLDER_SPLIT = (0.7, 0.1, 0.2)
 
 
 def decode_files(files: list[Path], shape: tuple[int, int, int]) -> np.ndarray:
-    """Every file through the service's image function, cached by content."""
-    height, width, channels = shape
+    """Every file through the service's image function, cached per file by content."""
 
-    def build() -> np.ndarray:
-        out = np.empty((len(files), height, width, channels), dtype=np.uint8)
-        for i, path in enumerate(files):
-            try:
-                out[i] = load_image_file(path, height, width, channels)
-            except ImageError as exc:
-                raise UserError(f"{path}: {exc.message}") from None
-        return out
+    def decode(path: Path) -> np.ndarray:
+        try:
+            return load_image_file(path, *shape)
+        except ImageError as exc:
+            raise UserError(f"{path}: {exc.message}") from None
 
-    return cached_array(files_key(files, shape), build)
+    return decoded_files(files, shape, decode)
 
 
 def class_folders(root: Path) -> list[str]:
