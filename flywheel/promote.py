@@ -14,9 +14,9 @@ both models serve plus the anomaly photos: its AUC >= the current AUC + --min-ga
 accuracy >= the current one - --routing-tolerance, each shared class's routing >= the current one -
 --class-routing-tolerance (a class with fewer than --min-class-photos audit photos is left to the
 overall number), and, at each model's own gamma (what the bin acts on), its normal-reject rate is at
-most 0.05 above the current model's and 0.05 above its own manifest's claim, and its trash caught at
-most --catch-tolerance below the current model's (decide_at_gamma): a candidate with the same AUC but
-a gamma that rejects every recyclable, or passes every trash item, is refused. A class the candidate
+most --reject-tolerance (0.05) above the current model's and above its own manifest's claim, and its
+trash caught at most --catch-tolerance (0.05) below the current model's (decide_at_gamma): a candidate
+with the same AUC but a gamma that rejects every recyclable, or passes every trash item, is refused. A class the candidate
 adds (a new category from the operators' labels) is judged on its own audit photos, which only the
 candidate can route: it must route at least --min-new-routing of them to the new class, and with
 fewer than --min-class-photos of them it is not judged at all (exit 2). A retired class's audit photos
@@ -63,14 +63,13 @@ from service.settings import Settings
 
 EXIT_PROMOTED, EXIT_RELOAD_FAILED, EXIT_BAD_INPUT, EXIT_REFUSED = 0, 1, 2, 3
 BATCH = 64
-REJECT_TOLERANCE = 0.05  # the candidate's normal-reject rate at its gamma may rise by at most this (absolute)
 RULE = (
     "promote iff the same anomaly label, no class dropped unless retired (--retire), non-constant audit scores; "
     "on the classes both serve and the anomaly photos: AUC >= current AUC + min_gain, routing accuracy >= "
     "current - routing_tolerance, each class's routing >= current - class_routing_tolerance (classes with at "
-    "least min_class_photos audit photos), and at each model's own gamma: normal-reject rate <= current + 0.05 "
-    "and <= its manifest's claim + 0.05, trash caught >= current - catch_tolerance; each new class routes at "
-    "least min_new_routing of its own audit photos (at least min_class_photos of them) to itself"
+    "least min_class_photos audit photos), and at each model's own gamma: normal-reject rate <= current + "
+    "reject_tolerance and <= its manifest's claim + reject_tolerance, trash caught >= current - catch_tolerance; "
+    "each new class routes at least min_new_routing of its own audit photos (at least min_class_photos) to itself"
 )
 
 
@@ -204,6 +203,7 @@ class Gate:
     routing_tolerance: float = 0.02
     class_routing_tolerance: float = 0.10
     catch_tolerance: float = 0.05
+    reject_tolerance: float = 0.05
     min_class_photos: int = MIN_AUDIT_PHOTOS
     min_new_routing: float = 0.5
 
@@ -255,27 +255,27 @@ def decide(current: dict, candidate: dict, change: ClassChange, retire: list[str
                 f"new class {name} routes {entry['routing_accuracy']:.4f} of its {entry['n']} audit photos to "
                 f"itself < --min-new-routing {gate.min_new_routing:g}"
             )
-    return decide_at_gamma(current, candidate, gate.catch_tolerance)
+    return decide_at_gamma(current, candidate, gate)
 
 
-def decide_at_gamma(current: dict, candidate: dict, catch_tolerance: float) -> str | None:
+def decide_at_gamma(current: dict, candidate: dict, gate: Gate) -> str | None:
     """The bin acts on gamma, not on AUC: a candidate whose own gamma rejects or misses far more is refused."""
     reject, catch = "normal_reject_rate_at_gamma", "tpr_at_gamma"
     claimed = candidate.get("claimed_reject_rate")
-    if claimed is not None and candidate[reject] > claimed + REJECT_TOLERANCE:
+    if claimed is not None and candidate[reject] > claimed + gate.reject_tolerance:
         return (
             f"normal-reject rate at gamma {candidate[reject]:.4f} > its manifest's own claim {claimed:.4f} "
-            f"+ tolerance {REJECT_TOLERANCE:g}"
+            f"+ tolerance {gate.reject_tolerance:g}"
         )
-    if candidate[reject] > current[reject] + REJECT_TOLERANCE:
+    if candidate[reject] > current[reject] + gate.reject_tolerance:
         return (
             f"normal-reject rate at gamma {candidate[reject]:.4f} > current {current[reject]:.4f} "
-            f"+ tolerance {REJECT_TOLERANCE:g}"
+            f"+ tolerance {gate.reject_tolerance:g}"
         )
-    if candidate[catch] < current[catch] - catch_tolerance:
+    if candidate[catch] < current[catch] - gate.catch_tolerance:
         return (
             f"trash caught at gamma {candidate[catch]:.4f} < current {current[catch]:.4f} "
-            f"- tolerance {catch_tolerance:g}"
+            f"- tolerance {gate.catch_tolerance:g}"
         )
     return None
 
@@ -398,6 +398,7 @@ def run_promotion(args: argparse.Namespace, store: ModelStore) -> int:
         args.routing_tolerance,
         args.class_routing_tolerance,
         args.catch_tolerance,
+        args.reject_tolerance,
         args.min_class_photos,
         args.min_new_routing,
     )
@@ -481,6 +482,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--catch-tolerance", type=float, default=0.05, help="trash caught at gamma the candidate may lose"
+    )
+    parser.add_argument(
+        "--reject-tolerance",
+        type=float,
+        default=0.05,
+        help="normal-reject rate at gamma the candidate may add, over the current model's and over its own claim",
     )
     parser.add_argument(
         "--min-class-photos",
