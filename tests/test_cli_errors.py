@@ -29,6 +29,13 @@ COMMANDS = [
     ("flywheel.captures", ["import-label-studio", f"{MISSING}/export.json", "--captures", MISSING], {}),
     ("flywheel.promote", ["--candidate", MISSING, "--current", f"{MISSING}/current", "--audit", MISSING], {}),
     ("flywheel.promote", ["--current", MISSING, "--rollback"], {}),
+    # new categories: the retire and minimum flags do not hide a missing folder
+    (
+        "flywheel.captures",
+        ["export", "--captures", MISSING, "--out", "OUT", "--retire", "metal", "--min-train-photos", "3"],
+        {},
+    ),
+    ("flywheel.promote", ["--candidate", MISSING, "--current", MISSING, "--audit", MISSING, "--retire", "metal"], {}),
     ("bench.capture_cost", ["--model-dir", MISSING], {}),
     ("bench.cpu_per_request", ["--arm", "HEAD", "--photo", f"{MISSING}/photo.jpg"], {}),
     ("bench.flywheel", ["--data", MISSING, "--out", "OUT"], {}),
