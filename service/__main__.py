@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
 
     preloaded = None
     if settings.require_model:
-        try:  # the full load (ORT session, golden scores on this CPU) before uvicorn: one line, not a traceback
+        try:  # the full load (engine, golden scores on this CPU) before uvicorn: one line, not a traceback
             preloaded = load_model(settings.model_dir, settings)
         except ModelLoadError as exc:
             print(f"error: {exc}", file=sys.stderr)

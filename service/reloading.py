@@ -1,7 +1,8 @@
 """Reloading the model folder (``POST /admin/reload`` and SIGHUP): counted, logged, never fatal.
 
 A failed reload leaves the previous model serving (``Classifier.load`` swaps only on success); that
-includes an artifact whose golden scores this CPU does not reproduce (also counted on its own).
+includes an artifact whose golden scores this CPU does not reproduce (also counted on its own), and one that the
+configured engine (``DEEPMAD_ENGINE``) refuses or cannot run because it is not installed.
 """
 
 from __future__ import annotations
