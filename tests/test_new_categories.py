@@ -21,8 +21,9 @@ from service.categories import MAX_CLASSES, CategoryError, check_label, check_na
 from service.manifest import Manifest
 from tests.capture_support import open_model, tree_files, write_capture
 from tests.conftest import REPO_ROOT
-from tests.service_support import copy_model, model_dir, run_server
+from tests.service_support import copy_model, model_dir, run_server, wait_for
 from tests.test_cli_errors import one_error_line
+from tests.test_service_browser import chromium_page
 
 OPERATOR, ADMIN = "categories-operator", "categories-admin"
 AUTH = {"Authorization": f"Bearer {OPERATOR}"}
@@ -377,3 +378,49 @@ def test_a_new_category_from_labels_to_answers_and_retired_again(tmp_path: Path,
         ok(cli("flywheel.promote", "--candidate", without, "--current", current, "--audit", audit, "--retire", NEW,
                "--reload-url", server.url, *LENIENT, env=promote_env))  # fmt: skip
         assert client.get("/model").json()["class_names"] == OLD
+
+
+# ---- the review page ----
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_the_review_page_asks_before_adding_a_category(tmp_path: Path, trashnet_dir: Path):
+    flags = ("--capture-dir", str(tmp_path / "captures"), "--operator-token", OPERATOR, "--threshold", "0")
+    with run_server(model_dir(), tmp_path, *flags) as server, server.client() as client:
+        for photo in spread(trashnet_dir / "paper", 4, 50, 2):
+            client.post("/classify", content=photo.read_bytes(), headers={"content-type": "image/jpeg"})
+        assert wait_for(lambda: client.get("/captures", headers=AUTH).json()["total"] == 2)
+        dialogs: list[tuple[str, str]] = []
+        answers = iter([("prompt", "battery"), ("confirm", True), ("prompt", "glas"), ("confirm", False)])
+
+        def answer(dialog) -> None:
+            kind, reply = next(answers)
+            dialogs.append((dialog.type, dialog.message))
+            assert dialog.type == kind
+            dialog.accept(reply) if kind == "prompt" else dialog.accept() if reply else dialog.dismiss()
+
+        with chromium_page() as (page, errors):
+            page.on("dialog", answer)
+            page.goto(server.url + "/review")
+            page.fill("#token", OPERATOR)
+            page.click("#login button[type=submit]")
+            page.wait_for_selector(".card >> nth=1", timeout=15_000)
+            first, second = (card.get_attribute("data-id") for card in page.query_selector_all(".card"))
+            page.keyboard.press("n")  # the first card: a new category, confirmed
+            page.wait_for_selector(f".card[data-id='{first}'][data-label='battery']", timeout=15_000)
+            assert dialogs[1] == ("confirm", '"battery" is not a class this bin knows; add it as a new category?')
+            # The selection moved on; a typo on the second card is not confirmed: nothing written.
+            page.keyboard.press("n")
+            for _ in range(150):  # the page's dialogs are answered while Playwright waits
+                if len(dialogs) == 4:
+                    break
+                page.wait_for_timeout(100)
+            assert len(dialogs) == 4 and dialogs[3][1].startswith('"glas" is not a class')
+            assert page.get_attribute(f".card[data-id='{second}']", "data-label") == ""
+            # The pending category is a button on every card now, and needs no second confirmation.
+            page.click(f".card[data-id='{second}'] button.pending[data-label='battery']")
+            page.wait_for_selector(f".card[data-id='{second}'][data-label='battery']", timeout=15_000)
+            assert len(dialogs) == 4 and errors == []
+        labels = {item["id"]: item["label"] for item in client.get("/captures", headers=AUTH).json()["items"]}
+        assert labels == {first: "battery", second: "battery"}
