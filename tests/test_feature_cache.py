@@ -107,7 +107,7 @@ def test_other_weights_are_other_entries(backbone: Backbone):
 def test_a_damaged_entry_is_found_and_computed_again(backbone: Backbone, cache: Path, damage: str):
     images = photos(5, 5)
     expected = fixed_outputs(backbone, images)
-    entries = sorted((cache / "features").rglob("*.npy"))
+    entries = sorted((cache / "features").rglob("*.entry"))
     assert len(entries) == 5
     data = entries[0].read_bytes()
     entries[0].write_bytes(
