@@ -20,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 import tempfile
@@ -267,53 +268,93 @@ def recipes(
     return rows
 
 
-def graph_cost(path: Path, size: int, repeats: int = 50) -> float:
-    """Median ms per photo at batch 1 on one ONNX Runtime thread."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = options.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    photo = np.random.default_rng(0).integers(0, 256, (1, size, size, 3), dtype=np.uint8)
-    session.run(None, {INPUT_NAME: photo})
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        session.run(None, {INPUT_NAME: photo})
-        times.append(time.perf_counter() - started)
-    return 1000 * float(np.median(times))
+# (engine, precision) rows of ``--serving``: ONNX Runtime fp32 (the reference of the ratios), OpenVINO with f32
+# pinned (what ``DEEPMAD_ENGINE=openvino`` serves) and OpenVINO's own default precision (bf16 on CPUs with
+# avx512_bf16 or AMX; not served: it moves the golden scores, service/engines.py). OpenVINO rows need the
+# openvino extra; without it they are left out with a line saying so.
+SERVING_ENGINES = (("onnxruntime", "fp32"), ("openvino", "f32"), ("openvino", "default"))
+SERVING_BATCHES = (1, 8)
 
 
-def serving_cost(size: int) -> tuple[float, float]:
-    """(ms per photo, graph MB) of the whole exported Lite0 graph at one input size (heads' weights do not
-    change the cost, so untrained heads stand in)."""
+def one_thread_run(path: Path, engine: str, precision: str) -> tuple[Callable[[np.ndarray], object], str]:
+    """A one-thread, one-stream runner of ``path`` on ``engine`` and the precision it actually runs in."""
+    if engine == "onnxruntime":
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = options.inter_op_num_threads = 1
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return (lambda photos: session.run(None, {INPUT_NAME: photos})), "fp32"
+    import openvino as ov
+
+    config: dict[str, object] = {"INFERENCE_NUM_THREADS": 1, "NUM_STREAMS": 1}
+    if precision != "default":
+        config["INFERENCE_PRECISION_HINT"] = precision
+    core = ov.Core()
+    compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+    request = compiled.create_infer_request()
+    effective = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+    return (lambda photos: request.infer({INPUT_NAME: photos})), effective
+
+
+def graph_costs(path: Path, size: int, engines, rounds: int = 3, calls: int = 12) -> dict[str, dict[int, float]]:
+    """CPU ms per photo at batch 1 and 8 on one thread for each (engine, precision), medians over ``rounds``
+    rounds in which every engine takes its turn (drift on a shared box hits them alike)."""
+    runners = {}
+    for engine, precision in engines:
+        run, effective = one_thread_run(path, engine, precision)
+        runners[f"{engine} {precision}" + (f" ({effective})" if precision == "default" else "")] = run
+    photos = np.random.default_rng(0).integers(0, 256, (max(SERVING_BATCHES), size, size, 3), dtype=np.uint8)
+    samples: dict[str, dict[int, list[float]]] = {name: {b: [] for b in SERVING_BATCHES} for name in runners}
+    for _ in range(rounds):
+        for name, run in runners.items():
+            for batch in SERVING_BATCHES:
+                batch_photos = photos[:batch]
+                run(batch_photos)
+                started = time.process_time()
+                for _ in range(max(2, calls // batch)):
+                    run(batch_photos)
+                samples[name][batch].append(1000 * (time.process_time() - started) / max(2, calls // batch) / batch)
+    return {name: {b: float(np.median(v)) for b, v in per.items()} for name, per in samples.items()}
+
+
+def lite0_graph(size: int, folder: Path) -> Path:
+    """The whole exported Lite0 graph at one input size (heads' weights do not change the cost, so untrained
+    heads stand in)."""
     backbone = Backbone.pretrained(BACKBONE)
     head = GroupedHead(5, backbone.out_dim, HEAD["head_hidden"], HEAD["rep_dim"])
     encoder = BackboneEncoder(backbone, head, size, torch.zeros(backbone.out_dim), torch.ones(backbone.out_dim))
     scorer = Scorer(encoder, torch.ones(5, HEAD["rep_dim"]), lite_normaliser()).eval()
+    path = folder / f"lite0-{size}.onnx"
+    export_onnx(scorer, path)
+    return path
+
+
+def print_serving(sizes: list[int], graphs: list[Path], engines) -> None:
+    print(
+        f"# load average {' '.join(f'{v:.2f}' for v in os.getloadavg())} (1/5/15 min) on {os.cpu_count()} CPUs; "
+        "CPU ms per photo on one thread (one stream), batch 1 and 8, medians of 3 interleaved rounds"
+    )
+    print("| graph | input | engine, precision | ms/photo b1 | ms/photo b8 | vs ONNX Runtime fp32 b1 / b8 | graph MB |")
+    print("|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "model.onnx"
-        export_onnx(scorer, path)
-        return graph_cost(path, size), path.stat().st_size / 1e6
-
-
-def print_serving(sizes: list[int], graphs: list[Path]) -> None:
-    print(f"# load average {os.getloadavg()[0]:.2f}; ONNX Runtime, CPU, 1 thread, batch 1, fp32")
-    print("| graph | input | ms per photo | graph MB |")
-    print("|---|---|---|---|")
-    for path in graphs:  # artifacts side by side in one run (a shipped graph against its predecessor)
-        size = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_inputs()[0].shape[1]
-        print(
-            f"| {path} | {size}x{size} | {graph_cost(path, size):.2f} | {path.stat().st_size / 1e6:.1f} |", flush=True
-        )
-    scratch = REPO_ROOT / "models" / "trashnet" / "model.onnx"
-    if scratch.is_file():
-        megabytes = scratch.stat().st_size / 1e6
-        print(
-            f"| models/trashnet (LeNet encoders) | 32x32 | {graph_cost(scratch, 32):.2f} | {megabytes:.1f} |",
-            flush=True,
-        )
-    for size in sizes:
-        milliseconds, megabytes = serving_cost(size)
-        print(f"| Lite0 + DeepMAD heads | {size}x{size} | {milliseconds:.2f} | {megabytes:.1f} |", flush=True)
+        rows: list[tuple[str, Path, int]] = []
+        for path in graphs:  # artifacts side by side in one run (a shipped graph against its predecessor)
+            size = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_inputs()[0].shape[1]
+            rows.append((str(path), path, size))
+        scratch = REPO_ROOT / "models" / "trashnet" / "model.onnx"
+        if scratch.is_file():
+            rows.append(("models/trashnet (LeNet encoders)", scratch, 32))
+        rows += [("Lite0 + DeepMAD heads", lite0_graph(size, Path(folder)), size) for size in sizes]
+        for label, path, size in rows:
+            costs = graph_costs(path, size, engines)
+            reference = costs["onnxruntime fp32"]
+            for name, cost in costs.items():
+                print(
+                    f"| {label} | {size}x{size} | {name} | {cost[1]:.2f} | {cost[8]:.2f} "
+                    f"| {reference[1] / cost[1]:.2f}x / {reference[8] / cost[8]:.2f}x "
+                    f"| {path.stat().st_size / 1e6:.1f} |",
+                    flush=True,
+                )
+    print(f"# load average {' '.join(f'{v:.2f}' for v in os.getloadavg())} at the end")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -330,6 +371,12 @@ def main(argv: list[str] | None = None) -> int:
         "--serving", action="store_true", help="only the serving cost of the whole graph per input size (no CV)"
     )
     parser.add_argument("--graph", type=Path, action="append", default=[], help="with --serving: also this model.onnx")
+    parser.add_argument(
+        "--engines",
+        default="onnxruntime,openvino",
+        help="with --serving: onnxruntime (fp32) and/or openvino (f32 pinned, and its default precision: bf16 "
+        "where the CPU has it), comma separated",
+    )
     args = parser.parse_args(argv)
 
     def body() -> int:
@@ -345,7 +392,13 @@ def main(argv: list[str] | None = None) -> int:
             missing = [g for g in args.graph if not g.is_file()]
             if missing:
                 raise UserError(f"--graph {missing[0]} is not a file")
-            print_serving(sizes, args.graph)
+            wanted = {e.strip() for e in args.engines.split(",") if e.strip()}
+            if not wanted or wanted - {"onnxruntime", "openvino"}:
+                raise UserError(f"--engines: choose from onnxruntime, openvino (got {args.engines!r})")
+            if "openvino" in wanted and importlib.util.find_spec("openvino") is None:
+                raise UserError("--engines: openvino is not installed: pip install 'deepmad-bin[openvino]'")
+            engines = [("onnxruntime", "fp32")] + [row for row in SERVING_ENGINES if row[0] in wanted - {"onnxruntime"}]
+            print_serving(sizes, args.graph, engines)
             return 0
         print(
             f"# load average {os.getloadavg()[0]:.2f}; {args.backbone}; {args.folds}-fold CV on the training side "

@@ -32,13 +32,21 @@ it answered. Waiting for a busy core does not count, so on a shared machine this
 throughput does not; its distance above the limit's CPU ms per image is the per-request overhead
 (HTTP, multipart, routing, JSON, metrics).
 
-The last line is machine-readable: ``summary: best_peer=NAME ratio_c8=X ratio_c32=Y
+``--engines onnxruntime,openvino`` (default: every engine installed) serves ours once per engine
+(``DEEPMAD_ENGINE``; the column ``ours`` is ONNX Runtime, ``ours-openvino`` OpenVINO), side by side in the same
+rounds, and measures each engine's in-process cost too (CPU ms per photo on one thread at batch 1 and 8).
+
+The summary lines are machine-readable. First ``summary: best_peer=NAME ratio_c8=X ratio_c32=Y
 p50_over_floor_512=A p50_over_floor_3008=B fraction_of_limit_c32=F cpu_ms_per_req_512=C``; ratios are
 ours over the best peer's throughput on the 512x384 JPEG (the peer with the highest c8 + c32
 throughput, same run), the p50s are ours at concurrency 1, the fraction is ours at concurrency 32 over
 the 512x384 limit, and C is our server CPU ms per request at concurrency 32 on the 512x384 JPEG. With
 the bound running, ``ceiling_ratio_c32=R`` follows: the best peer's server CPU per request over the
-bound's, the most any server could be faster than the best peer once the two cores are busy.
+bound's, the most any server could be faster than the best peer once the two cores are busy. Then the
+last lines, one per engine measured: ``summary: engine=E ms_per_photo_b1=A ms_per_photo_b8=B
+cpu_ms_per_request_c32=C vs_onnxruntime_b1=R vs_onnxruntime_c32=S`` (A, B: the engine's CPU ms per photo on
+one thread in process; C: that engine's server, 512x384 JPEG, c32; R, S: ONNX Runtime's over this engine's,
+same run, so above 1 is faster), after the load average.
 """
 
 from __future__ import annotations
@@ -46,6 +54,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.util
 import json
 import os
 import statistics
@@ -66,6 +75,7 @@ from PIL import Image
 from bench.loadgen import LoadResult, multipart_request, run_load
 from bench.processes import started
 from service.imaging import load_image
+from service.manifest import Manifest
 from service.model import load_model
 from service.settings import Settings
 from training.data import data_root
@@ -76,7 +86,8 @@ DEFAULT_PHOTO = data_root() / "trashnet" / "glass" / "glass10.jpg"  # DEEPMAD_DA
 DEFAULT_INT8_DIR = REPO_ROOT / "models" / "trashnet-int8"
 CONCURRENCY = (1, 8, 32)
 LIMIT_BATCHES = (1, 2, 4, 8, 16, 32, 64)
-OURS = "ours"
+OURS = "ours"  # our service on ONNX Runtime (the default engine)
+ENGINES = ("onnxruntime", "openvino")
 
 
 @dataclass
@@ -176,6 +187,11 @@ PY = sys.executable
 UVICORN = [PY, "-m", "uvicorn", "--host", "127.0.0.1", "--port", "{port}", "--log-level", "warning", "--no-access-log"]
 
 
+def ours_name(engine: str) -> str:
+    """Our service's column for ``engine``: ``ours`` for the default, ``ours-openvino`` for OpenVINO."""
+    return OURS if engine == ENGINES[0] else f"{OURS}-{engine}"
+
+
 def ours_spec(env: dict[str, str] | None = None, name: str = OURS) -> ServerSpec:
     command = [PY, "-m", "service", "--port", "{port}", "--log-level", "warning"]
     return ServerSpec(name, command, "/readyz", env or {})
@@ -195,11 +211,12 @@ PEERS = {
     "bare-asgi": ServerSpec("bare-asgi", [*UVICORN, "bench.peers.bare_asgi:app"], "/healthz", {}),
 }
 BOUND = "bare-asgi"  # a reference column (bench/peers/bare_asgi.py), never the best peer
+TORCH_PEER = "fastapi-torch"  # rebuilds LeNet encoders from the graph: not a pretrained backbone's
 
 
 def rivals(names) -> list[str]:
-    """The servers a user would pick instead of ours: every peer but the bound."""
-    return [n for n in names if n not in (OURS, BOUND)]
+    """The servers a user would pick instead of ours: every peer but the bound and ours on any engine."""
+    return [n for n in names if n != BOUND and n not in {ours_name(engine) for engine in ENGINES}]
 
 
 def classify(port: int, item: BenchInput) -> dict:
@@ -320,7 +337,7 @@ def ms(seconds: float) -> str:
     return f"{seconds * 1e3:.1f}"
 
 
-def print_tables(inputs, names, rows, floors, limits) -> None:
+def print_tables(inputs, names, rows, floors, limits, engine_costs) -> None:
     for item in inputs:
         if (item.name, CONCURRENCY[0]) not in rows:
             continue
@@ -367,6 +384,10 @@ def print_tables(inputs, names, rows, floors, limits) -> None:
         )
     sweep = next(iter(limits.values())).ort_cpu_ms_per_image
     print("ORT CPU ms per image by batch size: " + ", ".join(f"b{b} {v:.2f}" for b, v in sweep.items()))
+    if len(engine_costs) > 1:
+        print(f"engines, CPU ms per photo on one thread in process, rounds interleaved   [{load_line()}]")
+        for engine, cost in engine_costs.items():
+            print(f"  {engine:<12} " + ", ".join(f"b{b} {v:.2f}" for b, v in cost.items()))
     print(
         "floor: image function + one ORT call at batch 1 (service's options or 1 thread), wall-clock median; "
         f"limit: {os.cpu_count()} CPUs / (decode + ORT per image at the best batch), CPU-time medians"
@@ -487,11 +508,12 @@ def print_levers(lever_rows, in_process: list[str], floor_ms: float) -> None:
     print("\n".join(in_process))
 
 
-def compare_peers(ours, peer_names, model_dir, measured, seconds, rounds) -> dict:
-    """Every input at every concurrency, ours and each peer taking turns; the peers stop before the levers."""
+def compare_peers(ours: dict[str, Running], peer_names, model_dir, measured, seconds, rounds) -> dict:
+    """Every input at every concurrency, ours (on each engine) and each peer taking turns; the peers stop
+    before the levers."""
     rows = {}
     with contextlib.ExitStack() as peer_stack:
-        servers = {OURS: ours}
+        servers = dict(ours)
         for name in peer_names:
             servers[name] = peer_stack.enter_context(server(PEERS[name], model_dir))
         print("agreement (the same graph or weights and the same image function on every input):")
@@ -527,6 +549,42 @@ def compare_levers(ours, chosen, model_dir, photo, seconds, rounds) -> list:
     return lever_rows
 
 
+ENGINE_BATCHES = (1, 8)
+
+
+def measure_engine_costs(singles: dict, data: bytes, reps: int, rounds: int = 3) -> dict[str, dict[int, float]]:
+    """Each engine's CPU ms per photo on one thread at batch 1 and 8 (process time, median of ``rounds``
+    rounds taken in turn, so load drift hits every engine alike)."""
+    height, width, channels = next(iter(singles.values())).input_shape
+    image = load_image(data, height, width, channels)
+    samples: dict[str, dict[int, list[float]]] = {e: {b: [] for b in ENGINE_BATCHES} for e in singles}
+    for _ in range(rounds):
+        for engine, model in singles.items():
+            for batch in ENGINE_BATCHES:
+                stacked = np.repeat(image[None], batch, axis=0)
+                calls = max(3, reps // batch)
+                seconds = _median(lambda m=model, s=stacked: m.run(s), calls, time.process_time)
+                samples[engine][batch].append(seconds * 1e3 / batch)
+    return {e: {b: statistics.median(v) for b, v in per.items()} for e, per in samples.items()}
+
+
+def engine_summary_lines(rows, engine_costs: dict[str, dict[int, float]], photo: str) -> list[str]:
+    """One ``summary: engine=...`` line per engine; ratios are ONNX Runtime's cost over the engine's."""
+    reference = engine_costs[ENGINES[0]]
+    reference_c32 = rows[photo, 32][OURS].cpu_ms_per_request if rows else None
+    lines = []
+    for engine, cost in engine_costs.items():
+        line = f"summary: engine={engine} ms_per_photo_b1={cost[1]:.2f} ms_per_photo_b8={cost[8]:.2f}"
+        if rows:
+            c32 = rows[photo, 32][ours_name(engine)].cpu_ms_per_request
+            line += f" cpu_ms_per_request_c32={c32:.2f}"
+        line += f" vs_onnxruntime_b1={reference[1] / cost[1]:.2f}"
+        if rows:
+            line += f" vs_onnxruntime_c32={reference_c32 / c32:.2f}"
+        lines.append(line)
+    return lines
+
+
 def summary_line(rows, floors, limits, photo: str, big: str, peer_names: list[str]) -> str:
     cell8, cell32 = rows[photo, 8], rows[photo, 32]
     best = max(rivals(peer_names), key=lambda n: cell8[n].throughput + cell32[n].throughput)
@@ -558,28 +616,51 @@ def _main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="JPEG inputs only, short cells, no levers")
     parser.add_argument("--seconds", type=float, help="measured seconds per cell and server (default 4, quick 1.5)")
     parser.add_argument("--rounds", type=int, help="turns per cell and server (default 4, quick 3)")
-    parser.add_argument("--peers", default=",".join(PEERS), help=f"comma-separated subset of {', '.join(PEERS)}")
+    parser.add_argument(
+        "--peers",
+        help=f"comma-separated subset of {', '.join(PEERS)} (default: all; fastapi-torch only for a model without a "
+        "pretrained backbone: it rebuilds the LeNet encoders from the graph)",
+    )
     parser.add_argument("--levers", action=argparse.BooleanOptionalAction, default=None, help="on/off table")
     parser.add_argument("--only-levers", action="store_true", help="skip the peer comparison")
     parser.add_argument("--lever", action="append", help="only levers whose label contains this (repeatable)")
     parser.add_argument("--photo", type=Path, default=DEFAULT_PHOTO, help="a 512x384 TrashNet JPEG")
     parser.add_argument("--model-dir", type=Path, default=REPO_ROOT / "models" / "trashnet")
     parser.add_argument("--int8-dir", type=Path, default=DEFAULT_INT8_DIR, help="INT8 artifact for its lever row")
+    installed = [e for e in ENGINES if importlib.util.find_spec(e) is not None]
+    parser.add_argument(
+        "--engines",
+        default=",".join(installed),
+        help=f"ours on each of these engines, comma-separated from {', '.join(ENGINES)} (default: those installed; "
+        "onnxruntime is always measured, the reference of the ratios)",
+    )
     args = parser.parse_args(argv)
+    engines = [ENGINES[0], *(e.strip() for e in args.engines.split(",") if e.strip() and e.strip() != ENGINES[0])]
+    for engine in engines:
+        if engine not in ENGINES:
+            parser.error(f"--engines: choose from {', '.join(ENGINES)} (got {engine!r})")
+        if engine not in installed:
+            parser.error(f"--engines: {engine} is not installed: pip install 'deepmad-bin[{engine}]'")
     seconds = args.seconds or (1.5 if args.quick else 4.0)
     rounds = args.rounds or (3 if args.quick else 4)
     levers = args.only_levers or ((not args.quick) if args.levers is None else args.levers)
-    peer_names = [name.strip() for name in args.peers.split(",") if name.strip()]
+    require_artifact("--model-dir", args.model_dir)
+    peers = args.peers
+    if peers is None:
+        backbone = Manifest.load(args.model_dir).backbone is not None
+        peers = ",".join(name for name in PEERS if not (backbone and name == TORCH_PEER))
+    peer_names = [name.strip() for name in peers.split(",") if name.strip()]
     unknown = [name for name in peer_names if name not in PEERS]
     if unknown or (not rivals(peer_names) and not args.only_levers):
-        parser.error(f"--peers: choose from {', '.join(PEERS)} (got {args.peers!r})")
-    require_artifact("--model-dir", args.model_dir)
+        parser.error(f"--peers: choose from {', '.join(PEERS)} (got {peers!r})")
     require_file("--photo", args.photo)
     began = time.perf_counter()
     print(f"bench.serve: {seconds:g} s per cell and server in {rounds} round(s); {load_line()}", flush=True)
 
     model = load_model(args.model_dir, Settings(model_dir=args.model_dir))
-    single = load_model(args.model_dir, Settings(model_dir=args.model_dir, intra_op_threads=1))
+    singles = {e: load_model(args.model_dir, Settings(engine=e, intra_op_threads=1)) for e in engines}
+    single = singles[ENGINES[0]]
+    engine_costs: dict[str, dict[int, float]] = {}
     floors: dict[str, Floor] = {}
     limits: dict[str, Limit] = {}
     rows: dict[tuple[str, int], dict[str, LoadResult]] = {}
@@ -592,9 +673,14 @@ def _main(argv: list[str] | None = None) -> int:
         for item in [] if args.only_levers else measured:
             floors[item.name] = measure_floor((model, single), item.data, 100 if args.quick else 300)
             limits[item.name] = measure_limit(single, item.data, 64 if args.quick else 256)
-        ours = stack.enter_context(server(ours_spec(), args.model_dir))
+        engine_costs = measure_engine_costs(singles, inputs[1].data, 64 if args.quick else 256)
+        ours_by_engine = {
+            ours_name(e): stack.enter_context(server(ours_spec({"DEEPMAD_ENGINE": e}, ours_name(e)), args.model_dir))
+            for e in engines
+        }
+        ours = ours_by_engine[OURS]
         if not args.only_levers:
-            rows = compare_peers(ours, peer_names, args.model_dir, measured, seconds, rounds)
+            rows = compare_peers(ours_by_engine, peer_names, args.model_dir, measured, seconds, rounds)
         if levers:
             photo = inputs[1]
             if photo.name not in floors:
@@ -605,12 +691,13 @@ def _main(argv: list[str] | None = None) -> int:
             in_process = measure_in_process_levers(model, photo.data)
 
     if rows:
-        print_tables(measured, [OURS, *peer_names], rows, floors, limits)
+        print_tables(measured, [*ours_by_engine, *peer_names], rows, floors, limits, engine_costs)
     if lever_rows:
         print_levers(lever_rows, in_process, floors[inputs[1].name].total_ms)
     print(f"({time.perf_counter() - began:.0f} s; {load_line()})")
     if rows:
         print(summary_line(rows, floors, limits, inputs[1].name, inputs[2].name, peer_names))
+    print("\n".join(engine_summary_lines(rows, engine_costs, inputs[1].name)))
     return 0
 
 

@@ -143,3 +143,22 @@ def test_openvino_serves_like_onnxruntime_and_a_refused_reload_keeps_the_old_mod
             ov_answer["verdict"] == ort_answer["verdict"] and ov_answer["nearest_class"] == ort_answer["nearest_class"]
         )
         assert ov_answer["score"] == pytest.approx(ort_answer["score"], rel=1e-4, abs=1e-3)
+
+
+def test_the_serving_bench_ends_with_one_summary_line_per_engine():
+    from bench.loadgen import LoadResult
+    from bench.serve import OURS, engine_summary_lines, ours_name, rivals
+
+    def result(cpu_ms: float) -> LoadResult:
+        return LoadResult(32, 1.0, [0.002] * 100, 0, server_cpu_seconds=100 * cpu_ms / 1e3)
+
+    rows = {("jpeg", 32): {OURS: result(12.0), ours_name("openvino"): result(8.0), "fastapi-ort": result(13.0)}}
+    costs = {"onnxruntime": {1: 10.0, 8: 9.0}, "openvino": {1: 5.0, 8: 4.5}}
+    lines = engine_summary_lines(rows, costs, "jpeg")
+    assert lines == [
+        "summary: engine=onnxruntime ms_per_photo_b1=10.00 ms_per_photo_b8=9.00 cpu_ms_per_request_c32=12.00 "
+        "vs_onnxruntime_b1=1.00 vs_onnxruntime_c32=1.00",
+        "summary: engine=openvino ms_per_photo_b1=5.00 ms_per_photo_b8=4.50 cpu_ms_per_request_c32=8.00 "
+        "vs_onnxruntime_b1=2.00 vs_onnxruntime_c32=1.50",
+    ]
+    assert rivals([OURS, ours_name("openvino"), "fastapi-ort", "bare-asgi"]) == ["fastapi-ort"]
