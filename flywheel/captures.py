@@ -33,8 +33,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, quote, urlparse
-from xml.sax.saxutils import quoteattr
+from urllib.parse import quote
 
 from pydantic import ValidationError
 
@@ -42,6 +41,14 @@ from flywheel.errors import UserError, require_writable
 from service.capture_format import Sidecar, SidecarError, read_sidecar, sidecar_paths, write_sidecar
 from service.categories import MAX_CLASSES, MIN_AUDIT_PHOTOS, MIN_TRAIN_PHOTOS, CategoryError, check_name
 from service.fileio import write_atomic
+from service.label_studio import (  # the names the tasks, the labelling config and the importer share
+    LS_IMAGE,
+    LabelStudioError,
+    choice_result,
+    labeling_config,
+    task_capture_id,
+    task_choice,
+)
 from service.labels import anomaly_labels, valid_labels
 from service.manifest import Manifest
 
@@ -51,9 +58,6 @@ SHA_PREFIX = 16  # hex digits of the image sha256 in an exported file name (64 b
 AUDIT_SALT = b"deepmad-audit-v1:"
 DEFAULT_AUDIT_SHARE = 0.2
 RETIRED = ".retired"  # <tree>/.retired/<class>: a retired class's photos, out of training and the gate
-# Names shared by the labeling config (docs/label-studio.xml), the tasks and the importer.
-LS_IMAGE = "image"  # <Image name="image" value="$image"/>
-LS_CHOICES = "label"  # <Choices name="label" toName="image">
 LS_LOCAL_FILES = "/data/local-files/?d="  # Label Studio's local-files URL, relative to LOCAL_FILES_DOCUMENT_ROOT
 
 
@@ -296,19 +300,6 @@ def _retire_folder(root: Path, name: str) -> None:
 # ---- Label Studio ----
 
 
-def labeling_config(labels: list[str]) -> str:
-    """The Label Studio labeling config the tasks and the importer assume: one image, one single choice."""
-    choices = "\n".join(f"    <Choice value={quoteattr(label)}/>" for label in labels)
-    return (
-        "<View>\n"
-        f'  <Image name="{LS_IMAGE}" value="${LS_IMAGE}"/>\n'
-        f'  <Choices name="{LS_CHOICES}" toName="{LS_IMAGE}" choice="single" showInline="true">\n'
-        f"{choices}\n"
-        "  </Choices>\n"
-        "</View>\n"
-    )
-
-
 def local_files_prefix(captures: Path) -> str:
     """The image URL prefix when Label Studio's document root is the folder that holds ``captures``.
 
@@ -346,47 +337,12 @@ def label_studio_tasks(
                     {
                         "model_version": f"{side.model.name} {side.model.version}",
                         "score": round(capture.margin, 6),
-                        "result": [
-                            {
-                                "from_name": LS_CHOICES,
-                                "to_name": LS_IMAGE,
-                                "type": "choices",
-                                "value": {"choices": [predicted]},
-                            }
-                        ],
+                        "result": choice_result(predicted),
                     }
                 ],
             }
         )
     return tasks
-
-
-def _task_capture_id(task: dict[str, Any]) -> str | None:
-    """The capture a task is about: ``data.capture_id``, else the image file's stem in ``data.image``."""
-    data = task.get("data") or {}
-    if isinstance(data.get("capture_id"), str):
-        return data["capture_id"]
-    url = data.get(LS_IMAGE)
-    if not isinstance(url, str) or not url:
-        return None
-    parsed = urlparse(url)
-    path = parse_qs(parsed.query).get("d", [parsed.path])[0]
-    return Path(path).stem or None
-
-
-def _annotation_choice(task: dict[str, Any]) -> str | None:
-    """The label of a task's newest annotation that was not cancelled (None when nobody labelled it)."""
-    annotations = [a for a in task.get("annotations") or [] if isinstance(a, dict) and not a.get("was_cancelled")]
-    annotations.sort(key=lambda a: str(a.get("updated_at") or a.get("created_at") or ""))
-    for annotation in reversed(annotations):
-        for result in annotation.get("result") or []:
-            if result.get("from_name") != LS_CHOICES or result.get("type") != "choices":
-                continue
-            choices = (result.get("value") or {}).get("choices") or []
-            if len(choices) == 1 and isinstance(choices[0], str):
-                return choices[0]
-            raise UserError(f"task {task.get('id')}: the annotation must hold exactly one choice, got {choices}")
-    return None
 
 
 def import_label_studio(export_file: Path, captures: Path, labels: list[str]) -> dict[str, int]:
@@ -403,13 +359,16 @@ def import_label_studio(export_file: Path, captures: Path, labels: list[str]) ->
     counts = {"tasks": len(tasks), "labelled": 0, "unchanged": 0, "not_annotated": 0, "unknown_capture": 0}
     updates: list[tuple[Capture, str]] = []
     for task in tasks:
-        label = _annotation_choice(task)
+        try:
+            label = task_choice(task)
+        except LabelStudioError as exc:
+            raise UserError(str(exc)) from None
         if label is None:
             counts["not_annotated"] += 1
             continue
         if label not in labels:
             raise UserError(f"task {task.get('id')}: label {label!r} is not one of {labels}")
-        capture = by_id.get(_task_capture_id(task) or "")
+        capture = by_id.get(task_capture_id(task) or "")
         if capture is None:
             counts["unknown_capture"] += 1
             continue

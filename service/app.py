@@ -33,7 +33,7 @@ from service.middleware import MetricsMiddleware, RequestIdMiddleware
 from service.model import Classifier, GoldenMismatchError, LoadedModel, ModelLoadError
 from service.oip import routes as oip
 from service.reloading import Reloader
-from service.routes import admin, captures, classify, operations
+from service.routes import admin, captures, classify, label_studio, operations
 from service.settings import Settings
 
 log = logging.getLogger("service")
@@ -106,6 +106,6 @@ def create_app(
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_middleware(RequestIdMiddleware)  # outermost: even a 404 carries an X-Request-ID
     install_error_handlers(app)
-    for module in (classify, operations, admin, captures, oip):
+    for module in (classify, operations, admin, captures, label_studio, oip):
         app.include_router(module.router)
     return app

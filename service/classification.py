@@ -125,6 +125,17 @@ class Pipeline:
                 answer.capture = SKIPPED
         return answers
 
+    async def rescore(self, model: LoadedModel, photos: list[bytes], ids: list[str]) -> list[Classification]:
+        """Photos the bin captured earlier, scored by ``model`` (Label Studio's pre-annotations): not the bin's
+        own classifications, so neither counted in the metrics (verdicts, drift) nor captured again; a photo
+        that does not decode raises ``PhotoError``."""
+        return await self._off_loop(self._rescore, model, photos, ids)
+
+    def _rescore(self, model: LoadedModel, photos: list[bytes], ids: list[str]) -> list[Classification]:
+        images = self._decode_all(model, photos)
+        no_item = [reason is not None for reason in self._check(images)]
+        return to_classifications(model, self.classifier.score(model, images), ids, no_item)
+
     async def classify_batch(self, model: LoadedModel, items: list[BatchInput]) -> list[BatchItem]:
         """Several images in one ORT call; each item has its own id and its own result or 4xx error."""
         results = await self._off_loop(self._classify_many, model, items)

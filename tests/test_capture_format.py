@@ -15,9 +15,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from flywheel.captures import LS_CHOICES, LS_IMAGE, SHA_PREFIX, import_label_studio, iter_captures
+from flywheel.captures import SHA_PREFIX, import_label_studio, iter_captures
 from service.capture.store import CaptureStore
 from service.capture_format import Sidecar, read_sidecar
+from service.label_studio import LS_CHOICES, LS_IMAGE
 from service.labels import valid_labels
 from service.manifest import Manifest
 from tests.conftest import REPO_ROOT

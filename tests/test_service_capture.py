@@ -31,12 +31,13 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from flywheel.captures import LS_CHOICES, LS_IMAGE, LS_LOCAL_FILES, import_label_studio, label_studio_tasks
+from flywheel.captures import LS_LOCAL_FILES, import_label_studio, label_studio_tasks
 from service.app import create_app
 from service.capture.store import CaptureStore
 from service.capture.writer import capture_reason
 from service.capture_format import Sidecar
 from service.fileio import write_atomic
+from service.label_studio import LS_CHOICES, LS_IMAGE
 from service.labels import anomaly_labels, valid_labels
 from service.manifest import Manifest
 from service.schemas import Classification, ModelRef

@@ -17,7 +17,7 @@ import anyio
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import HTMLResponse, Response
 
-from service.auth import bearer_or_header, same_token
+from service.auth import basic_password, bearer_or_header, same_token
 from service.capture.format import CONTENT_TYPES, Sidecar, Verdict
 from service.capture.store import CaptureNotFoundError, Order
 from service.capture.writer import CaptureWriter
@@ -39,9 +39,11 @@ OPERATOR_ERRORS = {
 }
 
 
-def _check_operator(
-    request: Request, settings: SettingsDep, captures: CapturesDep, allow_cookie: bool
+def check_operator(
+    request: Request, settings: SettingsDep, captures: CapturesDep, allow_cookie: bool, allow_basic: bool = False
 ) -> CaptureWriter:
+    """The capture writer if the request carries the operator token: in a header, else (``allow_cookie``) the
+    review page's cookie, else (``allow_basic``) as HTTP Basic auth's password (Label Studio's ML backend auth)."""
     if captures is None:
         raise ApiError(403, "capture_disabled", "capture is off: set DEEPMAD_CAPTURE_DIR (or --capture-dir)")
     if not settings.operator_token:
@@ -49,6 +51,8 @@ def _check_operator(
     given = bearer_or_header(request, "x-operator-token")
     if not given and allow_cookie:
         given = unquote(request.cookies.get(OPERATOR_COOKIE, ""))
+    if not given and allow_basic:
+        given = basic_password(request)
     if not same_token(given, settings.operator_token):
         raise ApiError(401, "unauthorized", "missing or wrong operator token", headers={"WWW-Authenticate": "Bearer"})
     return captures
@@ -56,12 +60,12 @@ def _check_operator(
 
 def operator(request: Request, settings: SettingsDep, captures: CapturesDep) -> CaptureWriter:
     """The capture writer, for a request carrying the operator token in a header."""
-    return _check_operator(request, settings, captures, allow_cookie=False)
+    return check_operator(request, settings, captures, allow_cookie=False)
 
 
 def operator_reader(request: Request, settings: SettingsDep, captures: CapturesDep) -> CaptureWriter:
     """The capture writer, for a read-only request with the token in a header or the review page's cookie."""
-    return _check_operator(request, settings, captures, allow_cookie=True)
+    return check_operator(request, settings, captures, allow_cookie=True)
 
 
 Operator = Annotated[CaptureWriter, Depends(operator)]
