@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 
 from service.app import create_app
 from service.capture_format import read_sidecar
@@ -105,20 +106,36 @@ def test_setup_checks_the_labelling_config_against_the_served_model(client: Test
     assert broken.status_code == 422 and "not XML" in broken.json()["error"]["message"]
 
 
-def test_predict_scores_each_tasks_stored_photo(client: TestClient, store, manifest):
-    tasks = [task(1, "c0"), {"id": 2, "data": {"image": "http://elsewhere/x.jpg", "capture_id": "c3"}}, task(3, "gone")]
+def test_predict_scores_each_tasks_stored_photo(client: TestClient, store, manifest, tmp_path: Path):
+    (tmp_path / "captures" / "2026-11-28" / "c1.jpg").write_bytes(b"not a photo any more")
+    tasks = [
+        task(1, "c0"),
+        {"id": 2, "data": {"image": "http://elsewhere/x.jpg", "capture_id": "c3"}},
+        task(3, "gone"),
+        task(4, "c1"),
+        task(5, "c2"),
+    ]
     body = {"tasks": tasks, "project": "1.1", "label_config": labeling_config(valid_labels(manifest))}
     answer = client.post("/label-studio/predict", json=body, headers=BASIC)
     assert answer.status_code == 200, answer.text
     results = answer.json()["results"]
-    assert answer.json()["model_version"] == "trashnet 1.3.0" and len(results) == 3
-    for (prediction,), capture_id in zip(results[:2], ["c0", "c3"], strict=True):
+    assert answer.json()["model_version"] == "trashnet 1.3.0" and len(results) == len(tasks)
+    for position, capture_id in ((0, "c0"), (1, "c3"), (4, "c2")):
         side = store[capture_id]
         expected = side["nearest_class"] if side["verdict"] == "normal" else "trash"
+        (prediction,) = results[position]
         assert prediction["result"] == choice_result(expected)
         assert prediction["model_version"] == "trashnet 1.3.0"
         assert prediction["score"] == pytest.approx(abs(side["score"] - side["threshold"]), abs=1e-5)
-    assert results[2] == []  # no such capture: no prediction, the other tasks still get theirs
+    assert results[2] == [] and results[3] == []  # no such capture, a damaged photo: no prediction for those
+    scored = [
+        sample.value
+        for family in text_string_to_metric_families(client.get("/metrics").text)
+        if family.name == "deepmad_classifications"
+        for sample in family.samples
+        if sample.name == "deepmad_classifications_total"
+    ]
+    assert scored and sum(scored) == 0  # stored photos scored again are not the bin's own answers
 
 
 def test_webhook_labels_land_through_the_feedback_writer(client: TestClient, tmp_path: Path, manifest):
@@ -165,7 +182,7 @@ def test_webhook_labels_land_through_the_feedback_writer(client: TestClient, tmp
         (lambda body: body["annotation"]["result"][0]["value"].update(choices=["Battery!"]), 422, None, "Battery!"),
     ],
 )
-def test_bad_webhook_writes_nothing(client: TestClient, tmp_path: Path, manifest, change, status, code, named):
+def test_bad_webhook_writes_nothing(client: TestClient, tmp_path: Path, manifest, caplog, change, status, code, named):
     body = delivery("ANNOTATION_CREATED", "glass", [task(1, "c0")], labeling_config(valid_labels(manifest)))
     change(body)
     answer = client.post("/label-studio/webhook", json=body, headers=BEARER)
@@ -173,6 +190,8 @@ def test_bad_webhook_writes_nothing(client: TestClient, tmp_path: Path, manifest
     error = answer.json()["error"]
     assert (code is None or error["code"] == code) and named in error["message"]
     assert sidecar(tmp_path, "c0").label is None
+    refusals = [r.getMessage() for r in caplog.records if "refused, nothing written" in r.getMessage()]
+    assert len(refusals) == 1 and error["message"] in refusals[0]  # Label Studio does not show the answer
 
 
 def test_bulk_webhook_with_one_unknown_task_writes_none(client: TestClient, tmp_path: Path, manifest):

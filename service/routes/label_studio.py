@@ -50,6 +50,7 @@ router = APIRouter(prefix="/label-studio", tags=["label-studio"])
 NOT_JSON = {400: error_doc("the body is not JSON (code: invalid_body)")}
 
 LABEL_ACTIONS = ("ANNOTATION_CREATED", "ANNOTATIONS_CREATED", "ANNOTATION_UPDATED")
+PREDICT_BATCH = 32  # photos read and scored at once: Label Studio may ask for every task of a project in one call
 
 
 def backend_operator(request: Request, settings: SettingsDep, captures: CapturesDep) -> CaptureWriter:
@@ -178,23 +179,26 @@ async def predict(
     body: PredictRequest, captures: BackendOperator, model: ModelDep, pipeline: PipelineDep
 ) -> dict[str, Any]:
     version = model_version(model)
-    found = await anyio.to_thread.run_sync(_stored_photos, captures, body.tasks)
     results: list[list[dict[str, Any]]] = [[] for _ in body.tasks]
-    for index, (capture_id, photo) in enumerate(found):
-        if photo is None:
-            continue
-        try:
-            (answer,) = await pipeline.rescore(model, [photo], [capture_id])
-        except PhotoError as exc:
-            log.warning("label-studio: capture %s does not decode (%s): no prediction", capture_id, exc)
-            continue
-        results[index] = [
-            {
-                "model_version": version,
-                "score": round(abs(answer.score - answer.threshold), 6),
-                "result": choice_result(predicted_label(model, answer)),
-            }
-        ]
+    for start in range(0, len(body.tasks), PREDICT_BATCH):
+        found = await anyio.to_thread.run_sync(_stored_photos, captures, body.tasks[start : start + PREDICT_BATCH])
+        batch = [(start + offset, capture_id, photo) for offset, (capture_id, photo) in enumerate(found) if photo]
+        while batch:
+            try:
+                answers = await pipeline.rescore(model, [photo for _, _, photo in batch], [c for _, c, _ in batch])
+            except PhotoError as exc:  # one damaged capture: no prediction for it, the rest still get theirs
+                log.warning("label-studio: capture %s does not decode (%s): no prediction", batch[exc.index][1], exc)
+                del batch[exc.index]
+                continue
+            for (index, _, _), answer in zip(batch, answers, strict=True):
+                results[index] = [
+                    {
+                        "model_version": version,
+                        "score": round(abs(answer.score - answer.threshold), 6),
+                        "result": choice_result(predicted_label(model, answer)),
+                    }
+                ]
+            break
     return {"results": results, "model_version": version}
 
 
