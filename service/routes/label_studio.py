@@ -97,13 +97,12 @@ class Project(BaseModel):
 
 
 class PredictRequest(BaseModel):
-    """What Label Studio sends for pre-annotations (``MLApi.make_predictions``)."""
+    """What Label Studio sends for pre-annotations (``MLApi.make_predictions``): the tasks; its project and
+    labelling config are not needed (``/setup`` checked the config)."""
 
     model_config = ConfigDict(extra="ignore", strict=True)
 
     tasks: list[Task]
-    project: str | None = None
-    label_config: str | None = None
 
 
 class WebhookRequest(BaseModel):
