@@ -10,6 +10,7 @@ without an operator token 403 ``operator_disabled`` (as admin routes do without 
 
 from __future__ import annotations
 
+import threading
 from typing import Annotated
 from urllib.parse import unquote
 
@@ -21,12 +22,23 @@ from service.auth import basic_password, bearer_or_header, same_token
 from service.capture.format import CONTENT_TYPES, Sidecar, Verdict
 from service.capture.store import CaptureNotFoundError, Order
 from service.capture.writer import CaptureWriter
+from service.categories import (
+    MAX_CLASSES,
+    MIN_AUDIT_PHOTOS,
+    MIN_TRAIN_PHOTOS,
+    NAME_PATTERN,
+    NAME_RULE,
+    RESERVED,
+    CategoryError,
+    check_label,
+    pending_categories,
+)
 from service.dependencies import CapturesDep, ClassifierDep, ModelDep, SettingsDep
 from service.errors import ApiError, error_doc, quoted
 from service.labels import anomaly_labels, valid_labels
 from service.manifest import Manifest
 from service.routes.operations import static_page
-from service.schemas import CaptureList, FeedbackRequest
+from service.schemas import CaptureList, Categories, FeedbackRequest, PendingCategory
 
 router = APIRouter(tags=["captures"])
 
@@ -79,35 +91,74 @@ OperatorReader = Annotated[CaptureWriter, Depends(operator_reader)]
         400: error_doc("the body is not JSON (code: invalid_body)"),
         **OPERATOR_ERRORS,
         404: error_doc("no capture has this id (code: unknown_id)"),
-        422: error_doc("a label outside the model's classes and anomaly label, or a malformed body"),
+        409: error_doc(f"a new category beyond {MAX_CLASSES} classes (code: too_many_categories)"),
+        422: error_doc(
+            "a label outside the model's labels and the pending categories without `new_category: true` (code: "
+            "invalid_label; the message names the known labels), a new category that breaks the name rule "
+            "(code: invalid_category), or a malformed body"
+        ),
     },
-    summary="Label a captured photo (relabelling overwrites); 200 once the label is on disk",
+    summary="Label a captured photo (relabelling overwrites), or add a new category; 200 once the label is on disk",
 )
 async def feedback(body: FeedbackRequest, captures: Operator, model: ModelDep) -> Sidecar:
     return (await record_labels(captures, model.manifest, [body], "feedback"))[0]
+
+
+CATEGORY_STATUS = {"too_many_categories": 409}  # else 422
+_labelling = threading.Lock()  # one check-then-write at a time: two new categories cannot both pass the limit
 
 
 async def record_labels(
     captures: CaptureWriter, manifest: Manifest, requests: list[FeedbackRequest], source: str
 ) -> list[Sidecar]:
     """The service's one label writer (POST /feedback, the Label Studio webhook): every request is checked
-    (a valid label, a capture that exists) before any is written, so a bad one leaves nothing written;
-    returns once every sidecar is on disk."""
-    labels = valid_labels(manifest)
-    for request in requests:
-        if request.label not in labels:
-            raise ApiError(422, "invalid_label", f"label {quoted(request.label)} is not one of {labels}")
+    (a label the model knows, a pending category or a confirmed new one under the rules of
+    ``service.categories``; a capture that exists) before any is written, so a bad one leaves nothing
+    written; returns once every sidecar is on disk."""
 
     def write() -> list[Sidecar]:
-        missing = [request.id for request in requests if request.id not in captures.store]
-        if missing:
-            raise ApiError(404, "unknown_id", f"no capture with id {missing[0]!r} (not captured, or evicted)")
-        return [captures.store.label(request.id, request.label, source) for request in requests]
+        with _labelling:
+            known = set(valid_labels(manifest))  # the store's label count is read only for another label
+            unknown = any(request.label not in known for request in requests)
+            pending = pending_categories(manifest, captures.store.label_counts()) if unknown else []
+            for request in requests:
+                try:
+                    check = check_label(manifest, pending, request.label, request.new_category)
+                except CategoryError as exc:
+                    raise ApiError(CATEGORY_STATUS.get(exc.code, 422), exc.code, exc.message) from None
+                if check.kind == "new":
+                    pending.append(check.label)
+            missing = [request.id for request in requests if request.id not in captures.store]
+            if missing:
+                raise ApiError(404, "unknown_id", f"no capture with id {missing[0]!r} (not captured, or evicted)")
+            return [captures.store.label(request.id, request.label, source) for request in requests]
 
     try:
         return await anyio.to_thread.run_sync(write)
     except CaptureNotFoundError as exc:  # evicted between the check and the write
         raise ApiError(404, "unknown_id", f"no capture with id {exc.args[0]!r} (evicted meanwhile)") from None
+
+
+@router.get(
+    "/captures/categories",
+    response_model=Categories,
+    responses=OPERATOR_ERRORS,
+    summary="The classes a label may name, the new categories waiting for a retrain, and the rules for one",
+)
+async def categories(captures: OperatorReader, model: ModelDep) -> Categories:
+    counts = await anyio.to_thread.run_sync(captures.store.label_counts)
+    manifest = model.manifest
+    return Categories(
+        classes=manifest.class_names,
+        anomaly_labels=anomaly_labels(manifest),
+        pending=[PendingCategory(name=name, photos=counts[name]) for name in pending_categories(manifest, counts)],
+        max_classes=MAX_CLASSES,
+        name_rule=NAME_RULE,
+        name_pattern=NAME_PATTERN.pattern,
+        reserved=list(RESERVED),
+        min_train_photos=MIN_TRAIN_PHOTOS,
+        min_audit_photos=MIN_AUDIT_PHOTOS,
+    )
 
 
 @router.get(
@@ -129,12 +180,14 @@ async def list_captures(
         lambda: captures.store.list(labelled=labelled, verdict=verdict, order=order, limit=limit, offset=offset)
     )
     model = classifier.model
+    counts = await anyio.to_thread.run_sync(captures.store.label_counts) if model else {}
     return CaptureList(
         total=total,
         offset=offset,
         limit=limit,
         labels=valid_labels(model.manifest) if model else [],
         anomaly_labels=anomaly_labels(model.manifest) if model else [],
+        pending_categories=pending_categories(model.manifest, counts) if model else [],
         items=items,
     )
 
