@@ -344,7 +344,15 @@ def test_a_new_category_from_labels_to_answers_and_retired_again(tmp_path: Path,
                "--version", "with-cartons", "--out", candidate, "--checkpoint", tmp_path / "ckpt.pt"))  # fmt: skip
         assert Manifest.load(candidate).class_names == [*OLD, NEW]
 
-        # 4. the gate judges the new class on its audit photos, promotes, reloads the service
+        # 4. the gate judges the new class on its audit photos, promotes, reloads the service; not with too
+        # few of them, nor asked to retire a class the candidate still serves
+        for bad, message in (
+            (["--min-class-photos", "5"], "{'cartons': 4} photos"),
+            (["--retire", "metal"], "--retire"),
+        ):
+            result = cli("flywheel.promote", "--candidate", candidate, "--current", current, "--audit", audit, *bad)
+            assert message in one_error_line(result)
+        assert not current.is_symlink() and client.get("/model").json()["version"] == "round0"
         gate = ok(cli("flywheel.promote", "--candidate", candidate, "--current", current, "--audit", audit,
                       "--reload-url", server.url, *LENIENT, env=promote_env))  # fmt: skip
         assert f"{NEW} (n=4, new) routed / rejected" in gate.stdout and "cardboard (n=5) routed" in gate.stdout
