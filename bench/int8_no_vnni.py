@@ -1,7 +1,7 @@
 """INT8 on an x86 CPU without VNNI, emulated: ORT's outputs under ``qemu-x86_64 -cpu Haswell`` (AVX2, no
 VNNI), the metrics computed natively.
 
-    apt-get install qemu-user                                        # QEMU 7.2+: TCG emulates AVX2
+    apt-get install qemu-user-static                                 # QEMU 7.2+: TCG emulates AVX2
     .venv/bin/python -m bench.int8_no_vnni                           # models/trashnet vs models/trashnet-int8
     .venv/bin/python -m bench.int8_no_vnni --int8-dir OLD --limit 96 # any INT8 artifact, fewer photos (faster)
 
@@ -28,10 +28,18 @@ from pathlib import Path
 import numpy as np
 
 from service.manifest import Manifest
-from training.errors import require_artifact, run_command
+from training.errors import UserError, require_artifact, run_command
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CPU_MODEL = "Haswell"  # AVX2 + FMA, no AVX-512, no VNNI
+
+
+def qemu_binary() -> str:
+    """QEMU's x86-64 user-mode emulator (Debian's qemu-user or qemu-user-static); UserError when absent."""
+    for name in ("qemu-x86_64", "qemu-x86_64-static"):
+        if found := shutil.which(name):
+            return found
+    raise UserError("qemu-x86_64 not found (apt-get install qemu-user-static)")
 
 
 def child(images_path: Path, out: Path, model_dirs: list[Path]) -> int:
@@ -79,10 +87,7 @@ def _main(argv: list[str] | None = None) -> int:
         return child(args.child[0], args.child[1], args.child[2:])
     require_artifact("--model-dir", args.model_dir)
     require_artifact("--int8-dir", args.int8_dir)
-    qemu = shutil.which("qemu-x86_64")
-    if qemu is None:
-        print("error: qemu-x86_64 not found (apt-get install qemu-user)", file=sys.stderr)
-        return 2
+    qemu = qemu_binary()
     from flywheel.metrics import roc_auc
     from training.quantize import rebuild_task, score_graph
 

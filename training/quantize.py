@@ -2,6 +2,7 @@
 
     python -m training.quantize --model models/trashnet --out models/trashnet-int8
     python -m training.quantize --model models/trashnet --out runs/int8 --calibration 128 --max-auc-drop 0.01
+    python -m training.quantize --method nncf --model models/trashnet-lite0 --out runs/lite0-int8
 
 ONNX Runtime's quantization tool (``quant_pre_process``, then ``quantize_static`` in QDQ format, uint8
 activations, int8 weights per channel with ``reduce_range=True``: 7-bit weights) calibrated on TrashNet
@@ -11,6 +12,10 @@ u8 x s8 products in 16 bits with saturation (255 * 127 * 2 > 32767); the full-ra
 CPU ranked test photos with correlation 0.65 to FP32 there and lost 0.10 AUC, while 7-bit weights
 (255 * 64 * 2 < 32767) cannot saturate. S8S8 does not help: ORT on x86 shifts int8 activations to
 uint8 and runs the same kernels (same outputs, measured; see docs/performance.md).
+
+``--method nncf`` makes the graph with NNCF's post-training quantization instead (``nncf_quantize_graph``:
+QDQ, its performance preset, overflow fix on every layer, i.e. 7-bit weights as above), the INT8 path
+of OpenVINO; bench.engines compares both quantizers on both engines and CPU kinds (docs/performance.md).
 
 The test split is rebuilt as the manifest's training run made it and checked against its training-data
 hash. gamma and its calibration are re-chosen on the INT8 graph's validation scores with training's own
@@ -50,6 +55,11 @@ QUANTIZATION = {
     "reduce_range": True,
 }
 SETTINGS_TEXT = "QDQ, uint8 activations, int8 per-channel weights, reduce_range=True (7-bit weights)"
+# --method: the graph maker and what the manifest says about it.
+METHODS = {
+    "ort": f"ONNX Runtime quantize_static: {SETTINGS_TEXT}",
+    "nncf": "NNCF post-training quantization: QDQ, performance preset, overflow fix on every layer (7-bit weights)",
+}
 
 
 class PhotoReader(CalibrationDataReader):
@@ -95,12 +105,38 @@ def rebuild_task(manifest: Manifest, data: Path | None):
     return task
 
 
-def quantize_graph(fp32_path: Path, int8_path: Path, calibration: np.ndarray) -> None:
+def quantize_graph(fp32_path: Path, int8_path: Path, calibration: np.ndarray, settings: dict = QUANTIZATION) -> None:
     """ORT's pre-processing (shape inference, folded batch norms), then static quantization with
-    ``QUANTIZATION``, calibrated on ``calibration`` photos."""
+    ``settings``, calibrated on ``calibration`` photos."""
     prepared = int8_path.with_name("prepared.onnx")
     quant_pre_process(str(fp32_path), str(prepared))
-    quantize_prepared(prepared, int8_path, calibration, QUANTIZATION)
+    quantize_prepared(prepared, int8_path, calibration, settings)
+
+
+def nncf_quantize_graph(fp32_path: Path, int8_path: Path, calibration: np.ndarray, *, overflow_fix: str = "enable",
+                        preset: str = "performance", ignored: str | None = None) -> None:  # fmt: skip
+    """NNCF's post-training quantization of the ONNX graph (a QDQ graph that ONNX Runtime and OpenVINO both
+    run): statistics and fast bias correction over every ``calibration`` photo, one at a time (NNCF's
+    minimum and maximum statistics are per batch: batches of 32 lost 0.01 selection AUC). ``overflow_fix`` "enable"
+    quantizes every weight to 7 bits, "first_layer_only" the first convolution's only; ``ignored`` is a
+    regular expression of node names kept in fp32."""
+    try:
+        import nncf  # the train extra; imported here so that the ORT path starts without it
+    except ImportError as exc:
+        raise UserError(f"--method nncf needs nncf ({exc}): pip install 'deepmad-bin[train]'") from None
+    import onnx
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
+
+    quantized = nncf.quantize(
+        onnx.load(fp32_path),
+        nncf.Dataset(list(calibration), lambda photo: {"image": photo[None]}),
+        preset=nncf.QuantizationPreset(preset),
+        subset_size=len(calibration),
+        ignored_scope=nncf.IgnoredScope(patterns=[ignored], validate=False) if ignored else None,
+        advanced_parameters=AdvancedQuantizationParameters(overflow_fix=OverflowFix(overflow_fix)),
+    )
+    int8_path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(quantized, int8_path)
 
 
 def quantize_prepared(prepared: Path, int8_path: Path, calibration: np.ndarray, settings: dict) -> None:
@@ -142,7 +178,16 @@ def score_graph(path: Path, task) -> GraphScores:
     return GraphScores(test, distances, val, roc_auc(test, task.test_anomalous), routing)
 
 
-def int8_manifest(manifest: Manifest, task, int8: GraphScores, fp32: GraphScores, n_calibration: int) -> Manifest:
+def make_int8(method: str, fp32_path: Path, int8_path: Path, calibration: np.ndarray) -> None:
+    if method == "nncf":
+        nncf_quantize_graph(fp32_path, int8_path, calibration)
+    else:
+        quantize_graph(fp32_path, int8_path, calibration)
+
+
+def int8_manifest(
+    manifest: Manifest, task, int8: GraphScores, fp32: GraphScores, n_calibration: int, method: str = "ort"
+) -> Manifest:
     """The FP32 manifest with the INT8 graph's own gamma, calibration and test metrics."""
     threshold = choose_gamma(int8.val, manifest.hyperparameters.get("reject_rate", 0.05))
     tpr, fpr = rates_at(int8.test, task.test_anomalous, threshold.value)
@@ -157,7 +202,7 @@ def int8_manifest(manifest: Manifest, task, int8: GraphScores, fp32: GraphScores
         routing=routing,
         extra={
             "quantized_from": f"{manifest.name} {manifest.version} ({manifest.model_sha256})",
-            "quantization": SETTINGS_TEXT,
+            "quantization": METHODS[method],
             "fp32_test_auc": fp32.auc,
             "routing_accuracy": int8.routing,
             "fp32_routing_accuracy": fp32.routing,
@@ -196,7 +241,8 @@ def load_source(model_dir: Path) -> Manifest:
 
 
 def quantize_artifact(model_dir: Path, out: Path | None, workdir: Path, *, data: Path | None = None,
-                      calibration: int = 256, max_auc_drop: float = 0.005, command: str = "") -> Quantized:  # fmt: skip
+                      calibration: int = 256, max_auc_drop: float = 0.005, command: str = "",
+                      method: str = "ort") -> Quantized:  # fmt: skip
     """Quantize ``model_dir``'s graph into ``workdir``, score both graphs on the manifest's own split, and
     write the INT8 artifact to ``out`` (when given) if its test AUC drops at most ``max_auc_drop``."""
     manifest = load_source(model_dir)
@@ -205,9 +251,9 @@ def quantize_artifact(model_dir: Path, out: Path | None, workdir: Path, *, data:
     task = rebuild_task(manifest, data)
     photos = calibration_sample(task.train.images, task.train.labels, calibration)
     int8_path = workdir / MODEL_FILE
-    quantize_graph(model_dir / MODEL_FILE, int8_path, photos)
+    make_int8(method, model_dir / MODEL_FILE, int8_path, photos)
     fp32, int8 = score_graph(model_dir / MODEL_FILE, task), score_graph(int8_path, task)
-    shipped = int8_manifest(manifest, task, int8, fp32, len(photos))
+    shipped = int8_manifest(manifest, task, int8, fp32, len(photos), method)
     written = out is not None and fp32.auc - int8.auc <= max_auc_drop
     if written:
         shipped = write_int8(out, int8_path, shipped.model_copy(update={"command": command or shipped.command}))
@@ -235,6 +281,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, required=True, help="the FP32 artifact folder")
     p.add_argument("--out", type=Path, required=True, help="the INT8 artifact folder to write")
     p.add_argument("--data", type=Path, help="TrashNet folder (default: DEEPMAD_DATA_ROOT/trashnet)")
+    p.add_argument("--method", choices=list(METHODS), default="ort", help="the quantizer (default: ort)")
     p.add_argument("--calibration", type=int, default=256, help="training photos for calibration")
     p.add_argument("--max-auc-drop", type=float, default=0.005, help="write only if test AUC drops at most this")
     return p
@@ -247,10 +294,10 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         with tempfile.TemporaryDirectory(prefix="deepmad-int8-") as tmp:
             made = quantize_artifact(args.model, args.out, Path(tmp), data=args.data, calibration=args.calibration,
-                                     max_auc_drop=args.max_auc_drop, command=command)  # fmt: skip
+                                     max_auc_drop=args.max_auc_drop, command=command, method=args.method)  # fmt: skip
         print(
             f"INT8 test AUC {made.int8.auc:.4f} vs FP32 {made.fp32.auc:.4f} ({made.int8.auc - made.fp32.auc:+.4f}), "
-            f"routing {made.int8.routing:.4f} vs {made.fp32.routing:.4f}; {SETTINGS_TEXT}"
+            f"routing {made.int8.routing:.4f} vs {made.fp32.routing:.4f}; {METHODS[args.method]}"
         )
         if not made.written:
             print(f"error: not written: the test AUC drops more than {args.max_auc_drop}", file=sys.stderr)
