@@ -16,9 +16,9 @@ accuracy >= the current one - --routing-tolerance, each shared class's routing >
 overall number), and, at each model's own gamma (what the bin acts on), its normal-reject rate is at
 most --reject-tolerance (0.05) above the current model's and above its own manifest's claim, and its
 trash caught at most --catch-tolerance (0.05) below the current model's (decide_at_gamma): a candidate
-with the same AUC but a gamma that rejects every recyclable, or passes every trash item, is refused. A class the candidate
-adds (a new category from the operators' labels) is judged on its own audit photos, which only the
-candidate can route: it must route at least --min-new-routing of them to the new class, and with
+with the same AUC but a gamma that rejects every recyclable, or passes every trash item, is refused. A
+class the candidate adds (a new category from the operators' labels) is judged on its own audit photos,
+which only the candidate can route: it must route at least --min-new-routing of them to the new class, and with
 fewer than --min-class-photos of them it is not judged at all (exit 2). A retired class's audit photos
 are reported for the current model and judge nothing. An audit tree with fewer than
 --min-audit-anomalies anomaly photos (default 5) is not judged at all: on one or two photos the AUC is
@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
+import hashlib
 import json
 import os
 import sys
@@ -55,6 +56,7 @@ import numpy as np
 from flywheel.errors import UserError, require_artifact
 from flywheel.metrics import roc_auc, threshold_rejecting
 from flywheel.model_store import ModelStore, check_artifact
+from flywheel.photo_cache import EntryStore, cached_rows, decoded_files, file_key
 from service.categories import MIN_AUDIT_PHOTOS
 from service.imaging import ImageError, image_files, load_image_file
 from service.labels import anomaly_labels
@@ -116,7 +118,9 @@ class AuditSet:
 def open_model(flag: str, folder: Path) -> LoadedModel:
     """The artifact as the service would load it (sha256-checked, warmed up), on the CPU."""
     require_artifact(flag, folder)
-    settings = Settings(model_dir=folder, threshold=None, providers=["CPUExecutionProvider"])
+    # One session: the gate scores batches one at a time, so the service's second (busy) session and its golden
+    # check would only cost load time.
+    settings = Settings(model_dir=folder, threshold=None, providers=["CPUExecutionProvider"], busy_intra_op_threads=0)
     try:
         return load_model(folder, settings)
     except ModelLoadError as exc:
@@ -124,19 +128,32 @@ def open_model(flag: str, folder: Path) -> LoadedModel:
 
 
 def score(model: LoadedModel, files: list[Path]) -> tuple[np.ndarray, np.ndarray]:
-    """(score, nearest class index) for every file, through the service's image function."""
-    height, width, channels = model.input_shape
-    scores, nearest = [], []
-    for start in range(0, len(files), BATCH):
-        chunk = files[start : start + BATCH]
+    """(score, nearest class index) for every file, through the service's image function.
+
+    Cached per photo (``flywheel.photo_cache``): the decoded photo by its file's content, and the outputs by
+    the graph's sha256, engine and providers too. The audit tree only grows, so a gate after 50 new captures
+    runs the current model (usually the last round's candidate) on the new audit photos only; the candidate
+    runs on all of them, as it must."""
+    shape = model.input_shape
+
+    def decode(path: Path) -> np.ndarray:
         try:
-            batch = np.stack([load_image_file(path, height, width, channels) for path in chunk])
+            return load_image_file(path, *shape)
         except ImageError as exc:
             raise UserError(f"an audit photo cannot be read: {exc.message}") from None
-        result = model.run(batch)
-        scores.append(result.score)
-        nearest.append(result.nearest)
-    return np.concatenate(scores).astype(np.float64), np.concatenate(nearest)
+
+    def run(indices: list[int]) -> np.ndarray:
+        photos = decoded_files([files[i] for i in indices], shape, decode)
+        rows = []
+        for start in range(0, len(photos), BATCH):
+            result = model.run(photos[start : start + BATCH])
+            rows.append(np.stack([result.score, result.nearest], axis=1).astype(np.float64))
+        return np.concatenate(rows)
+
+    graph = f"{model.manifest.model_sha256}|{model.engine}|{','.join(model.providers)}|"
+    keys = [hashlib.sha256((graph + file_key(path, shape)).encode()).hexdigest()[:40] for path in files]
+    rows, _ = cached_rows(EntryStore("audit-scores"), keys, run)
+    return rows[:, 0], rows[:, 1].astype(np.int64)
 
 
 def audit_metrics(model: LoadedModel, audit: AuditSet, n_reject: int | None) -> dict[str, Any]:
