@@ -18,9 +18,9 @@ most --reject-tolerance (0.05) above the current model's and above its own manif
 trash caught at most --catch-tolerance (0.05) below the current model's (decide_at_gamma): a candidate
 with the same AUC but a gamma that rejects every recyclable, or passes every trash item, is refused. A
 class the candidate adds (a new category from the operators' labels) is judged on its own audit photos,
-which only the candidate can route: it must route at least --min-new-routing of them to the new class, and with
-fewer than --min-class-photos of them it is not judged at all (exit 2). A retired class's audit photos
-are reported for the current model and judge nothing. An audit tree with fewer than
+which only the candidate can route: it must route at least --min-new-routing of them to the new
+class, and with fewer than --min-class-photos of them it is not judged at all (exit 2). A retired
+class's audit photos are reported for the current model and judge nothing. An audit tree with fewer than
 --min-audit-anomalies anomaly photos (default 5) is not judged at all: on one or two photos the AUC is
 a coin flip (bench/flywheel.py measured a gate decided by a single audit trash photo). Exit 0 promoted
 (or rolled back), 3 refused (the reason is printed), 2 bad input or an audit tree too small to judge,
