@@ -250,7 +250,7 @@ def test_the_bin_as_label_studios_ml_backend(label_studio: LabelStudio, trashnet
         side = write_capture(captures, model, photo, capture_id=f"b{i:03d}", when=DAY + dt.timedelta(minutes=i))
         sides[side["id"]] = {**side, "truth": photo.parent.name}
     prefix = local_files_prefix(captures)
-    # Tasks without predictions of their own (as Label Studio's storage sync makes them): the pre-annotations
+    # Tasks without predictions of their own, so that the pre-annotations
     # must come from the backend. One task names its capture only by the image's file name.
     tasks = [{"data": {LS_IMAGE: f"{prefix}2026-11-28/{c}.jpg", "capture_id": c}} for c in sides if c != "b006"]
     tasks.append({"data": {LS_IMAGE: f"{prefix}2026-11-28/b006.jpg"}})
