@@ -1,4 +1,4 @@
-"""The per-photo caches (``training.data.cache``, ``training.features``): a photo runs through the backbone
+"""The per-photo caches (``flywheel.photo_cache``, ``training.features``): a photo runs through the backbone
 once per view, a new photo costs one forward, and a damaged entry is computed again."""
 
 from __future__ import annotations
@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+from flywheel.photo_cache import EntryStore, decoded_files
+from flywheel.promote import open_model, score
+from service.imaging import load_image_file
 from training.backbones import Backbone, lite_normaliser
 from training.batches import to_float
-from training.data.cache import EntryStore, decoded_files
 from training.features import fixed_outputs, score_arrays
 from training.methods.backbone import BackboneEncoder, GroupedHead
 from training.scorer import Scorer
@@ -166,3 +168,34 @@ def test_scores_from_cached_features_equal_the_whole_graph(backbone: Backbone):
     assert counted.photos == 6
     for want, have in zip(expected, got, strict=True):
         np.testing.assert_allclose(have, want, rtol=1e-4, atol=1e-4)
+
+
+def test_the_gate_scores_each_audit_photo_once_per_graph(tmp_path: Path, trashnet_dir: Path):
+    model = open_model("--current", Path(__file__).resolve().parents[1] / "models" / "trashnet")
+    photos = sorted((trashnet_dir / "glass").iterdir())[:5]
+    files = []
+    for photo in photos:
+        files.append(tmp_path / photo.name)
+        files[-1].write_bytes(photo.read_bytes())
+    counted = CountedModel(model)
+    first = score(counted, files[:3])
+    second = score(counted, files)
+    assert counted.batches == [3, 2]
+    np.testing.assert_array_equal(second[0][:3], first[0])
+    want = model.run(np.stack([load_image_file(p, *model.input_shape) for p in files]))
+    np.testing.assert_allclose(second[0], want.score, rtol=1e-6)
+    np.testing.assert_array_equal(second[1], want.nearest)
+
+
+class CountedModel:
+    """A loaded model whose ``run`` counts the photos it scores (the model itself is frozen)."""
+
+    def __init__(self, model):
+        self.model, self.batches = model, []
+
+    def __getattr__(self, name: str):
+        return getattr(self.model, name)
+
+    def run(self, batch: np.ndarray):
+        self.batches.append(len(batch))
+        return self.model.run(batch)

@@ -4,7 +4,7 @@ On 2 cores a Lite0 forward at 224x224 costs ~25 ms per photo, so a run that trai
 blocks) for 100 epochs must never run the fixed part of the backbone more than once per photo and view,
 and a flywheel retrain after 50 new captures must run it on those 50 photos only. Each entry's key
 covers the photo's pixels (after the image function), the backbone, its weights, where the fixed part
-ends and the view (mirrored or not); the entries live in ``training.data.cache``'s per-entry store
+ends and the view (mirrored or not); the entries live in ``flywheel.photo_cache``'s per-entry store
 (DEEPMAD_CACHE_DIR/features).
 """
 
@@ -15,9 +15,9 @@ import hashlib
 import numpy as np
 import torch
 
+from flywheel.photo_cache import EntryStore, cached_rows
 from training.backbones import Backbone, lite_normaliser
 from training.batches import to_float
-from training.data.cache import EntryStore, cached_rows
 from training.scorer import BaseScorer, Scorer
 
 FEATURE_VERSION = "2"  # bump when what is cached for the same key changes

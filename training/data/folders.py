@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
+from flywheel.photo_cache import decoded_files
 from service.imaging import ImageError, image_files, load_image_file
 from training.data.base import SPLIT_SEED, DataSet, LabeledImages, split_per_class, with_validation_split
-from training.data.cache import decoded_files
 from training.errors import UserError
 
 TRASHNET_NORMAL = ["cardboard", "glass", "metal", "paper", "plastic"]

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
+from flywheel.photo_cache import cache_dir
 from service.imaging import array_to_model_input, image_files
 from training.data.base import DataSet, LabeledImages, with_validation_split
-from training.data.cache import cache_dir
 from training.data.folders import decode_files
 from training.errors import UserError
 

@@ -1,15 +1,18 @@
-"""Per-photo arrays cached on disk by content, so a run decodes and extracts only photos it has not seen.
+"""Per-photo arrays cached on disk by content, so a run decodes, extracts and scores only photos it has not seen.
 
-The shared data folder is read-only, so the cache lives in DEEPMAD_CACHE_DIR (default
-~/.cache/deepmad-bin). Each entry is one small file, ``<cache>/<kind>/<2 hex>/<key>.entry``: a flywheel
-tree that gains 50 photos costs 50 new entries, where a key over the whole array made every new photo
-re-decode (and re-extract) all of them. One file per entry beat a packed store on this disk (measured
-in docs/flywheel.md: reading 3,000 entries of 5 KB takes ~0.1 s) and needs no index or lock.
+Training keeps decoded photos (``decoded_files``) and backbone features (``training.features``) here, and
+the gate its audit scores per graph (``flywheel.promote``); no torch, so the gate runs it beside the service.
+The cache lives in DEEPMAD_CACHE_DIR (default ~/.cache/deepmad-bin; the shared data folder is read-only).
+Each entry is one small file, ``<cache>/<kind>/<2 hex>/<key>.entry``: a flywheel tree that gains 50
+photos costs 50 new entries, where a key over the whole array made every new photo re-decode and
+re-extract all of them. One file per entry needs no index or lock; reading one costs ~0.1-0.3 ms, most of
+it opening the file (docs/flywheel.md).
 
 Writes are a temporary file in the entry's folder renamed over it, so concurrent runs never see half an
 entry (two runs writing one key write the same bytes). They are not fsynced: a cache entry is never the
 only copy of anything, and each ends with a CRC-32 of its bytes, so whatever a crash leaves (a truncated
-or zero-filled file) is found by its CRC on read and computed again.
+or zero-filled file) is found by its CRC on read and computed again. A cache that cannot be written
+(a read-only home in a container) warns once and costs only time.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import warnings
 import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -71,8 +75,12 @@ class EntryStore:
         body = header + array.tobytes()
         path = self.path(key)
         folder = os.path.dirname(path)
-        os.makedirs(folder, exist_ok=True)
-        handle, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=folder)
+        try:
+            os.makedirs(folder, exist_ok=True)
+            handle, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=folder)
+        except OSError as exc:
+            warnings.warn(f"the cache {self.root} cannot be written ({exc}); nothing is cached", stacklevel=2)
+            return
         try:
             with os.fdopen(handle, "wb") as out:
                 out.write(body + zlib.crc32(body).to_bytes(CHECK_BYTES, "little"))
