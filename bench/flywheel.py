@@ -41,6 +41,7 @@ import hashlib
 import io
 import json
 import os
+import resource
 import shlex
 import shutil
 import subprocess
@@ -413,31 +414,34 @@ def write_labelled_captures(captures: Path, photos: list[tuple[bytes, str]], mod
         (day / f"{capture_id}.json").write_text(json.dumps(sidecar, indent=2) + "\n")
 
 
-def timed_module(module: str, *args: object, ok: tuple[int, ...] = (0,)) -> tuple[float, str]:
-    """Run ``python -m module args``; (wall seconds, stdout). A return code outside ``ok`` stops the bench."""
-    started_at = time.monotonic()
+def timed_module(module: str, *args: object, ok: tuple[int, ...] = (0,)) -> tuple[float, float, str]:
+    """Run ``python -m module args``; (wall seconds, CPU seconds, stdout). The CPU seconds (user + system of
+    the child) say what the stage costs when a busy machine stretches its wall time. A return code outside
+    ``ok`` stops the bench."""
+    started_at, before = time.monotonic(), resource.getrusage(resource.RUSAGE_CHILDREN)
     result = run_module(module, *args)
-    seconds = time.monotonic() - started_at
+    seconds, after = time.monotonic() - started_at, resource.getrusage(resource.RUSAGE_CHILDREN)
     if result.returncode not in ok:
         raise RuntimeError(f"{module} exited {result.returncode}:\n{result.stderr[-2000:]}")
-    return seconds, result.stdout
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return seconds, cpu, result.stdout
 
 
 def retrain_round(args: argparse.Namespace, work: Path, current: Path, name: str) -> dict[str, Any]:
     """export -> training.fit (the recipe, outlier exposure from the tree's trash) -> the gate, each timed."""
     tree, audit, candidate = work / "data", work / "audit", work / f"candidate-{name}"
-    export_s, exported = timed_module(
+    export_s, export_cpu, exported = timed_module(
         "flywheel.captures", "export", "--captures", work / "captures", "--out", tree, "--audit-out", audit,
         "--model", current,
     )  # fmt: skip
     holdout, exposure = folder_exposure(len(image_files(tree / TRASHNET_ANOMALY)))
-    fit_s, fitted = timed_module(
+    fit_s, fit_cpu, fitted = timed_module(
         "training.fit", "--dataset", "folder", "--data", tree, "--normal", ",".join(TRASHNET_NORMAL),
         "--anomaly-holdout", f"{holdout:.4f}", "--outlier-exposure", "--exposure-from-train", exposure, "--augment",
         "--seed", args.seed, "--threads", args.threads, "--quiet", "--out", candidate,
         "--checkpoint", candidate.with_suffix(".pt"), "--version", name, *shlex.split(args.recipe),
     )  # fmt: skip
-    gate_s, gate = timed_module(
+    gate_s, gate_cpu, gate = timed_module(
         "flywheel.promote", "--candidate", candidate, "--current", current, "--audit", audit, ok=(0, 3)
     )
     lines = gate.strip().splitlines()
@@ -446,6 +450,8 @@ def retrain_round(args: argparse.Namespace, work: Path, current: Path, name: str
         "fit_s": round(fit_s, 1),
         "gate_s": round(gate_s, 1),
         "retrain_s": round(export_s + fit_s + gate_s, 1),
+        "cpu_s": round(export_cpu + fit_cpu + gate_cpu, 1),
+        "stage_cpu_s": {"export": round(export_cpu, 1), "fit": round(fit_cpu, 1), "gate": round(gate_cpu, 1)},
         "export": json.loads(exported),
         "fit_stages_s": json.loads(fitted).get("seconds"),
         "tree_photos": sum(len(image_files(folder)) for folder in tree.iterdir()),
@@ -497,7 +503,8 @@ def retrain_only(args: argparse.Namespace, root: Path) -> dict[str, Any]:
 def stage_line(record: dict[str, Any]) -> str:
     stages = " ".join(f"{k}={record[k]}" for k in ("export_s", "fit_s", "gate_s"))
     inside = record.get("fit_stages_s") or {}
-    return stages + "".join(f" fit.{k}={v}" for k, v in inside.items())
+    cpu = " ".join(f"{k}={v}" for k, v in record["stage_cpu_s"].items())
+    return stages + "".join(f" fit.{k}={v}" for k, v in inside.items()) + f" cpu_s={record['cpu_s']} ({cpu})"
 
 
 def print_retrain(args: argparse.Namespace, result: dict[str, Any]) -> None:

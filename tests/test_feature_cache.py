@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from bench.flywheel import main
 from flywheel.photo_cache import EntryStore, decoded_files
 from flywheel.promote import open_model, score
 from service.imaging import load_image_file
@@ -199,3 +200,8 @@ class CountedModel:
     def run(self, batch: np.ndarray):
         self.batches.append(len(batch))
         return self.model.run(batch)
+
+
+def test_the_retrain_bench_refuses_bad_input_in_one_line(capsys: pytest.CaptureFixture[str]):
+    assert main(["--retrain-only", "--new-photos", "0"]) == 2
+    assert capsys.readouterr().err.startswith("error: --retrain-only needs --new-photos >= 1")
