@@ -18,7 +18,6 @@ import os
 import queue
 import threading
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -263,10 +262,7 @@ def _open_openvino(settings: Settings, model_path: Path) -> Sessions:
         import openvino as ov
     except ImportError as exc:
         raise EngineError(f"engine openvino is not installed ({exc}): {INSTALL_HINT['openvino']}") from None
-    try:
-        engine = f"openvino-{version('openvino')}"
-    except PackageNotFoundError:
-        engine = f"openvino-{ov.get_version()}"
+    engine = f"openvino-{ov.get_version().split('-')[0]}"  # "2026.4.1-22982-e213a14..." -> the release
     core = ov.Core()
     label = f"OpenVINO:CPU:{PRECISION}"
 
