@@ -29,6 +29,7 @@ from service.manifest import (
     write_manifest,
 )
 from training.data import Task
+from training.features import reference_outputs
 from training.golden import golden_for
 from training.measure import Measurement
 from training.scorer import BaseScorer
@@ -87,15 +88,15 @@ class Parity:
 
 
 def check_parity(scorer: BaseScorer, onnx_path: Path, images: np.ndarray) -> Parity:
-    """ONNX Runtime vs torch (CPU, eval mode) on the same uint8 images."""
+    """ONNX Runtime vs torch (CPU, eval mode) on the same uint8 images; torch's frozen backbone features come
+    from the cache (``features.reference_outputs``), so the graph is checked against what training computed."""
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     distances, score, nearest = session.run(list(OUTPUT_NAMES), {INPUT_NAME: images})
-    with torch.no_grad():
-        t_distances, t_score, t_nearest = scorer.cpu().eval()(torch.from_numpy(images))
+    t_distances, t_score, t_nearest = reference_outputs(scorer.cpu(), images)
     return Parity(
-        max_abs_distance=float(np.abs(distances - t_distances.numpy()).max()),
-        max_abs_score=float(np.abs(score - t_score.numpy()).max()),
-        nearest_agreement=float((nearest == t_nearest.numpy()).mean()),
+        max_abs_distance=float(np.abs(distances - t_distances).max()),
+        max_abs_score=float(np.abs(score - t_score).max()),
+        nearest_agreement=float((nearest == t_nearest).mean()),
         n_images=len(images),
     )
 

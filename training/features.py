@@ -11,6 +11,7 @@ ends and the view (mirrored or not); the entries live in ``flywheel.photo_cache`
 from __future__ import annotations
 
 import hashlib
+import os
 
 import numpy as np
 import torch
@@ -60,16 +61,31 @@ def fixed_outputs(
     return rows if rows is not None else np.zeros((0,), np.float32)
 
 
+def cache_mirror_images(backbone: Backbone, images: np.ndarray, device: torch.device) -> None:
+    """Cache the mirrored view of every photo that lacks it. A folder tree's split is drawn per class from
+    its file list (``split_per_class``), so a retrain after new photos moves about a third of the validation
+    and test photos into training, where ``--augment`` needs their mirror images: made here, once per photo,
+    they cost the first run one forward each instead of every retrain hundreds (measured: docs/flywheel.md)."""
+    store = EntryStore("features")
+    keys = photo_keys(backbone, images, True)
+    missing = [i for i, key in enumerate(keys) if not os.path.exists(store.path(key))]
+    if missing:
+        fixed_outputs(backbone, images[missing], True, device)
+
+
 @torch.no_grad()
 def score_arrays(scorer: BaseScorer, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``scorer.score_arrays(images)``, with a frozen backbone's features read from the cache: measuring a
     model on its training, validation and test photos then runs the backbone only on photos it never saw
-    (a flywheel retrain's new ones) instead of on every photo again."""
+    (a flywheel retrain's new ones) instead of on every photo again. Their mirror images are cached too
+    (``cache_mirror_images``)."""
     backbone = getattr(scorer.encoder, "backbone", None)
     if not isinstance(scorer, Scorer) or not isinstance(backbone, Backbone) or backbone.trains:
         return scorer.score_arrays(images)
     scorer.eval()
-    pooled = torch.from_numpy(fixed_outputs(backbone, images, False, scorer.centres.device))
+    device = scorer.centres.device
+    pooled = torch.from_numpy(fixed_outputs(backbone, images, False, device))
+    cache_mirror_images(backbone, images, device)
     columns = torch.cat(
         [
             scorer.centre_distances(scorer.encoder.from_pooled(pooled[start : start + 1024].to(scorer.centres.device)))
@@ -78,3 +94,14 @@ def score_arrays(scorer: BaseScorer, images: np.ndarray) -> tuple[np.ndarray, np
     )
     distances, score = scorer.split(columns.float().cpu())
     return distances.numpy(), score.numpy()
+
+
+@torch.no_grad()
+def reference_outputs(scorer: BaseScorer, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The torch scorer's (distances, score, nearest) on ``images``, as its forward computes them, the frozen
+    backbone's features from the cache where ``score_arrays`` can use it."""
+    if isinstance(scorer, Scorer):  # its score_arrays computes what its forward does
+        distances, score = score_arrays(scorer, images)
+        return distances, score, distances.argmin(axis=1)
+    distances, score, nearest = scorer.eval()(torch.from_numpy(images))
+    return distances.numpy(), score.numpy(), nearest.numpy()
