@@ -494,7 +494,7 @@ def retrain_only(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     nonce = np.random.default_rng()  # fresh pixels every run: the new photos are never in the cache
     new = [(new_photo(p, nonce), label) for p, label in held_out]
     new += [(new_photo(p, nonce), TRASHNET_ANOMALY) for p in trash[audit_trash : audit_trash + n_new_trash]]
-    write_labelled_captures(work / "captures", new, current, f"new{int(time.time())}")
+    write_labelled_captures(work / "captures", new, current, "new")  # the same ids, so the same audit share
     timed = retrain_round(args, work, current, "new")
     load_after = os.getloadavg()
     return {"warm": warm, "new": timed, "load_before": load_before, "load_after": load_after}
