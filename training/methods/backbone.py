@@ -152,15 +152,28 @@ def column_centres(encoder: BackboneEncoder, pooled: torch.Tensor, labels: torch
 
 
 def objective(
-    z: torch.Tensor, centres: torch.Tensor, labels: torch.Tensor, n_normal: int, config: DeepMADConfig, one_class: bool
+    z: torch.Tensor,
+    centres: torch.Tensor,
+    labels: torch.Tensor,
+    n_normal: int,
+    config: DeepMADConfig,
+    one_class: bool,
+    class_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """DeepMAD's loss with the anomaly terms, or DeepSVDD's (each head pulls its own class, sees nothing else)."""
     if one_class:
         own = F.one_hot(labels.clamp_min(0), n_normal).bool() & (labels >= 0).unsqueeze(1)
         squared = (z - centres.unsqueeze(0)).pow(2).sum(-1)
         return (squared * own).sum(0).div(own.sum(0).clamp_min(1)).sum()
-    loss, _ = deepmad_loss(z, centres, labels, config.eta, config.delta, config.routing_margin, AnomalyTerms.of(config))
+    terms = AnomalyTerms.of(config)
+    loss, _ = deepmad_loss(z, centres, labels, config.eta, config.delta, config.routing_margin, terms, class_weights)
     return loss
+
+
+def inverse_frequency(labels: torch.Tensor, n_normal: int) -> torch.Tensor:
+    """[m]: n / (m * n_c) over the normal photos, so each class weighs the same in ``--class-push``."""
+    counts = torch.bincount(labels[(labels >= 0) & (labels < n_normal)], minlength=n_normal).float()
+    return counts.sum() / (n_normal * counts.clamp_min(1))
 
 
 @dataclass
@@ -191,6 +204,38 @@ class CachedInputs:
         return cls(backbone, torch.cat(outputs), labels.repeat(len(views)), len(labels), size, channels)
 
 
+def filled(inputs: CachedInputs, n_normal: int, seed: int) -> CachedInputs:
+    """``--fill-classes``: every class with fewer photos than the median class gets rows up to that count, each
+    its photos' mean feature plus a photo of a class that has the count, as an offset from that class's mean
+    (the same draw in every view). A head learnt from 30 photos memorises them, so its class's unseen photos
+    land far from its centre and the old heads claim them; borrowed offsets teach it how a class spreads
+    (bench.new_class measures it)."""
+    photos = inputs.n_photos
+    labels = inputs.labels[:photos]
+    counts = torch.bincount(labels[labels >= 0], minlength=n_normal)
+    target = int(counts.median())
+    donors = torch.nonzero((labels >= 0) & (counts[labels.clamp_min(0)] >= target)).squeeze(1)
+    generator = torch.Generator().manual_seed(seed)
+    chosen, new_labels = [], []
+    for column in range(n_normal):
+        missing = target - int(counts[column])
+        if 0 < missing < target:  # a class with no photo has no mean to fill around
+            chosen.append(donors[torch.randint(len(donors), (missing,), generator=generator)])
+            new_labels.append(torch.full((missing,), column, dtype=labels.dtype))
+    if not chosen:
+        return inputs
+    chosen, new_labels = torch.cat(chosen), torch.cat(new_labels)
+    normal, views = labels >= 0, []
+    for view in inputs.fixed.split(photos):
+        sums = torch.zeros(n_normal, view.shape[1]).index_add_(0, labels[normal], view[normal])
+        means = sums / counts.clamp_min(1).unsqueeze(1)
+        offsets = view[chosen] - means[labels[chosen]]
+        views += [view, means[new_labels] + offsets]
+    fixed = torch.cat(views)
+    all_labels = torch.cat([labels, new_labels]).repeat(len(views) // 2)
+    return CachedInputs(inputs.backbone, fixed, all_labels, photos + len(chosen), inputs.size, inputs.channels)
+
+
 def train_heads(
     inputs: CachedInputs, task_identity: dict, n_normal: int, config: DeepMADConfig, run: RunOptions, one_class: bool
 ) -> tuple[BackboneEncoder, torch.Tensor, TrainingLog]:
@@ -198,6 +243,8 @@ def train_heads(
 
     ``one_class``: DeepSVDD's objective (each head pulls its own class, sees nothing else) instead of DeepMAD's.
     """
+    if config.fill_classes:
+        inputs = filled(inputs, n_normal, config.seed)
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     device, fixed = run.device, inputs.fixed
@@ -222,10 +269,11 @@ def train_heads(
     if centres is None:
         centres = column_centres(encoder, pooled.to(device), photo_labels.to(device)).cpu()
     device_centres = centres.to(device)
+    weights = inverse_frequency(photo_labels, n_normal).to(device)
 
     def step_loss(chosen: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         z = encoder.from_fixed(fixed[chosen].to(device))
-        loss = objective(z, device_centres, labels[chosen].to(device), n_normal, config, one_class)
+        loss = objective(z, device_centres, labels[chosen].to(device), n_normal, config, one_class, weights)
         return loss, {"encoder_loss": loss.item()}
 
     def after_epoch(epoch: int, means: dict[str, float]) -> None:

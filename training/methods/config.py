@@ -259,11 +259,28 @@ class DeepMADConfig(MethodConfig):
     head_hidden: int = setting(
         256, "with --backbone: hidden units of each class's two-layer head (0: one linear map per class)", minimum=0
     )
+    class_push: float = setting(
+        0.0,
+        "w > 0: every normal photo is pushed from the other classes' centres by w / (d^2 + 0.1) (the Deep SAD "
+        "push, as for labelled anomalies) in place of the delta hinge, each class weighted by its inverse "
+        "frequency (a class learnt from few photos, bench.new_class; not in the paper); 0: the hinge",
+        minimum=0,
+    )
+    fill_classes: bool = setting(
+        False,
+        "with a frozen --backbone: a class with fewer training photos than the median class gets feature rows up "
+        "to it, its photos' mean plus offsets of other classes' photos from their own means (a class learnt from "
+        "few photos, bench.new_class; not in the paper)",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.backbone == "none" and (self.tune_blocks or self.backbone_weights):
             raise UserError("--tune-blocks and --backbone-weights need --backbone")
+        if self.class_push and self.backbone == "none":
+            raise UserError("--class-push needs --backbone (the heads' trainer weighs the classes)")
+        if self.fill_classes and (self.backbone == "none" or self.tune_blocks):
+            raise UserError("--fill-classes needs a frozen --backbone (its cached features are what it fills)")
         if self.tune_blocks < 0 and self.tune_blocks != ALL_BLOCKS:
             raise UserError(f"--tune-blocks must be a count of blocks (0 or more) or 'all', got {self.tune_blocks}")
         if (self.augment_strength != "basic" or self.centre_views) and not self.augment:

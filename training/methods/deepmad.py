@@ -79,10 +79,11 @@ class AnomalyTerms:
     push: str = "hinge"
     weight: float = 20.0
     centres: int = 0
+    classes: float = 0.0  # > 0: the other classes' photos are anomalies too, pushed by classes / (d^2 + eps)
 
     @classmethod
     def of(cls, config: DeepMADConfig) -> AnomalyTerms:
-        return cls(config.anomaly_push, config.anomaly_weight, config.anomaly_centres)
+        return cls(config.anomaly_push, config.anomaly_weight, config.anomaly_centres, config.class_push)
 
 
 def deepmad_loss(
@@ -93,13 +94,17 @@ def deepmad_loss(
     delta: float,
     routing_margin: float = 0.0,
     anomaly: AnomalyTerms = AnomalyTerms(),
+    class_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Batch estimate of the sum over encoders of L(theta_i), without the weight-decay term.
 
     embeddings [B, m + k, D]; centres [m + k, D] (k = ``anomaly.centres``); labels [B] in 0..m+k-1
     (m.. : an anomaly centre's) or -1 (a labelled anomaly without a centre). Normal photos are pulled
     onto their own centre and pushed past delta from every other (the paper's loss); a labelled
-    anomaly is pushed from the normal centres by ``anomaly.push`` (``AnomalyTerms``). Returns (total,
+    anomaly is pushed from the normal centres by ``anomaly.push`` (``AnomalyTerms``); with ``anomaly.classes``
+    a normal photo is pushed from the other normal centres the Deep SAD way instead of by the hinge, scaled by
+    its class's ``class_weights`` [m] (inverse class frequency: a class of 30 photos pushes as hard as one
+    of 300). Returns (total,
     per-encoder [m + k]); the routing-margin term (module docstring) is in the total only, as it
     belongs to no single encoder. Dividing by the batch size is the batch estimate of 1/N.
     """
@@ -117,6 +122,12 @@ def deepmad_loss(
         push = torch.where(from_normal_centre, anomaly_push, hinge)
     else:
         push = hinge
+    if anomaly.classes > 0:
+        other_class = ~is_anomaly & (columns < n_normal)
+        class_push = anomaly.classes / (squared + DEEPSAD_EPS)
+        if class_weights is not None:
+            class_push = class_push * class_weights[labels.clamp(0, n_normal - 1)].unsqueeze(1)
+        push = torch.where(other_class, class_push, push)
     push = torch.where(positive, torch.zeros_like(squared), push)
     per_encoder = (pull + push).mean(0)
     total = per_encoder.sum()
