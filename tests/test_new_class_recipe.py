@@ -1,4 +1,4 @@
-"""The few-shot recipe for a new category (``--fill-classes``, chosen by ``bench.new_class``'s CV).
+"""The few-shot recipe for a new category (``--fill-classes --class-scale``, chosen by ``bench.new_class``'s CV).
 
 On real features of a small TrashNet subset (frozen Lite0 at 64x64, cached): the rows it adds, the heads
 it trains through the product's ``train_heads``, where it refuses to run, and ``training.fit`` with the
@@ -8,6 +8,7 @@ flag on a folder tree (as the export writes it) whose new class has few photos.
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from training.backbones import Backbone
 from training.engine import RunOptions
 from training.errors import UserError
 from training.features import fixed_outputs
-from training.methods.backbone import CachedInputs, filled, inverse_frequency, train_heads
+from training.methods.backbone import CachedInputs, few_photo_scales, filled, inverse_frequency, train_heads
 from training.methods.deepmad import AnomalyTerms, DeepMADConfig, deepmad_loss
 
 SIZE = 64
@@ -120,3 +121,17 @@ def test_class_push_weighs_a_small_class_as_much_as_a_large_one():
     assert per_head[0].item() == pytest.approx(per_head[1].item())
     hinge, _ = deepmad_loss(z, centres, labels, 1.0, 2.0, anomaly=AnomalyTerms("deepsad", 50.0))
     assert hinge.item() != pytest.approx(per_head.sum().item())
+
+
+def test_class_scale_shrinks_a_few_photo_class_s_distances_exactly_in_the_graph(inputs):
+    """Metal (5 photos, median 16) with k = 0.3: its distances times 1 - 0.3 (1 - 5/16); the others' kept."""
+    config = DeepMADConfig(backbone="efficientnet-lite0", **HEADS)
+    run = RunOptions(torch.device("cpu"))
+    plain, plain_centres, _ = train_heads(inputs, {}, 3, config, run, False)
+    scaled, centres, _ = train_heads(inputs, {}, 3, replace(config, class_scale=0.3), run, False)
+    assert few_photo_scales(inputs.labels, 3, 0.3).tolist() == pytest.approx([1.0, 1.0, 1 - 0.3 * (1 - 5 / 16)])
+    with torch.no_grad():
+        before = (plain.from_fixed(inputs.fixed) - plain_centres).pow(2).sum(-1).sqrt()
+        after = (scaled.from_fixed(inputs.fixed) - centres).pow(2).sum(-1).sqrt()
+    expected = before * torch.tensor([1.0, 1.0, 1 - 0.3 * (1 - 5 / 16)])
+    assert torch.allclose(after, expected, rtol=1e-4, atol=1e-5)

@@ -236,6 +236,25 @@ def filled(inputs: CachedInputs, n_normal: int, seed: int) -> CachedInputs:
     return CachedInputs(inputs.backbone, fixed, all_labels, photos + len(chosen), inputs.size, inputs.channels)
 
 
+def few_photo_scales(labels: torch.Tensor, n_normal: int, k: float) -> torch.Tensor:
+    """[m]: 1 - k (1 - n_c / median) for a class with n_c photos below the median count, 1 otherwise
+    (``--class-scale``)."""
+    counts = torch.bincount(labels[(labels >= 0) & (labels < n_normal)], minlength=n_normal).float()
+    return 1 - k * (1 - counts / counts.median()).clamp_min(0)
+
+
+@torch.no_grad()
+def scale_columns(encoder: BackboneEncoder, centres: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Distance to centre j times scales[j], exactly: the heads have no biases, so head j's last layer and
+    its centre are scaled. Returns the centres (the anomaly centres' columns after ``scales`` are kept)."""
+    last = encoder.head.second if encoder.head.second is not None else encoder.head.first
+    rows = torch.ones(encoder.groups, device=scales.device)
+    rows[: len(scales)] = scales
+    factor = rows.repeat_interleave(encoder.rep_dim).to(last.weight.device)
+    last.weight.mul_(factor.view(-1, *([1] * (last.weight.dim() - 1))))
+    return centres * rows.unsqueeze(1).to(centres.device)
+
+
 def train_heads(
     inputs: CachedInputs, task_identity: dict, n_normal: int, config: DeepMADConfig, run: RunOptions, one_class: bool
 ) -> tuple[BackboneEncoder, torch.Tensor, TrainingLog]:
@@ -243,6 +262,7 @@ def train_heads(
 
     ``one_class``: DeepSVDD's objective (each head pulls its own class, sees nothing else) instead of DeepMAD's.
     """
+    scales = few_photo_scales(inputs.labels[: inputs.n_photos], n_normal, config.class_scale)
     if config.fill_classes:
         inputs = filled(inputs, n_normal, config.seed)
     torch.manual_seed(config.seed)
@@ -286,6 +306,8 @@ def train_heads(
         encoder, optimizer, config.epochs, start, batches, step_loss, after_epoch, progress_bar(run.progress), "heads"
     )
     log.images_per_second["heads"] = (config.epochs - start) * len(fixed) / max(time.perf_counter() - started, 1e-9)
+    if config.class_scale:
+        centres = scale_columns(encoder, centres, scales)
     return encoder.eval(), centres, log
 
 

@@ -273,10 +273,22 @@ class DeepMADConfig(MethodConfig):
         "few photos, bench.new_class; not in the paper)",
     )
 
+    class_scale: float = setting(
+        0.0,
+        "k > 0: with --backbone, the distances of a class with n training photos, fewer than the median class's "
+        "m, are scaled by 1 - k (1 - n / m) in the graph (its head's last layer and centre), because a head "
+        "learnt from few photos puts its class's unseen photos farther out than the others' (bench.new_class; "
+        "not in the paper); 0: off",
+        minimum=0,
+        below=1,
+    )
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.backbone == "none" and (self.tune_blocks or self.backbone_weights):
             raise UserError("--tune-blocks and --backbone-weights need --backbone")
+        if self.class_scale and self.backbone == "none":
+            raise UserError("--class-scale needs --backbone (it scales the heads)")
         if self.class_push and self.backbone == "none":
             raise UserError("--class-push needs --backbone (the heads' trainer weighs the classes)")
         if self.fill_classes and (self.backbone == "none" or self.tune_blocks):
