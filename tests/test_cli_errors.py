@@ -55,6 +55,8 @@ COMMANDS = [
     ("bench.pretrained", ["--sizes", "128"], {"DEEPMAD_DATA_ROOT": MISSING}),
     ("bench.tuned", ["--folds", "2", "--log", "OUT"], {"DEEPMAD_DATA_ROOT": MISSING}),
     ("bench.dose", ["--doses", "0"], {"DEEPMAD_DATA_ROOT": MISSING}),
+    ("bench.new_class", ["--ns", "30"], {"DEEPMAD_DATA_ROOT": MISSING}),
+    ("bench.new_class", ["--test", "fill classes + scale 0.3", "--round", "OUT"], {"DEEPMAD_DATA_ROOT": MISSING}),
 ]
 
 
