@@ -276,7 +276,10 @@ def train_heads(
     labels = photo_labels.repeat(len(fixed) // inputs.n_photos)
     encoder = encoder.to(device)
     trained = [p for p in encoder.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(trained, lr=config.lr, weight_decay=config.weight_decay)
+    # Fused: one pass over the ~2M head weights per step instead of seven (measured 193 -> 23 ms a step on 2 busy
+    # cores: most of a warm flywheel retrain's heads time); the same update up to float rounding.
+    fused = device.type in ("cpu", "cuda")
+    optimizer = torch.optim.Adam(trained, lr=config.lr, weight_decay=config.weight_decay, fused=fused)
     log = TrainingLog()
     objective_name = "one-class" if one_class else "deepmad"
     identity = {"config": config.training_identity(), **task_identity, "objective": objective_name}
