@@ -69,12 +69,16 @@ def test_writes_a_servable_int8_artifact_with_gamma_from_its_own_validation_scor
     assert np.std(val_scores) > 0.5
 
 
-def test_nncf_makes_an_int8_artifact_both_engines_serve_that_ranks_photos_like_fp32(tmp_path: Path, trashnet_dir: Path):
+def test_nncf_makes_an_int8_artifact_that_ranks_photos_like_fp32_on_both_engines(tmp_path: Path, trashnet_dir: Path):
     """``--method nncf`` on the pretrained graph with 10 calibration photos (the AUC gate opened: this checks
-    the path, bench.engines measures the recipe): a QDQ graph whose golden scores verify on ONNX Runtime and
-    OpenVINO, and whose scores of real validation photos rank as the fp32 graph's (0.82 measured here; a graph
-    quantized wrongly, e.g. calibrated on other pixels, ranks near 0)."""
+    the path, bench.engines measures the recipe): a QDQ graph the service loads (golden scores verified on
+    ONNX Runtime, whose outputs they are), whose scores of real validation photos rank as the fp32 graph's on
+    ONNX Runtime and on OpenVINO (0.82 measured here; a graph quantized wrongly ranks near 0). OpenVINO's
+    true INT8 kernels move scores up to ~0.09 from ONNX Runtime's on this graph, about the golden tolerance,
+    so its golden check is not asserted here (docs/performance.md, "INT8 and bf16 of the pretrained graph")."""
     import onnx
+
+    from bench.int8_no_vnni import bare_run
 
     lite0 = REPO_ROOT / "models" / "trashnet-lite0"
     out = tmp_path / "lite0-int8"
@@ -85,12 +89,12 @@ def test_nncf_makes_an_int8_artifact_both_engines_serve_that_ranks_photos_like_f
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
     photos = rebuild_task(Manifest.load(lite0), trashnet_dir).val.images
     fp32 = load_model(lite0, Settings()).run(photos).score
-    for engine in ("onnxruntime", "openvino"):
-        model = load_model(out, Settings(engine=engine))
-        assert model.golden.status == "verified", (engine, model.golden.detail)
-        assert model.manifest.test_metrics.extra["quantization"] == METHODS["nncf"]
-        assert model.manifest.test_metrics.extra["calibration_photos"] == 10
-        assert rank_correlation(fp32, model.run(photos).score) > 0.7, engine
+    model = load_model(out, Settings())
+    assert model.golden.status == "verified", model.golden.detail
+    assert model.manifest.test_metrics.extra["quantization"] == METHODS["nncf"]
+    assert model.manifest.test_metrics.extra["calibration_photos"] == 10
+    assert rank_correlation(fp32, model.run(photos).score) > 0.7
+    assert rank_correlation(fp32, bare_run(out / "model.onnx", "openvino")(photos)[1]) > 0.7
 
 
 def test_the_recipes_bench_compares_each_recipe_with_fp32_on_the_selection_split(trashnet_dir: Path):
