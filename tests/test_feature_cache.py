@@ -3,6 +3,7 @@ once per view, a new photo costs one forward, and a damaged entry is computed ag
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -208,3 +209,30 @@ class CountedModel:
 def test_the_retrain_bench_refuses_bad_input_in_one_line(capsys: pytest.CaptureFixture[str]):
     assert main(["--retrain-only", "--new-photos", "0"]) == 2
     assert capsys.readouterr().err.startswith("error: --retrain-only needs --new-photos >= 1")
+
+
+def test_writers_at_once_never_show_a_reader_half_an_entry(cache: Path):
+    store, want = EntryStore("race"), np.arange(50_000, dtype=np.float32).reshape(100, 500)
+    seen, stop = [], threading.Event()
+
+    def write() -> None:
+        for _ in range(40):
+            store.put("ab" * 20, want)
+
+    def read() -> None:
+        while not stop.is_set():
+            got = store.get("ab" * 20)
+            seen.append(got is None or np.array_equal(got, want))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    writers = [threading.Thread(target=write) for _ in range(4)]
+    for thread in writers:
+        thread.start()
+    for thread in writers:
+        thread.join()
+    stop.set()
+    reader.join()
+    assert seen and all(seen)
+    np.testing.assert_array_equal(store.get("ab" * 20), want)
+    assert [p.name for p in (cache / "race").rglob("*")] == ["ab", "ab" * 20 + ".entry"]
