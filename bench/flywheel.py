@@ -467,9 +467,10 @@ def retrain_only(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     tree its validation recyclables and 20% of the held trash; the serving model ``--current`` (a copy).
     Round ``warm`` exports nothing new and retrains on the tree as it is: it fills DEEPMAD_CACHE_DIR where
     this tree was never seen, and is a no-change retrain where it was. Round ``new`` writes the new photos as
-    labelled captures (seeded crops of photos held out of the tree, ``--trash-share`` of them trash, fresh
-    JPEGs, so no cache has their pixels; about ``--audit-share`` of them go to the audit tree, by capture id)
-    and times export, training.fit (features, heads, measurement, ONNX export) and the gate.
+    labelled captures (random crops, new every run, of photos held out of the tree, ``--trash-share`` of them
+    trash, saved as fresh JPEGs, so no cache has their pixels; the export's audit share, a fifth, goes to the
+    audit tree by capture id) and times export, training.fit (features, heads, measurement, ONNX export) and
+    the gate. ``--threads`` is training.fit's: on a busy machine one thread is faster (docs/flywheel.md).
     """
     splits = trashnet_splits(root)
     work = args.out / "retrain"
@@ -511,7 +512,7 @@ def print_retrain(args: argparse.Namespace, result: dict[str, Any]) -> None:
     new = result["new"]
     load = "/".join(f"{x:.2f}" for x in result["load_after"])
     print(
-        f"summary: retrain_s={new['retrain_s']} {stage_line(new)} new_photos={args.new_photos} "
+        f"summary: retrain_s={new['retrain_s']} {stage_line(new)} new_photos={args.new_photos} threads={args.threads} "
         f"written={new['export']['written']} audit_written={new['export']['audit_written']} "
         f"tree_photos={new['tree_photos']} audit_photos={new['audit_photos']} "
         f"warm_round_s={result['warm']['retrain_s']} "
