@@ -57,7 +57,7 @@ QUANTIZATION = {
 SETTINGS_TEXT = "QDQ, uint8 activations, int8 per-channel weights, reduce_range=True (7-bit weights)"
 # --method: the graph maker and what the manifest says about it.
 METHODS = {
-    "ort": f"ONNX Runtime quantize_static: {SETTINGS_TEXT}",
+    "ort": SETTINGS_TEXT,  # ONNX Runtime quantize_static (the text the shipped INT8 manifest carries)
     "nncf": "NNCF post-training quantization: QDQ, performance preset, overflow fix on every layer (7-bit weights)",
 }
 
