@@ -56,7 +56,7 @@ COMMANDS = [
     ("bench.tuned", ["--folds", "2", "--log", "OUT"], {"DEEPMAD_DATA_ROOT": MISSING}),
     ("bench.dose", ["--doses", "0"], {"DEEPMAD_DATA_ROOT": MISSING}),
     ("bench.new_class", ["--ns", "30"], {"DEEPMAD_DATA_ROOT": MISSING}),
-    ("bench.new_class", ["--test", "fill classes + scale 0.3", "--round", "OUT"], {"DEEPMAD_DATA_ROOT": MISSING}),
+    ("bench.new_class", ["--test", "fill classes + scale 0.5", "--round", "OUT"], {"DEEPMAD_DATA_ROOT": MISSING}),
 ]
 
 
