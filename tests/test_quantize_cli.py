@@ -114,3 +114,22 @@ def test_the_recipes_bench_compares_each_recipe_with_fp32_on_the_selection_split
     assert float(shipped[1]) > 0.95 and abs(float(shipped[0]) - fp32_auc) < 0.03, result.stdout
     assert rows[recipes[0]][-1].strip() == "yes" and rows[recipes[1]][-1].strip().startswith("no")
     assert "test not read" in result.stdout
+
+
+def test_the_engines_bench_puts_each_graph_on_each_engine_beside_ort_fp32(trashnet_dir: Path):
+    """``bench.engines`` on the 32x32 model: one row per graph and engine, fp32 on OpenVINO f32 reads ONNX
+    Runtime's AUC, the NNCF graph ranks like fp32, and the summary line carries the load average."""
+    graph = "NNCF, overflow fix on every layer"
+    command = [sys.executable, "-m", "bench.engines", "--model-dir", str(SHIPPED_MODEL), "--data", str(trashnet_dir),
+               "--calibration", "10", "--rounds", "1", "--graph", graph, "--engine", "openvino f32"]  # fmt: skip
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = {tuple(c.strip() for c in line.split("|")[1:3]): line.split("|")[3:-1] for line in result.stdout.splitlines()
+            if line.count("|") == 11 and "---" not in line and "graph" not in line}  # fmt: skip
+    assert set(rows) == {(g, e) for g in ("fp32", graph) for e in ("onnxruntime", "openvino f32")}, result.stdout
+    fp32_auc = float(rows[("fp32", "onnxruntime")][1])
+    assert 0.55 < fp32_auc < 1.0 and abs(float(rows[("fp32", "openvino f32")][1]) - fp32_auc) < 1e-3
+    assert float(rows[(graph, "openvino f32")][3]) > 0.8, result.stdout  # rank correlation to fp32
+    assert "test not read" in result.stdout
+    summary = [line for line in result.stdout.splitlines() if line.startswith("summary: ")]
+    assert len(summary) == 1 and "load_average=" in summary[0]
