@@ -117,7 +117,7 @@ def nncf_quantize_graph(fp32_path: Path, int8_path: Path, calibration: np.ndarra
                         preset: str = "performance", ignored: str | None = None) -> None:  # fmt: skip
     """NNCF's post-training quantization of the ONNX graph (a QDQ graph that ONNX Runtime and OpenVINO both
     run): statistics and fast bias correction over every ``calibration`` photo, one at a time (NNCF's
-    minimum and maximum statistics are per batch: batches of 32 lost 0.01 selection AUC). ``overflow_fix`` "enable"
+    minimum and maximum statistics are per batch: batches of 32 lost 0.015 selection AUC). ``overflow_fix`` "enable"
     quantizes every weight to 7 bits, "first_layer_only" the first convolution's only; ``ignored`` is a
     regular expression of node names kept in fp32."""
     try:
