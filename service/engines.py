@@ -142,7 +142,7 @@ def _open_onnxruntime(settings: Settings, model_path: Path) -> Sessions:
 
 # OpenVINO ----------------------------------------------------------------------------------------------------
 
-# OpenVINO's CPU plugin picks bf16 by itself on CPUs with avx512_bf16 or AMX. On this box (Xeon, avx512_bf16
+# OpenVINO's CPU plugin picks bf16 by itself on CPUs with avx512_bf16 or AMX. On this box (AMD EPYC Zen 4, avx512_bf16
 # without AMX) bf16 moved the Lite0 graph's golden outputs by up to 0.19 score units (31 of 48 past the fp32
 # tolerance) for 1.65x at batch 1: a different function, so the service pins f32, which reproduces ONNX
 # Runtime's outputs to 4e-6. bf16 is a measured option of the benches (bench.pretrained --serving), not served.
@@ -213,7 +213,7 @@ def openvino_config(threads: int, streams: int) -> dict[str, object]:
     The service compiles the graph twice, as it opens two ONNX Runtime sessions: one stream with every thread
     for a call that starts alone (what OpenVINO's LATENCY hint picks), and one stream per core of one thread
     each for calls beside others (what its THROUGHPUT hint picks on this box). Measured in process on this
-    2-core Xeon (avx512_vnni + avx512_bf16, no AMX) shared with other jobs, one photo per call, c4 = four
+    2-core AMD EPYC Zen 4 (avx512_vnni + avx512_bf16, no AMX) shared with other jobs, one photo per call, c4 = four
     threads calling, arms interleaved in rounds (a scratch script of the same loop as bench.serve's in-process
     references); "pair" is the shipped choice:
 
