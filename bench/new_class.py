@@ -18,7 +18,7 @@ folds: train + validation recyclables, the 60 trash photos outside the test spli
 recyclables; no test photo is read. ``--test RECIPE`` is the one read of the test split, for the recipe
 chosen by that CV: the heads train on TrashNet's training split (the N photos drawn from it) and the 30
 exposure trash photos as the shipped model does, γ from the validation split, read on the 410 test
-recyclables and 59 test trash photos. ``--round`` adds one live round (``bench.new_class_round``).
+recyclables and 59 test trash photos. ``--round DIR`` runs one live round first (``run_round``).
 
 Example:
     python -m bench.new_class --folds 2 --plot docs/flywheel-new-class.png
@@ -266,10 +266,11 @@ def plot(path: Path, ns: list[int], results: dict[str, Result], title: str) -> N
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(6, 3.6), dpi=120)
-    for name, result in results.items():
-        per = [result.per_class(n, "new") for n in ns]
-        axis.plot(ns, [float(np.mean(list(p.values()))) for p in per], marker="o", label=f"{name}: mean")
-        axis.plot(ns, [min(p.values()) for p in per], marker="x", linestyle=":", label=f"{name}: worst class")
+    for index, (name, result) in enumerate(results.items()):
+        per, colour = [result.per_class(n, "new") for n in ns], f"C{index}"
+        means = [float(np.mean(list(p.values()))) for p in per]
+        axis.plot(ns, means, marker="o", color=colour, label=f"{name}: mean")
+        axis.plot(ns, [min(p.values()) for p in per], marker="x", linestyle=":", color=colour, label="worst class")
     axis.axhline(0.70, color="grey", linewidth=0.6, linestyle="--")
     axis.axhline(0.88, color="grey", linewidth=0.6, linestyle="--")
     axis.set_xscale("log")
