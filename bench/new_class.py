@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(1)
         backbone = Backbone.pretrained(BACKBONE, 0)
         fixed, labels, rows = training_side_features(backbone)
-        round_s = run_round(args.round)["round_s"] if args.round else None
+        live = run_round(args.round) if args.round else None
         if args.test:
             tested = [test_photos(fixed, labels, rows)]
             print(f"# load average {os.getloadavg()[0]:.2f}; {BACKBONE} at {SIZE}, frozen, cached features; each "
@@ -349,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
             final, split = results.get(CHOSEN), "cv"
             if args.plot:
                 plot(args.plot, ns, results, f"new class from N photos, {args.folds}-fold CV, frozen {BACKBONE} heads")
-        print(summary(final, ns, split, round_s), flush=True)
+        print(summary(final, ns, split, live), flush=True)
         return 0
 
     return run_command(body, "interrupted")
@@ -421,7 +421,7 @@ def run_round(work: Path) -> dict:
         served = client.get("/model").json()["class_names"]
         round_s = time.monotonic() - started_at
     stages = {"export_s": export_s, "fit_s": fit_s, "gate_promote_reload_s": gate_s, "round_s": round_s,
-              "cpu_s": export_cpu + fit_cpu + gate_cpu}  # fmt: skip
+              "cpu_s": export_cpu + fit_cpu + gate_cpu, "served": float(ROUND_CLASS in served)}  # fmt: skip
     inside = json.loads(fitted).get("seconds") or {}
     print(f"# live round: {len(chosen)} photos of {ROUND_CLASS} labelled through POST /feedback "
           f"({ROUND_PHOTOS} to the training tree, {len(chosen) - ROUND_PHOTOS} to the audit tree); "
@@ -431,7 +431,7 @@ def run_round(work: Path) -> dict:
     return stages
 
 
-def summary(result: Result | None, ns: list[int], split: str, round_s: float | None) -> str:
+def summary(result: Result | None, ns: list[int], split: str, live: dict | None) -> str:
     cells = [f"split={split}"]
     if result is not None:
         classes = list(result.full)
@@ -444,7 +444,10 @@ def summary(result: Result | None, ns: list[int], split: str, round_s: float | N
                 f"old_routing_vs_full={result.mean(30, 'old') - result.full_mean('old', classes):+.3f}",
                 f"caught_vs_full={result.mean(30, 'caught') - result.full_mean('caught', classes):+.3f}",
             ]
-    cells.append(f"round_s={round_s:.1f}" if round_s is not None else "round_s=not_run")
+    if live is None:
+        cells.append("round_s=not_run")
+    else:  # a round whose gate refused the candidate ends without the new class served: it says so
+        cells += [f"round_s={live['round_s']:.1f}", f"round_served_new_class={'yes' if live['served'] else 'no'}"]
     load = "/".join(f"{x:.2f}" for x in os.getloadavg())
     return "summary: " + " ".join(cells) + f" load_avg={load}"
 
