@@ -135,3 +135,20 @@ def test_class_scale_shrinks_a_few_photo_class_s_distances_exactly_in_the_graph(
         after = (scaled.from_fixed(inputs.fixed) - centres).pow(2).sum(-1).sqrt()
     expected = before * torch.tensor([1.0, 1.0, 1 - 0.3 * (1 - 5 / 16)])
     assert torch.allclose(after, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--fill-classes"], "--fill-classes needs a frozen --backbone"),
+        (["--backbone", "efficientnet-lite0", "--tune-blocks", "1", "--fill-classes"], "needs a frozen --backbone"),
+        (["--class-scale", "0.5"], "--class-scale needs --backbone"),
+        (["--backbone", "efficientnet-lite0", "--class-scale", "1"], "--class-scale must be less than 1"),
+        (["--class-push", "1"], "--class-push needs --backbone"),
+    ],
+)
+def test_the_recipe_s_flags_refuse_bad_input_in_one_line(flags: list[str], message: str, tmp_path: Path):
+    result = fit("--dataset", "trashnet", *flags, "--out", str(tmp_path / "model"), "--quiet")
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1 and message in errors[0], result.stderr[-1000:]
+    assert not (tmp_path / "model").exists()
