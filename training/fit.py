@@ -210,7 +210,30 @@ def run(args: argparse.Namespace, command: str) -> dict:
     marks.append(time.perf_counter())
     measured = measure_scorer(scorer, task, args.reject_rate)
     marks.append(time.perf_counter())
-    hyperparameters = {
+    version = args.version or datetime.now(timezone.utc).strftime("%Y%m%d.%H%M%S")
+    manifest = write_artifact(
+        args.out,
+        scorer,
+        task,
+        measured,
+        name=args.name,
+        version=version,
+        method=method.name,
+        hyperparameters=recorded_hyperparameters(args, config, device),
+        command=command,
+        training_log=log,
+    )
+    marks.append(time.perf_counter())
+    parity = check_parity(scorer, args.out / "model.onnx", task.test.images[:PARITY_IMAGES])
+    marks.append(time.perf_counter())
+    if manifest.test_metrics.routing is not None:
+        print(format_routing(manifest.test_metrics.routing), file=sys.stderr)
+    return fit_result(args.out, manifest, log, parity, marks)
+
+
+def recorded_hyperparameters(args: argparse.Namespace, config, device: torch.device) -> dict:
+    """What the manifest records of this run: the method's configuration and the data and scoring flags."""
+    return {
         **config.as_dict(),
         "reject_rate": args.reject_rate,
         "device": str(device),
@@ -222,27 +245,13 @@ def run(args: argparse.Namespace, command: str) -> dict:
         "ensemble": args.ensemble,
         "flip_tta": args.flip_tta,
     }
-    version = args.version or datetime.now(timezone.utc).strftime("%Y%m%d.%H%M%S")
-    manifest = write_artifact(
-        args.out,
-        scorer,
-        task,
-        measured,
-        name=args.name,
-        version=version,
-        method=method.name,
-        hyperparameters=hyperparameters,
-        command=command,
-        training_log=log,
-    )
-    marks.append(time.perf_counter())
-    parity = check_parity(scorer, args.out / "model.onnx", task.test.images[:PARITY_IMAGES])
-    marks.append(time.perf_counter())
+
+
+def fit_result(out: Path, manifest, log, parity, marks: list[float]) -> dict:
+    """The JSON line ``training.fit`` prints: the test numbers, the threshold, parity and each stage's seconds."""
     metrics = manifest.test_metrics
-    if metrics.routing is not None:
-        print(format_routing(metrics.routing), file=sys.stderr)
     return {
-        "out": str(args.out),
+        "out": str(out),
         "test_auc": metrics.auc,
         "selection_auc": metrics.extra.get("selection_auc"),
         "validation_routing": metrics.extra.get("validation_routing"),
