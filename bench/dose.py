@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.figures import save_png
 from bench.pretrained import (
     ANOMALY_TERMS,
     BACKBONE,
@@ -89,10 +90,7 @@ def plot(path: Path, doses: list[int], results: dict[int, np.ndarray], title: st
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8, loc="lower right")
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp.png")
-    figure.savefig(temporary)
-    temporary.replace(path)
+    save_png(figure, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -56,6 +56,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from bench.figures import save_png
 from bench.processes import service_command, service_env, started
 from flywheel.captures import SHA_PREFIX, iter_captures
 from flywheel.metrics import roc_auc
@@ -372,7 +373,7 @@ def plot(results: dict[str, list[dict]], path: Path) -> None:
         axis.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    save_png(figure, path, dpi=110)
 
 
 # ---- --retrain-only: one flywheel retrain on a warm cache, stage by stage ----

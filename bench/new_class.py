@@ -42,6 +42,7 @@ import httpx
 import numpy as np
 import torch
 
+from bench.figures import save_png
 from bench.flywheel import (
     ADMIN_TOKEN,
     OPERATOR_TOKEN,
@@ -282,10 +283,7 @@ def plot(path: Path, ns: list[int], results: dict[str, Result], title: str) -> N
     axis.grid(alpha=0.3)
     axis.legend(fontsize=7, loc="lower right")
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp.png")
-    figure.savefig(temporary)
-    temporary.replace(path)
+    save_png(figure, path)
 
 
 def parse_list(text: str, flag: str) -> list[str]:
