@@ -265,14 +265,17 @@ def _open_openvino(settings: Settings, model_path: Path) -> Sessions:
     engine = f"openvino-{ov.get_version().split('-')[0]}"  # "2026.4.1-22982-e213a14..." -> the release
     core = ov.Core()
     label = f"OpenVINO:CPU:{PRECISION}"
+    refused = f"engine openvino refuses {model_path}"
+    try:
+        graph = core.read_model(str(model_path))  # read once, compiled for each session
+    except Exception as exc:  # OpenVINO raises RuntimeError/GeneralFailure with multi-line text
+        raise EngineError(f"{refused}: {one_line(exc)}; serve it with DEEPMAD_ENGINE=onnxruntime") from None
 
     def open_one(threads: int, streams: int) -> OpenVinoSession:
         try:
-            compiled = core.compile_model(core.read_model(str(model_path)), "CPU", openvino_config(threads, streams))
-        except Exception as exc:  # OpenVINO raises RuntimeError/GeneralFailure with multi-line text
-            raise EngineError(
-                f"engine openvino refuses {model_path}: {one_line(exc)}; serve it with DEEPMAD_ENGINE=onnxruntime"
-            ) from None
+            compiled = core.compile_model(graph, "CPU", openvino_config(threads, streams))
+        except Exception as exc:
+            raise EngineError(f"{refused}: {one_line(exc)}; serve it with DEEPMAD_ENGINE=onnxruntime") from None
         return OpenVinoSession(compiled, label)
 
     lone = open_one(settings.intra_op_threads, 1)
